@@ -1,0 +1,75 @@
+# Shared by scripts/quickstart and scripts/test: find or install what the worker and its tests
+# need. As root on Debian, missing packages are installed; otherwise we say what is missing.
+
+MOTO_VERSION=5.2.5
+TOOLS_DIR="${TOOLS_DIR:-$PWD/target/test-tools}"
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+_apt_updated=
+apt_install() {
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    die "missing $*: install it (Debian: apt-get install $*) and re-run"
+  fi
+  if [ -z "$_apt_updated" ]; then
+    say "apt-get update"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    _apt_updated=1
+  fi
+  say "installing $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+need_cmd() { # need_cmd COMMAND DEBIAN_PACKAGE
+  command -v "$1" >/dev/null 2>&1 || apt_install "$2"
+  command -v "$1" >/dev/null 2>&1 || die "$1 still not found after installing $2"
+}
+
+ensure_tools() {
+  need_cmd cargo cargo # the Rust toolchain comes with the machine
+  need_cmd pg_dump postgresql-client
+  need_cmd pg_restore postgresql-client
+  need_cmd pg_isready postgresql-client
+  need_cmd psql postgresql-client
+  need_cmd redis-server redis-server
+  need_cmd redis-cli redis-tools
+  # The tests start private Postgres servers (initdb) to exercise password authentication.
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "${PG_BINDIR:-}" ] || apt_install postgresql
+}
+
+ensure_promtool() { need_cmd promtool prometheus; }
+
+# moto: the S3-protocol server the tests start on loopback, in a private virtualenv.
+ensure_moto() {
+  local venv="$TOOLS_DIR/venv"
+  if [ -x "$venv/bin/moto_server" ] && [ -f "$venv/.moto-$MOTO_VERSION" ]; then
+    return
+  fi
+  need_cmd python3 python3
+  say "installing moto $MOTO_VERSION into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+  "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+  touch "$venv/.moto-$MOTO_VERSION"
+}
+
+# Postgres on 127.0.0.1:5432: started if installed but down; installed (as root) if absent.
+ensure_postgres() {
+  local host=127.0.0.1 port=5432
+  if pg_isready -q -h "$host" -p "$port"; then return; fi
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    apt_install postgresql
+  fi
+  if [ "$(id -u)" -eq 0 ] && command -v pg_ctlcluster >/dev/null 2>&1; then
+    local v
+    v=$(ls /etc/postgresql | sort -V | tail -n 1)
+    say "starting Postgres $v"
+    pg_ctlcluster --skip-systemctl-redirect "$v" main start || true
+  fi
+  for _ in $(seq 1 50); do
+    pg_isready -q -h "$host" -p "$port" && return
+    sleep 0.2
+  done
+  die "Postgres is not answering on $host:$port; start it or set DATABASE_URL"
+}

@@ -1,0 +1,144 @@
+//! One-shot commands: enqueue a manual backup or a restore, and print queue status.
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::domain::ResourceType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("resource {0} not found")]
+    ResourceNotFound(Uuid),
+    #[error("resource {id} is {status}, not active")]
+    ResourceInactive { id: Uuid, status: String },
+    #[error("resource {id} has type {resource_type:?}, which backup-worker does not back up")]
+    UnsupportedType { id: Uuid, resource_type: String },
+    #[error("backup {0} not found")]
+    BackupNotFound(Uuid),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Inserts a `manual` pending backup for an active resource of a supported type.
+pub async fn enqueue_backup(pool: &PgPool, resource_id: Uuid) -> Result<Uuid, CommandError> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT resource_type, status FROM resources WHERE id = $1")
+            .bind(resource_id)
+            .fetch_optional(pool)
+            .await?;
+    let (resource_type, status) = row.ok_or(CommandError::ResourceNotFound(resource_id))?;
+    if status != "active" {
+        return Err(CommandError::ResourceInactive {
+            id: resource_id,
+            status,
+        });
+    }
+    if ResourceType::parse(&resource_type).is_none() {
+        return Err(CommandError::UnsupportedType {
+            id: resource_id,
+            resource_type,
+        });
+    }
+    let id = sqlx::query_scalar(
+        "INSERT INTO resource_backups (resource_id, kind) VALUES ($1, 'manual') RETURNING id",
+    )
+    .bind(resource_id)
+    .fetch_one(pool)
+    .await?;
+    Ok(id)
+}
+
+/// Inserts a pending restore of `backup_id` into `into` (default: the backup's own resource).
+/// The restore loop checks team, type and the object before touching anything.
+pub async fn enqueue_restore(
+    pool: &PgPool,
+    backup_id: Uuid,
+    into: Option<Uuid>,
+) -> Result<Uuid, CommandError> {
+    let source: Option<Uuid> =
+        sqlx::query_scalar("SELECT resource_id FROM resource_backups WHERE id = $1")
+            .bind(backup_id)
+            .fetch_optional(pool)
+            .await?;
+    let source = source.ok_or(CommandError::BackupNotFound(backup_id))?;
+    let target = into.unwrap_or(source);
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM resources WHERE id = $1)")
+        .bind(target)
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Err(CommandError::ResourceNotFound(target));
+    }
+    let id = sqlx::query_scalar(
+        "INSERT INTO resource_restores (resource_id, backup_id) VALUES ($1, $2) RETURNING id",
+    )
+    .bind(target)
+    .bind(backup_id)
+    .fetch_one(pool)
+    .await?;
+    Ok(id)
+}
+
+type FailureRow = (
+    String,
+    Uuid,
+    Uuid,
+    Option<String>,
+    Option<String>,
+    Option<chrono::DateTime<chrono::Utc>>,
+);
+
+/// Queue depths per table and status, and the most recent failures.
+pub async fn status(pool: &PgPool) -> Result<String, CommandError> {
+    use std::fmt::Write as _;
+    let depths: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT 'backups', status, count(*) FROM resource_backups GROUP BY status
+         UNION ALL
+         SELECT 'restores', status, count(*) FROM resource_restores GROUP BY status
+         UNION ALL
+         SELECT 'propagations',
+                CASE WHEN applied_at IS NOT NULL THEN 'applied'
+                     WHEN failed_at IS NOT NULL THEN 'dead_lettered'
+                     ELSE 'pending' END,
+                count(*)
+           FROM pending_propagations GROUP BY 2
+         ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await?;
+    let failures: Vec<FailureRow> = sqlx::query_as(
+        "(SELECT 'backup', id, resource_id, failure_reason, error_summary, finished_at
+                FROM resource_backups WHERE status = 'failed'
+               ORDER BY finished_at DESC NULLS LAST LIMIT 10)
+             UNION ALL
+             (SELECT 'restore', id, resource_id, failure_reason, error_summary, finished_at
+                FROM resource_restores WHERE status = 'failed'
+               ORDER BY finished_at DESC NULLS LAST LIMIT 10)
+             ORDER BY 6 DESC NULLS LAST LIMIT 10",
+    )
+    .fetch_all(pool)
+    .await?;
+
+    let mut out = String::from("queue depths:\n");
+    if depths.is_empty() {
+        out.push_str("  (empty)\n");
+    }
+    for (table, status, n) in depths {
+        let _ = writeln!(out, "  {table:<13} {status:<14} {n}");
+    }
+    out.push_str("recent failures:\n");
+    if failures.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for (what, id, resource, reason, summary, at) in failures {
+        let _ = writeln!(
+            out,
+            "  {} {what:<7} {id} resource={resource} reason={} {}",
+            at.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .unwrap_or_else(|| "-".into()),
+            reason.as_deref().unwrap_or("-"),
+            summary.as_deref().unwrap_or(""),
+        );
+    }
+    Ok(out)
+}

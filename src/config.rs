@@ -1,0 +1,341 @@
+//! Configuration from the environment (DESIGN §9), validated once at start. Every error names the
+//! variable; values that may hold secrets are never echoed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::secret::Secret;
+use crate::storage::StorageUrl;
+
+/// Every variable the daemon reads, for docs and for manifests cross-checks.
+pub const ENV_VARS: &[&str] = &[
+    "DATABASE_URL",
+    "STORAGE_URL",
+    "S3_ENDPOINT",
+    "S3_REGION",
+    "S3_FORCE_PATH_STYLE",
+    "PLANS_PATH",
+    "PROVISIONER_ADDR",
+    "WORKER_ID",
+    "METRICS_ADDR",
+    "LOG_FORMAT",
+    "BACKUP_CONCURRENCY",
+    "RESTORE_CONCURRENCY",
+    "SCHEDULER_INTERVAL",
+    "LEASE_SECONDS",
+    "BACKUP_TIMEOUT",
+    "SHUTDOWN_GRACE",
+    "GZIP_LEVEL",
+];
+
+pub const DEFAULT_STORAGE_URL: &str = "file://./var/backups";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid configuration: {var}: {problem}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub problem: String,
+}
+
+fn bad(var: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Options for S3-compatible stores (R2, Spaces, MinIO); credentials come from the AWS chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: Secret,
+    pub storage_url: StorageUrl,
+    pub s3: S3Options,
+    pub plans_path: Option<PathBuf>,
+    pub provisioner_addr: Option<String>,
+    pub worker_id: String,
+    pub metrics_addr: SocketAddr,
+    pub log_format: LogFormat,
+    pub backup_concurrency: usize,
+    pub restore_concurrency: usize,
+    pub scheduler_interval: Duration,
+    pub lease: Duration,
+    pub backup_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub gzip_level: u32,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds the configuration from any lookup (tests pass a map instead of mutating the
+    /// process environment). Empty values count as unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+
+        let database_url = get("DATABASE_URL").ok_or_else(|| {
+            bad(
+                "DATABASE_URL",
+                "required (postgres://user@host:5432/db; put the password in the URL or PGPASSFILE)",
+            )
+        })?;
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+            return Err(bad(
+                "DATABASE_URL",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+
+        let storage_raw = get("STORAGE_URL").unwrap_or_else(|| DEFAULT_STORAGE_URL.to_owned());
+        let storage_url = StorageUrl::parse(&storage_raw).map_err(|e| bad("STORAGE_URL", e))?;
+
+        let endpoint = get("S3_ENDPOINT");
+        if let Some(e) = &endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(bad(
+                    "S3_ENDPOINT",
+                    format!("must be an http:// or https:// URL, got {e:?}"),
+                ));
+            }
+        }
+        let force_path_style = match get("S3_FORCE_PATH_STYLE") {
+            None => false,
+            Some(v) => parse_bool(&v).ok_or_else(|| {
+                bad(
+                    "S3_FORCE_PATH_STYLE",
+                    format!("expected true or false, got {v:?}"),
+                )
+            })?,
+        };
+
+        let provisioner_addr = get("PROVISIONER_ADDR");
+        if let Some(a) = &provisioner_addr {
+            if !(a.starts_with("http://") || a.starts_with("https://")) {
+                return Err(bad(
+                    "PROVISIONER_ADDR",
+                    format!("must be an http:// or https:// gRPC endpoint, got {a:?}"),
+                ));
+            }
+        }
+
+        let worker_id = match get("WORKER_ID") {
+            Some(id) => id,
+            None => gethostname::gethostname().to_string_lossy().into_owned(),
+        };
+        if worker_id.is_empty() || worker_id.len() > 200 || worker_id.chars().any(char::is_control)
+        {
+            return Err(bad(
+                "WORKER_ID",
+                "must be 1-200 printable characters (defaults to the hostname)",
+            ));
+        }
+
+        let metrics_addr = match get("METRICS_ADDR") {
+            None => SocketAddr::from(([0, 0, 0, 0], 9090)),
+            Some(v) => v.parse().map_err(|_| {
+                bad(
+                    "METRICS_ADDR",
+                    format!("expected host:port such as 0.0.0.0:9090, got {v:?}"),
+                )
+            })?,
+        };
+
+        let log_format = match get("LOG_FORMAT").as_deref() {
+            None | Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(other) => {
+                return Err(bad(
+                    "LOG_FORMAT",
+                    format!("expected json or pretty, got {other:?}"),
+                ))
+            }
+        };
+
+        Ok(Config {
+            database_url: Secret::new(database_url),
+            storage_url,
+            s3: S3Options {
+                endpoint,
+                region: get("S3_REGION"),
+                force_path_style,
+            },
+            plans_path: get("PLANS_PATH").map(PathBuf::from),
+            provisioner_addr,
+            worker_id,
+            metrics_addr,
+            log_format,
+            backup_concurrency: int_in(&get, "BACKUP_CONCURRENCY", 2, 1, 64)? as usize,
+            restore_concurrency: int_in(&get, "RESTORE_CONCURRENCY", 1, 1, 16)? as usize,
+            scheduler_interval: duration_in(&get, "SCHEDULER_INTERVAL", 60, 1, 3600)?,
+            lease: Duration::from_secs(int_in(&get, "LEASE_SECONDS", 60, 2, 3600)?),
+            backup_timeout: duration_in(&get, "BACKUP_TIMEOUT", 6 * 3600, 1, 7 * 24 * 3600)?,
+            shutdown_grace: duration_in(&get, "SHUTDOWN_GRACE", 30, 0, 3600)?,
+            gzip_level: int_in(&get, "GZIP_LEVEL", 6, 1, 9)? as u32,
+        })
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn int_in(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let Some(raw) = get(var) else {
+        return Ok(default);
+    };
+    match raw.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(bad(
+            var,
+            format!("expected a whole number from {min} to {max}, got {raw:?}"),
+        )),
+    }
+}
+
+/// Durations are whole seconds (`90`) or a number with a unit: `500ms`, `90s`, `5m`, `2h`.
+fn duration_in(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default_secs: u64,
+    min_secs: u64,
+    max_secs: u64,
+) -> Result<Duration, ConfigError> {
+    let Some(raw) = get(var) else {
+        return Ok(Duration::from_secs(default_secs));
+    };
+    let problem = || {
+        bad(
+            var,
+            format!(
+                "expected a duration from {min_secs}s to {max_secs}s such as 60, 60s, 5m or 1h, got {raw:?}"
+            ),
+        )
+    };
+    let d = parse_duration(&raw).ok_or_else(problem)?;
+    if d < Duration::from_secs(min_secs) || d > Duration::from_secs(max_secs) {
+        return Err(problem());
+    }
+    Ok(d)
+}
+
+pub fn parse_duration(raw: &str) -> Option<Duration> {
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (num, unit) = raw.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "" | "s" => n.checked_mul(1000)?,
+        "ms" => n,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        map.entry("DATABASE_URL".into())
+            .or_insert_with(|| "postgres://u:pw@localhost/db".into());
+        Config::from_lookup(move |k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.scheduler_interval, Duration::from_secs(60));
+        assert_eq!(c.gzip_level, 6);
+        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:9090");
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(matches!(c.storage_url, StorageUrl::File { .. }));
+        assert!(!c.worker_id.is_empty());
+    }
+
+    #[test]
+    fn every_bad_value_names_its_variable() {
+        for (var, value) in [
+            ("GZIP_LEVEL", "12"),
+            ("GZIP_LEVEL", "x"),
+            ("BACKUP_CONCURRENCY", "0"),
+            ("SCHEDULER_INTERVAL", "soon"),
+            ("LEASE_SECONDS", "1"),
+            ("SHUTDOWN_GRACE", "-1"),
+            ("BACKUP_TIMEOUT", "3d"),
+            ("METRICS_ADDR", "9090"),
+            ("LOG_FORMAT", "xml"),
+            ("STORAGE_URL", "ftp://x"),
+            ("STORAGE_URL", "s3://"),
+            ("S3_FORCE_PATH_STYLE", "maybe"),
+            ("S3_ENDPOINT", "localhost:9000"),
+            ("PROVISIONER_ADDR", "provisioner:50051"),
+            ("DATABASE_URL", "mysql://root@x/db"),
+        ] {
+            let err = cfg(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var, "{err}");
+            let line = err.to_string();
+            assert!(
+                line.starts_with(&format!("invalid configuration: {var}: ")),
+                "{line}"
+            );
+            assert!(!line.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn database_url_is_required_and_never_echoed() {
+        let err = Config::from_lookup(|_| None).unwrap_err();
+        assert_eq!(err.var, "DATABASE_URL");
+        let err = cfg(&[("DATABASE_URL", "mysql://u:hunter2@x/db")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+        let c = cfg(&[("DATABASE_URL", "postgres://u:hunter2@x/db")]).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), None);
+        let c = cfg(&[("SCHEDULER_INTERVAL", "5m"), ("SHUTDOWN_GRACE", "0")]).unwrap();
+        assert_eq!(c.scheduler_interval, Duration::from_secs(300));
+        assert_eq!(c.shutdown_grace, Duration::ZERO);
+    }
+}

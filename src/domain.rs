@@ -1,0 +1,128 @@
+//! The vocabulary shared with the platform API: resource types, statuses and failure classes.
+//! One list each, used by the SQL, the runners and the metrics alike.
+
+/// Resource types the worker backs up and restores, as stored in `resources.resource_type`.
+pub const SUPPORTED_RESOURCE_TYPES: &[&str] = &["postgres", "vector", "mongodb", "redis"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResourceType {
+    Postgres,
+    /// pgvector: a Postgres database, dumped and restored like one.
+    Vector,
+    Mongodb,
+    Redis,
+}
+
+impl ResourceType {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "postgres" => Some(Self::Postgres),
+            "vector" => Some(Self::Vector),
+            "mongodb" => Some(Self::Mongodb),
+            "redis" => Some(Self::Redis),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Vector => "vector",
+            Self::Mongodb => "mongodb",
+            Self::Redis => "redis",
+        }
+    }
+}
+
+/// `failure_reason` values (DESIGN §5, plus `integrity` for restores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureReason {
+    Auth,
+    Unreachable,
+    Dump,
+    Sanity,
+    Upload,
+    Timeout,
+    Config,
+    Integrity,
+}
+
+impl FailureReason {
+    pub const BACKUP: &'static [FailureReason] = &[
+        Self::Auth,
+        Self::Unreachable,
+        Self::Dump,
+        Self::Sanity,
+        Self::Upload,
+        Self::Timeout,
+        Self::Config,
+    ];
+    pub const RESTORE: &'static [FailureReason] = &[
+        Self::Auth,
+        Self::Unreachable,
+        Self::Dump,
+        Self::Sanity,
+        Self::Upload,
+        Self::Timeout,
+        Self::Config,
+        Self::Integrity,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auth => "auth",
+            Self::Unreachable => "unreachable",
+            Self::Dump => "dump",
+            Self::Sanity => "sanity",
+            Self::Upload => "upload",
+            Self::Timeout => "timeout",
+            Self::Config => "config",
+            Self::Integrity => "integrity",
+        }
+    }
+
+    /// Transient classes go back to pending with backoff; the rest fail at once.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable | Self::Dump | Self::Upload | Self::Timeout
+        )
+    }
+
+    /// The customer-facing `error_summary`: fixed text per class, never tool output.
+    pub fn customer_summary(self) -> &'static str {
+        match self {
+            Self::Auth => "Your database rejected our backup credentials; our team is alerted.",
+            Self::Unreachable => "Your database was briefly unreachable; we'll retry.",
+            Self::Dump => "We couldn't read your database; we'll retry.",
+            Self::Sanity => "The backup was incomplete; our team is alerted.",
+            Self::Upload => "We hit a temporary storage problem; we'll retry.",
+            Self::Timeout => "The backup took too long; we'll retry.",
+            Self::Config => "There is a configuration problem with this resource; our team is alerted.",
+            Self::Integrity => "The backup file failed its integrity check; your database was not changed and our team is alerted.",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_list_and_enum_agree() {
+        for t in SUPPORTED_RESOURCE_TYPES {
+            assert_eq!(ResourceType::parse(t).map(ResourceType::as_str), Some(*t));
+        }
+        assert_eq!(ResourceType::parse("mysql"), None);
+    }
+
+    #[test]
+    fn retry_policy_matches_the_contract() {
+        let retried: Vec<_> = FailureReason::BACKUP
+            .iter()
+            .filter(|r| r.retryable())
+            .map(|r| r.as_str())
+            .collect();
+        assert_eq!(retried, ["unreachable", "dump", "upload", "timeout"]);
+    }
+}

@@ -1,0 +1,253 @@
+//! Engines: how each resource type is dumped (and, later, restored). A connection URL becomes a
+//! [`ToolCommand`] — program, argv without secrets, a scrubbed environment, and 0600 credential
+//! files that are deleted when the command is dropped, success or failure.
+
+pub(crate) mod mongodb;
+pub(crate) mod postgres;
+pub(crate) mod redis;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::Path;
+
+use tempfile::NamedTempFile;
+
+use crate::domain::ResourceType;
+use crate::secret::Secret;
+
+pub use mongodb::mongo_database;
+
+/// Why a resource's configuration cannot be used (failure reason `config`). Messages name the
+/// problem, never the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigProblem(pub String);
+
+fn problem(msg: impl Into<String>) -> ConfigProblem {
+    ConfigProblem(msg.into())
+}
+
+/// A command ready to spawn. Dropping it removes its credential files.
+#[derive(Debug)]
+pub struct ToolCommand {
+    pub program: String,
+    pub args: Vec<OsString>,
+    /// The child's whole environment (it does not inherit ours: no stray PG*/AWS_* secrets).
+    pub env: Vec<(String, OsString)>,
+    /// Strings that must never appear in logs or rows (passwords, the URL): redacted from stderr.
+    pub secrets: Vec<String>,
+    /// 0600 files holding credentials, removed on drop.
+    pub credential_files: Vec<NamedTempFile>,
+    /// First bytes of a valid raw dump stream.
+    pub magic: &'static [u8],
+    /// Object key extension, e.g. `pgdump`.
+    pub extension: &'static str,
+}
+
+/// The dump command for a resource, or the `config` problem that prevents it.
+pub fn dump_command(
+    resource_type: ResourceType,
+    connection_url: &Secret,
+    temp_dir: &Path,
+) -> Result<ToolCommand, ConfigProblem> {
+    match resource_type {
+        ResourceType::Postgres | ResourceType::Vector => {
+            postgres::dump_command(connection_url, temp_dir)
+        }
+        ResourceType::Mongodb => mongodb::dump_command(connection_url, temp_dir),
+        ResourceType::Redis => redis::dump_command(connection_url),
+    }
+}
+
+/// First bytes of a raw (decompressed) dump of this type.
+pub fn magic(resource_type: ResourceType) -> &'static [u8] {
+    match resource_type {
+        ResourceType::Postgres | ResourceType::Vector => postgres::MAGIC,
+        ResourceType::Mongodb => mongodb::MAGIC,
+        ResourceType::Redis => redis::MAGIC,
+    }
+}
+
+/// The environment every tool starts from: a PATH, a private TMPDIR and the C locale, so tool
+/// messages are in the English the failure classifier matches.
+fn base_env(temp_dir: &Path) -> Vec<(String, OsString)> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    vec![
+        ("PATH".into(), path),
+        ("LC_ALL".into(), "C".into()),
+        ("LANG".into(), "C".into()),
+        ("HOME".into(), temp_dir.as_os_str().to_owned()),
+        ("TMPDIR".into(), temp_dir.as_os_str().to_owned()),
+    ]
+}
+
+/// Writes a credential file readable only by us (tempfile creates it 0600).
+fn credential_file(
+    temp_dir: &Path,
+    prefix: &str,
+    contents: &str,
+) -> Result<NamedTempFile, ConfigProblem> {
+    let mut f = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempfile_in(temp_dir)
+        .map_err(|e| problem(format!("cannot create a credential file: {e}")))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| problem(format!("cannot restrict the credential file: {e}")))?;
+    }
+    f.write_all(contents.as_bytes())
+        .and_then(|()| f.flush())
+        .map_err(|e| problem(format!("cannot write the credential file: {e}")))?;
+    Ok(f)
+}
+
+fn percent_decode(s: &str) -> Result<String, ConfigProblem> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| problem("connection URL has a malformed percent-escape"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| problem("connection URL decodes to invalid UTF-8"))
+}
+
+/// The parts of `scheme://[user[:password]@]hosts[/path][?query]`, split by hand so multi-host
+/// lists (`h1:27017,h2:27017`) and IPv6 literals survive. Values are still percent-encoded.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct UrlParts<'a> {
+    scheme: &'a str,
+    user: Option<&'a str>,
+    password: Option<&'a str>,
+    hosts: &'a str,
+    path: &'a str,
+    query: Vec<(&'a str, &'a str)>,
+}
+
+fn split_url(raw: &str) -> Result<UrlParts<'_>, ConfigProblem> {
+    let (scheme, rest) = raw
+        .split_once("://")
+        .ok_or_else(|| problem("connection URL has no scheme"))?;
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, q),
+        None => (rest, ""),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, ""),
+    };
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
+        None => (None, authority),
+    };
+    let (user, password) = match userinfo {
+        None => (None, None),
+        Some(ui) => match ui.split_once(':') {
+            Some((u, p)) => (Some(u), Some(p)),
+            None => (Some(ui), None),
+        },
+    };
+    if hosts.chars().any(|c| c.is_whitespace()) {
+        return Err(problem("connection URL host contains whitespace"));
+    }
+    let mut params = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        params.push((k, v));
+    }
+    Ok(UrlParts {
+        scheme,
+        user: user.filter(|u| !u.is_empty()),
+        password,
+        hosts,
+        path,
+        query: params,
+    })
+}
+
+/// Splits `host[:port]` (with `[v6]` literals) into host and port.
+fn host_port(hostport: &str, default_port: u16) -> Result<(String, u16), ConfigProblem> {
+    if let Some(rest) = hostport.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| problem("connection URL has an unterminated IPv6 literal"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => parse_port(p)?,
+            None if after.is_empty() => default_port,
+            None => return Err(problem("connection URL has junk after the IPv6 literal")),
+        };
+        return Ok((host.to_owned(), port));
+    }
+    match hostport.rsplit_once(':') {
+        Some((h, p)) => Ok((h.to_owned(), parse_port(p)?)),
+        None => Ok((hostport.to_owned(), default_port)),
+    }
+}
+
+fn parse_port(p: &str) -> Result<u16, ConfigProblem> {
+    p.parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| problem("connection URL has an invalid port"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_urls_by_hand() {
+        let p = split_url("mongodb+srv://u:p%40ss@cluster0.x.net/app?authSource=admin&tls=true")
+            .unwrap();
+        assert_eq!(p.scheme, "mongodb+srv");
+        assert_eq!((p.user, p.password), (Some("u"), Some("p%40ss")));
+        assert_eq!(p.hosts, "cluster0.x.net");
+        assert_eq!(p.path, "app");
+        assert_eq!(p.query, [("authSource", "admin"), ("tls", "true")]);
+        let p = split_url("mongodb://h1:27017,h2:27018/db").unwrap();
+        assert_eq!(p.hosts, "h1:27017,h2:27018");
+        assert_eq!(p.user, None);
+        let p = split_url("redis://:pw@[::1]:6380/3").unwrap();
+        assert_eq!(
+            (p.user, p.password, p.hosts, p.path),
+            (None, Some("pw"), "[::1]:6380", "3")
+        );
+        assert!(split_url("not a url").is_err());
+    }
+
+    #[test]
+    fn host_and_port() {
+        assert_eq!(host_port("[::1]:6380", 1).unwrap(), ("::1".into(), 6380));
+        assert_eq!(
+            host_port("[fe80::1]", 5432).unwrap(),
+            ("fe80::1".into(), 5432)
+        );
+        assert_eq!(
+            host_port("db.local", 5432).unwrap(),
+            ("db.local".into(), 5432)
+        );
+        assert_eq!(host_port("db:6543", 5432).unwrap(), ("db".into(), 6543));
+        assert!(host_port("db:0", 1).is_err());
+        assert!(host_port("db:99999", 1).is_err());
+        assert!(host_port("[::1", 1).is_err());
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("p%40ss%3Aw%2Fd").unwrap(), "p@ss:w/d");
+        assert!(percent_decode("bad%4").is_err());
+        assert!(percent_decode("bad%zz").is_err());
+    }
+}

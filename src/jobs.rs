@@ -1,0 +1,334 @@
+//! Lease machinery shared by the backup and restore queues: renewal, fencing, retry/fail
+//! bookkeeping and release. Every finishing UPDATE is fenced on `leased_by` and `attempts`, so a
+//! worker that lost its lease (taken over after expiry) can never overwrite the current owner.
+
+use std::time::Duration;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::loops::{LoopError, PassContext};
+
+use crate::domain::FailureReason;
+
+/// Attempts before a retryable failure becomes final.
+pub const MAX_ATTEMPTS: i32 = 3;
+/// Backoff before attempt n+1, indexed by n−1 (DESIGN §5: 1, 5, 15 minutes).
+pub const RETRY_BACKOFF_MINUTES: [i64; 3] = [1, 5, 15];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobTable {
+    Backups,
+    Restores,
+}
+
+impl JobTable {
+    pub fn table(self) -> &'static str {
+        match self {
+            JobTable::Backups => "resource_backups",
+            JobTable::Restores => "resource_restores",
+        }
+    }
+}
+
+/// A claimed row: the fencing token is (worker, attempts).
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub table: JobTable,
+    pub id: Uuid,
+    pub attempts: i32,
+    pub worker: String,
+    pub started_at: DateTime<Utc>,
+}
+
+/// Where a failed attempt leaves its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureOutcome {
+    /// Back to pending, to run after the backoff.
+    Retry { after: Duration },
+    /// Final: status failed.
+    Failed,
+    /// The lease was no longer ours: nothing was written.
+    Stale,
+}
+
+pub fn retry_delay(attempts: i32) -> Duration {
+    let idx = (attempts.max(1) - 1) as usize;
+    let minutes = RETRY_BACKOFF_MINUTES[idx.min(RETRY_BACKOFF_MINUTES.len() - 1)];
+    Duration::from_secs(minutes as u64 * 60)
+}
+
+/// Extends the lease; false when the row is no longer ours (taken over, released, finished).
+pub async fn renew(pool: &PgPool, lease: &Lease, duration: Duration) -> Result<bool, sqlx::Error> {
+    let sql = format!(
+        "UPDATE {} SET lease_expires_at = now() + make_interval(secs => $4)
+          WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
+        lease.table.table()
+    );
+    let done = sqlx::query(&sql)
+        .bind(lease.id)
+        .bind(&lease.worker)
+        .bind(lease.attempts)
+        .bind(duration.as_secs_f64())
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Gives a row back at once (graceful shutdown): pending, runnable now, and the attempt it was
+/// on does not count against it. started_at is left as it was.
+pub async fn release(pool: &PgPool, lease: &Lease) -> Result<bool, sqlx::Error> {
+    let sql = format!(
+        "UPDATE {} SET status = 'pending', attempts = greatest(attempts - 1, 0), run_after = now(),
+                leased_by = NULL, lease_expires_at = NULL
+          WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
+        lease.table.table()
+    );
+    let done = sqlx::query(&sql)
+        .bind(lease.id)
+        .bind(&lease.worker)
+        .bind(lease.attempts)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records a failed attempt, fenced: retried (pending after backoff) while attempts remain and
+/// the class is retryable, else failed with finished_at.
+pub async fn record_failure(
+    tx: &mut Transaction<'_, Postgres>,
+    lease: &Lease,
+    reason: FailureReason,
+    internal_detail: &str,
+) -> Result<FailureOutcome, sqlx::Error> {
+    let retry = reason.retryable() && lease.attempts < MAX_ATTEMPTS;
+    let sql = if retry {
+        format!(
+            "UPDATE {} SET status = 'pending', run_after = now() + make_interval(secs => $7),
+                    leased_by = NULL, lease_expires_at = NULL,
+                    failure_reason = $4, error_summary = $5, internal_detail = $6
+              WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
+            lease.table.table()
+        )
+    } else {
+        format!(
+            "UPDATE {} SET status = 'failed', finished_at = now(), lease_expires_at = NULL,
+                    failure_reason = $4, error_summary = $5, internal_detail = $6
+              WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3
+                AND $7 >= 0",
+            lease.table.table()
+        )
+    };
+    let delay = retry_delay(lease.attempts);
+    let done = sqlx::query(&sql)
+        .bind(lease.id)
+        .bind(&lease.worker)
+        .bind(lease.attempts)
+        .bind(reason.as_str())
+        .bind(reason.customer_summary())
+        .bind(internal_detail)
+        .bind(delay.as_secs_f64())
+        .execute(&mut **tx)
+        .await?;
+    Ok(match (done.rows_affected(), retry) {
+        (0, _) => FailureOutcome::Stale,
+        (_, true) => FailureOutcome::Retry { after: delay },
+        (_, false) => FailureOutcome::Failed,
+    })
+}
+
+/// A running row whose lease had expired (its worker died or hung), as the sweep left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    pub id: Uuid,
+    pub resource_id: Uuid,
+    pub team_id: Uuid,
+    pub resource_type: String,
+    /// True when it had used its last attempt and is now `failed` (reason `timeout`).
+    pub failed: bool,
+}
+
+/// Returns every `running` row of `table` whose lease has expired to `pending` (runnable now), or
+/// to `failed` with reason `timeout` once it has used MAX_ATTEMPTS. `started_at` is never
+/// written (it is NOT NULL and keeps the time the attempt began). Safe to run on every replica
+/// at once: a row being renewed right now no longer matches when its lock is released.
+pub async fn recover_expired(
+    tx: &mut Transaction<'_, Postgres>,
+    table: JobTable,
+) -> Result<Vec<Recovered>, sqlx::Error> {
+    let sql = format!(
+        "UPDATE {t} AS j
+            SET status = CASE WHEN j.attempts >= $1 THEN 'failed' ELSE 'pending' END,
+                finished_at = CASE WHEN j.attempts >= $1 THEN now() END,
+                run_after = now(),
+                failure_reason = CASE WHEN j.attempts >= $1 THEN 'timeout' ELSE j.failure_reason END,
+                error_summary = CASE WHEN j.attempts >= $1 THEN $2 ELSE j.error_summary END,
+                internal_detail = 'lease held by ' || coalesce(j.leased_by, '?') || ' expired at '
+                                  || j.lease_expires_at::text || ' (attempt ' || j.attempts || ')',
+                leased_by = NULL,
+                lease_expires_at = NULL
+           FROM resources r
+          WHERE j.id IN (SELECT id FROM {t} WHERE status = 'running' AND lease_expires_at < now()
+                          FOR UPDATE SKIP LOCKED)
+            AND r.id = j.resource_id
+         RETURNING j.id, j.resource_id, r.team_id, r.resource_type, j.status = 'failed'",
+        t = table.table()
+    );
+    let rows: Vec<(Uuid, Uuid, Uuid, String, bool)> = sqlx::query_as(&sql)
+        .bind(MAX_ATTEMPTS)
+        .bind(FailureReason::Timeout.customer_summary())
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, resource_id, team_id, resource_type, failed)| Recovered {
+                id,
+                resource_id,
+                team_id,
+                resource_type,
+                failed,
+            },
+        )
+        .collect())
+}
+
+/// Renews the lease every third of its length; cancels `lost` when the row is no longer ours or
+/// the lease ran out without a successful renewal (database unreachable).
+pub async fn renew_lease(pool: PgPool, lease: Lease, length: Duration, lost: CancellationToken) {
+    let every = (length / 3).max(Duration::from_millis(500));
+    let mut valid_until = tokio::time::Instant::now() + length;
+    loop {
+        tokio::time::sleep(every).await;
+        match renew(&pool, &lease, length).await {
+            Ok(true) => valid_until = tokio::time::Instant::now() + length,
+            Ok(false) => {
+                tracing::warn!(id = %lease.id, "lease taken over; stopping the job");
+                lost.cancel();
+                return;
+            }
+            Err(e) if tokio::time::Instant::now() >= valid_until => {
+                tracing::error!(id = %lease.id, error = %e, "lease expired without renewal; stopping the job");
+                lost.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(id = %lease.id, error = %e, "lease renewal failed; retrying"),
+        }
+    }
+}
+
+/// Runs [`recover_expired`] and writes `<audit_kind>` (backup.failed / restore.failed) for rows
+/// that used their last attempt, in one transaction.
+pub async fn recover_and_audit(
+    pool: &PgPool,
+    table: JobTable,
+    audit_kind: &str,
+) -> Result<Vec<Recovered>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let recovered = recover_expired(&mut tx, table).await?;
+    for r in recovered.iter().filter(|r| r.failed) {
+        let detail = serde_json::json!({
+            "resource_type": r.resource_type,
+            "failure_reason": FailureReason::Timeout.as_str(),
+            "error_summary": FailureReason::Timeout.customer_summary(),
+        });
+        crate::db::audit(
+            &mut *tx,
+            audit_kind,
+            Some(r.team_id),
+            Some(r.resource_id),
+            Some(r.id),
+            detail,
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    for r in &recovered {
+        tracing::warn!(table = table.table(), id = %r.id, resource_id = %r.resource_id, failed = r.failed,
+            "recovered a row whose lease expired");
+    }
+    Ok(recovered)
+}
+
+/// True (and stamps `last`) when `every` has passed since `last`, or it never ran.
+pub fn due(last: &mut Option<std::time::Instant>, every: Duration) -> bool {
+    if last.is_some_and(|t| t.elapsed() < every) {
+        return false;
+    }
+    *last = Some(std::time::Instant::now());
+    true
+}
+
+/// How often a pass with running jobs looks for more work (and reports progress).
+const POLL: Duration = Duration::from_secs(1);
+
+/// A claimable queue (backups, restores) driven by [`drive`].
+#[async_trait::async_trait]
+pub trait Queue: Send + Sync + 'static {
+    type Job: Send + 'static;
+    /// Jobs at once in this replica.
+    fn concurrency(&self) -> usize;
+    /// Recovery sweeps and the like; called before each round of claims. Logs its own errors.
+    async fn housekeeping(&self);
+    /// Claims one due row, or `None`.
+    async fn claim(&self) -> Result<Option<Self::Job>, sqlx::Error>;
+    /// Runs a claimed job to a written-down result; `abort` cancels it (shutdown grace over).
+    async fn run(self: Arc<Self>, job: Self::Job, abort: CancellationToken);
+}
+
+/// One pass: claims up to `concurrency` jobs at a time until nothing is due and nothing runs. On
+/// shutdown it stops claiming and waits for running jobs (which `ctx.abort` cancels). A claim
+/// error stops claiming; running jobs still finish before the error is returned.
+pub async fn drive<Q: Queue>(queue: &Arc<Q>, ctx: &PassContext) -> Result<(), LoopError> {
+    let mut running = JoinSet::new();
+    let mut claim_error = None;
+    loop {
+        queue.housekeeping().await;
+        while claim_error.is_none()
+            && running.len() < queue.concurrency()
+            && !ctx.shutdown.is_cancelled()
+        {
+            match queue.claim().await {
+                Ok(Some(job)) => {
+                    running.spawn(Arc::clone(queue).run(job, ctx.abort.clone()));
+                }
+                Ok(None) => break,
+                Err(e) => claim_error = Some(e),
+            }
+        }
+        if running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some(done) = running.join_next() => {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "job panicked; its lease will expire and be recovered");
+                }
+            }
+            _ = tokio::time::sleep(POLL) => {}
+        }
+        ctx.heartbeat.progress();
+    }
+    match claim_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_schedule() {
+        assert_eq!(retry_delay(1), Duration::from_secs(60));
+        assert_eq!(retry_delay(2), Duration::from_secs(300));
+        assert_eq!(retry_delay(3), Duration::from_secs(900));
+        assert_eq!(retry_delay(9), Duration::from_secs(900));
+    }
+}

@@ -1,0 +1,28 @@
+//! backup-worker: the daemon behind a database platform's automated backups, one-click restores
+//! and plan-tier propagation. See README.md for the architecture and DESIGN.md for the contract.
+
+pub mod app;
+pub mod classify;
+pub mod commands;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod engines;
+pub mod health;
+pub mod http;
+pub mod jobs;
+pub mod logging;
+pub mod loops;
+pub mod metrics;
+pub mod pipeline;
+pub mod plans;
+pub mod process;
+pub mod provisioner;
+pub mod restore;
+pub mod retention;
+pub mod secret;
+pub mod storage;
+#[doc(hidden)]
+pub mod testkit;
+
+pub use app::{run, Deps, RunOptions};

@@ -1,0 +1,608 @@
+//! Backups (DESIGN §5): claim a pending row with a lease, dump the resource with its engine's
+//! tool, stream stdout → gzip → sha256 → object storage, and record the result — the whole data
+//! path reads top to bottom in [`Backups::attempt`] and [`Backups::finish`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Loop, LoopError, LoopName, PassContext};
+use crate::app::Deps;
+use crate::classify::classify_tool_failure;
+use crate::db::audit;
+use crate::domain::{FailureReason, ResourceType};
+use crate::engines::dump_command;
+use crate::jobs::{self, FailureOutcome, JobTable, Lease};
+use crate::pipeline::{gzip_to_upload, PipelineError, Streamed};
+use crate::process::{spawn, SpawnError};
+use crate::retention;
+use crate::secret::Secret;
+use crate::storage::Metadata;
+
+/// Raw dumps shorter than this are incomplete (DESIGN §5 sanity).
+pub const MIN_RAW_BYTES: u64 = 1024;
+/// Claim attempts when a concurrent claimer wins the same resource (a unique violation).
+const CLAIM_RETRIES: usize = 5;
+
+/// (id, resource_id, attempts, started_at) of a freshly claimed row.
+type ClaimedRow = (Uuid, Uuid, i32, DateTime<Utc>);
+
+/// A claimed backup row and its resource.
+#[derive(Debug)]
+pub struct Job {
+    pub lease: Lease,
+    pub resource_id: Uuid,
+    pub team_id: Uuid,
+    pub resource_type: String,
+    pub resource_status: String,
+    pub connection_url: Secret,
+}
+
+/// How one attempt ended, before it is written down.
+enum Attempt {
+    Succeeded {
+        key: String,
+        streamed: Streamed,
+    },
+    Failed {
+        reason: FailureReason,
+        detail: String,
+    },
+    /// Shutdown grace ran out: the row goes back to pending at once.
+    Cancelled,
+    /// Another worker owns the row now: write nothing.
+    LeaseLost,
+}
+
+fn failed(reason: FailureReason, detail: impl Into<String>) -> Attempt {
+    Attempt::Failed {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// `<prefix><team>/<resource>/<YYYYMMDDTHHMMSSZ>-<backup id>.<ext>.gz` — unique per row.
+pub fn object_key(
+    prefix: &str,
+    team_id: Uuid,
+    resource_id: Uuid,
+    at: DateTime<Utc>,
+    backup_id: Uuid,
+    extension: &str,
+) -> String {
+    format!(
+        "{prefix}{team_id}/{resource_id}/{}-{backup_id}.{extension}.gz",
+        at.format("%Y%m%dT%H%M%SZ")
+    )
+}
+
+/// How often each replica runs retention, and the orphan-upload sweep (and how old an
+/// incomplete upload must be to count as orphaned).
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+pub const ORPHAN_UPLOAD_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// When each housekeeping task last ran in this process (`None`: never, so it runs on the first
+/// pass — which is what `--once` gets).
+#[derive(Default)]
+struct Housekeeping {
+    recovery: Option<Instant>,
+    retention: Option<Instant>,
+    orphans: Option<Instant>,
+}
+
+pub struct Backups {
+    deps: Deps,
+    housekeeping: std::sync::Mutex<Housekeeping>,
+}
+
+impl Backups {
+    pub fn new(deps: Deps) -> Arc<Self> {
+        Arc::new(Self {
+            deps,
+            housekeeping: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Stuck-row recovery (every pass and, while jobs run, at least every lease or 10 s),
+    /// retention (every 10 min) and the orphan-upload sweep (hourly). Failures are logged: they
+    /// must not stop backups.
+    async fn housekeeping(&self) {
+        let (recover, retain, orphans) = {
+            let mut h = self.housekeeping.lock().unwrap_or_else(|p| p.into_inner());
+            let sweep_every = self.deps.config.lease.min(Duration::from_secs(10));
+            (
+                jobs::due(&mut h.recovery, sweep_every),
+                jobs::due(&mut h.retention, RETENTION_EVERY),
+                jobs::due(&mut h.orphans, ORPHAN_SWEEP_EVERY),
+            )
+        };
+        if recover {
+            if let Err(e) = self.recover_expired().await {
+                tracing::error!(error = %e, "stuck-backup recovery failed");
+            }
+        }
+        if retain {
+            match retention::apply_retention(
+                self.pool(),
+                self.deps.store.as_ref(),
+                &self.deps.plans,
+                Utc::now(),
+            )
+            .await
+            {
+                Ok(r) if r.expired > 0 => {
+                    self.deps.metrics.backups_expired.inc_by(r.expired);
+                    tracing::info!(
+                        expired = r.expired,
+                        already_gone = r.already_gone,
+                        delete_failed = r.delete_failed,
+                        "retention expired backups"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "retention failed"),
+            }
+        }
+        if orphans {
+            let prefix = self.deps.config.storage_url.prefix();
+            match retention::abort_stale_uploads(
+                self.deps.store.as_ref(),
+                prefix,
+                ORPHAN_UPLOAD_AGE,
+                Utc::now(),
+            )
+            .await
+            {
+                Ok(n) => self.deps.metrics.stale_uploads_aborted.inc_by(n as u64),
+                Err(e) => tracing::error!(error = %e, "orphan upload sweep failed"),
+            }
+        }
+    }
+
+    /// Returns rows whose lease expired (a killed pod) to pending, or fails them after their
+    /// last attempt.
+    pub async fn recover_expired(&self) -> Result<Vec<jobs::Recovered>, sqlx::Error> {
+        let recovered =
+            jobs::recover_and_audit(self.pool(), JobTable::Backups, "backup.failed").await?;
+        let m = &self.deps.metrics;
+        for r in &recovered {
+            m.backup_stuck_recovered.inc();
+            if r.failed {
+                let type_label = ResourceType::parse(&r.resource_type)
+                    .map_or("unsupported", ResourceType::as_str);
+                m.backup_failed.inc();
+                m.backup_by_type
+                    .with_label_values(&[type_label, FailureReason::Timeout.as_str()])
+                    .inc();
+            }
+        }
+        Ok(recovered)
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.deps.pool
+    }
+
+    /// Claims the oldest due pending row whose resource has nothing running (one statement,
+    /// `FOR UPDATE SKIP LOCKED`, with a lease). `None` when nothing is due.
+    pub async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
+        let worker = &self.deps.config.worker_id;
+        for _ in 0..CLAIM_RETRIES {
+            let claimed: Result<Option<ClaimedRow>, sqlx::Error> = sqlx::query_as(
+                "UPDATE resource_backups
+                    SET status = 'running', attempts = attempts + 1, started_at = now(),
+                        leased_by = $1, lease_expires_at = now() + make_interval(secs => $2)
+                  WHERE id = (
+                        SELECT b.id FROM resource_backups b
+                         WHERE b.status = 'pending' AND b.run_after <= now()
+                           AND NOT EXISTS (SELECT 1 FROM resource_backups x
+                                            WHERE x.resource_id = b.resource_id AND x.status = 'running')
+                           AND NOT EXISTS (SELECT 1 FROM resource_restores x
+                                            WHERE x.resource_id = b.resource_id AND x.status = 'running')
+                         ORDER BY b.run_after, b.created_at
+                         LIMIT 1
+                         FOR UPDATE SKIP LOCKED)
+                  RETURNING id, resource_id, attempts, started_at",
+            )
+            .bind(worker)
+            .bind(self.deps.config.lease.as_secs_f64())
+            .fetch_optional(self.pool())
+            .await;
+            let (id, resource_id, attempts, started_at) = match claimed {
+                Ok(Some(row)) => row,
+                Ok(None) => return Ok(None),
+                // Another worker started an operation on the same resource between our check
+                // and our update: the database refused the second; look again.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => continue,
+                Err(e) => return Err(e),
+            };
+            let (team_id, resource_type, resource_status, url): (Uuid, String, String, String) =
+                sqlx::query_as(
+                    "SELECT team_id, resource_type, status, connection_url FROM resources WHERE id = $1",
+                )
+                .bind(resource_id)
+                .fetch_one(self.pool())
+                .await?;
+            return Ok(Some(Job {
+                lease: Lease {
+                    table: JobTable::Backups,
+                    id,
+                    attempts,
+                    worker: worker.clone(),
+                    started_at,
+                },
+                resource_id,
+                team_id,
+                resource_type,
+                resource_status,
+                connection_url: Secret::new(url),
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Runs one claimed job to a written-down result.
+    pub async fn run_job(self: Arc<Self>, job: Job, abort: CancellationToken) {
+        let started = Instant::now();
+        let lease_lost = CancellationToken::new();
+        let renewer = tokio::spawn(jobs::renew_lease(
+            self.pool().clone(),
+            job.lease.clone(),
+            self.deps.config.lease,
+            lease_lost.clone(),
+        ));
+        let attempt = self.attempt(&job, &abort, &lease_lost).await;
+        renewer.abort();
+        if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
+            // The row stays running; the recovery sweep returns it once the lease expires.
+            tracing::error!(backup_id = %job.lease.id, error = %e, "recording the backup result failed");
+        }
+    }
+
+    /// The data path: resource → dump command → child → gzip/sha256 → upload → commit or abort.
+    async fn attempt(
+        &self,
+        job: &Job,
+        abort: &CancellationToken,
+        lease_lost: &CancellationToken,
+    ) -> Attempt {
+        let cfg = &self.deps.config;
+        let Some(resource_type) = ResourceType::parse(&job.resource_type) else {
+            return failed(
+                FailureReason::Config,
+                format!("unsupported resource type {:?}", job.resource_type),
+            );
+        };
+        if job.resource_status == "deleted" {
+            return failed(FailureReason::Config, "resource is deleted");
+        }
+        // A private 0700 directory for credential files and the tool's HOME/TMPDIR.
+        let temp = match tempfile::tempdir() {
+            Ok(t) => t,
+            Err(e) => {
+                return failed(
+                    FailureReason::Dump,
+                    format!("cannot create a temporary directory: {e}"),
+                )
+            }
+        };
+        let cmd = match dump_command(resource_type, &job.connection_url, temp.path()) {
+            Ok(c) => c,
+            Err(problem) => return failed(FailureReason::Config, problem.0),
+        };
+        let key = object_key(
+            cfg.storage_url.prefix(),
+            job.team_id,
+            job.resource_id,
+            job.lease.started_at,
+            job.lease.id,
+            cmd.extension,
+        );
+        let mut tool = match spawn(&self.deps.tools, &cmd, false) {
+            Ok(t) => t,
+            Err(e @ SpawnError::Missing { .. }) => {
+                return failed(FailureReason::Config, e.to_string())
+            }
+            Err(e) => return failed(FailureReason::Dump, e.to_string()),
+        };
+        let metadata = Metadata::from([
+            ("backup-id".to_owned(), job.lease.id.to_string()),
+            ("resource-id".to_owned(), job.resource_id.to_string()),
+            (
+                "resource-type".to_owned(),
+                resource_type.as_str().to_owned(),
+            ),
+        ]);
+        let mut upload = match self.deps.store.begin_upload(&key, metadata).await {
+            Ok(u) => u,
+            Err(e) => {
+                tool.kill().await;
+                return failed(FailureReason::Upload, e.to_string());
+            }
+        };
+        let Some(stdout) = tool.stdout.take() else {
+            tool.kill().await;
+            let _ = upload.abort().await;
+            return failed(FailureReason::Dump, "the dump tool has no stdout");
+        };
+
+        enum Stop {
+            Timeout,
+            Abort,
+            LeaseLost,
+        }
+        let deadline = tokio::time::sleep(cfg.backup_timeout);
+        tokio::pin!(deadline);
+        let streamed = tokio::select! {
+            r = gzip_to_upload(stdout, upload.as_mut(), cfg.gzip_level) => Ok(r),
+            _ = &mut deadline => Err(Stop::Timeout),
+            _ = abort.cancelled() => Err(Stop::Abort),
+            _ = lease_lost.cancelled() => Err(Stop::LeaseLost),
+        };
+        let stopped = |stop: Stop| match stop {
+            Stop::Timeout => failed(
+                FailureReason::Timeout,
+                format!("BACKUP_TIMEOUT of {:?} exceeded", cfg.backup_timeout),
+            ),
+            Stop::Abort => Attempt::Cancelled,
+            Stop::LeaseLost => Attempt::LeaseLost,
+        };
+        let streamed = match streamed {
+            Ok(s) => s,
+            Err(stop) => {
+                tool.kill().await;
+                let _ = upload.abort().await;
+                return stopped(stop);
+            }
+        };
+        // stdout is drained: only now is the exit status meaningful. (Dropping the wait on a
+        // stop kills the child: kill_on_drop.)
+        let exit = tokio::select! {
+            r = tool.wait() => Ok(r),
+            _ = &mut deadline => Err(Stop::Timeout),
+            _ = abort.cancelled() => Err(Stop::Abort),
+            _ = lease_lost.cancelled() => Err(Stop::LeaseLost),
+        };
+        let finished = match exit {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                let _ = upload.abort().await;
+                return failed(
+                    FailureReason::Dump,
+                    format!("waiting for {} failed: {e}", cmd.program),
+                );
+            }
+            Err(stop) => {
+                let _ = upload.abort().await;
+                return stopped(stop);
+            }
+        };
+
+        // A non-zero exit always discards the output, whatever was streamed.
+        if !finished.status.success() {
+            let _ = upload.abort().await;
+            let reason = classify_tool_failure(&finished.stderr);
+            return failed(
+                reason,
+                format!(
+                    "{} exited with {}: {}",
+                    cmd.program, finished.status, finished.stderr
+                ),
+            );
+        }
+        let streamed = match streamed {
+            Ok(s) => s,
+            Err(PipelineError::Storage(e)) => {
+                let _ = upload.abort().await;
+                return failed(FailureReason::Upload, e.to_string());
+            }
+            Err(e @ PipelineError::Source(_)) => {
+                let _ = upload.abort().await;
+                return failed(FailureReason::Dump, e.to_string());
+            }
+        };
+        if streamed.raw_bytes < MIN_RAW_BYTES || !streamed.head.starts_with(cmd.magic) {
+            let _ = upload.abort().await;
+            return failed(
+                FailureReason::Sanity,
+                format!(
+                    "{} produced {} bytes starting with {} (expected at least {MIN_RAW_BYTES} bytes starting with {})",
+                    cmd.program,
+                    streamed.raw_bytes,
+                    hex::encode(&streamed.head[..streamed.head.len().min(8)]),
+                    hex::encode(cmd.magic)
+                ),
+            );
+        }
+        let final_meta = Metadata::from([
+            ("sha256".to_owned(), streamed.sha256.clone()),
+            ("raw-bytes".to_owned(), streamed.raw_bytes.to_string()),
+        ]);
+        match upload.commit(final_meta).await {
+            Ok(_) => Attempt::Succeeded { key, streamed },
+            Err(e) => failed(FailureReason::Upload, e.to_string()),
+        }
+        // `cmd` (and its credential files) and `temp` are dropped here: removed either way.
+    }
+
+    /// Writes the attempt's result to the row (fenced), the audit log and the metrics.
+    async fn finish(
+        &self,
+        job: &Job,
+        attempt: Attempt,
+        elapsed: Duration,
+    ) -> Result<(), sqlx::Error> {
+        let m = &self.deps.metrics;
+        let type_label =
+            ResourceType::parse(&job.resource_type).map_or("unsupported", ResourceType::as_str);
+        let lease = &job.lease;
+        match attempt {
+            Attempt::Succeeded { key, streamed } => {
+                let mut tx = self.pool().begin().await?;
+                let done = sqlx::query(
+                    "UPDATE resource_backups
+                        SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL,
+                            object_key = $4, size_bytes = $5, raw_bytes = $6, sha256 = $7,
+                            failure_reason = NULL, error_summary = NULL, internal_detail = NULL
+                      WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
+                )
+                .bind(lease.id)
+                .bind(&lease.worker)
+                .bind(lease.attempts)
+                .bind(&key)
+                .bind(streamed.stored_bytes as i64)
+                .bind(streamed.raw_bytes as i64)
+                .bind(&streamed.sha256)
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() == 0 {
+                    tx.rollback().await?;
+                    self.discard_stale(job, &key).await;
+                    return Ok(());
+                }
+                audit(
+                    &mut *tx,
+                    "backup.succeeded",
+                    Some(job.team_id),
+                    Some(job.resource_id),
+                    Some(lease.id),
+                    json!({ "resource_type": job.resource_type, "object_key": key,
+                            "size_bytes": streamed.stored_bytes, "sha256": streamed.sha256 }),
+                )
+                .await?;
+                tx.commit().await?;
+                m.backup_succeeded.inc();
+                m.backup_by_type
+                    .with_label_values(&[type_label, "ok"])
+                    .inc();
+                m.backup_bytes
+                    .with_label_values(&[type_label])
+                    .inc_by(streamed.stored_bytes);
+                m.backup_duration
+                    .with_label_values(&[type_label])
+                    .observe(elapsed.as_secs_f64());
+                tracing::info!(backup_id = %lease.id, resource_id = %job.resource_id,
+                    resource_type = %job.resource_type, attempt = lease.attempts,
+                    raw_bytes = streamed.raw_bytes, stored_bytes = streamed.stored_bytes,
+                    seconds = elapsed.as_secs_f64(), object_key = %key, "backup succeeded");
+            }
+            Attempt::Failed { reason, detail } => {
+                let secrets = [job.connection_url.expose()];
+                let detail = crate::secret::redact_known(&detail, &secrets);
+                let detail: String = detail.chars().take(8192).collect();
+                let mut tx = self.pool().begin().await?;
+                let outcome = jobs::record_failure(&mut tx, lease, reason, &detail).await?;
+                if outcome == FailureOutcome::Failed {
+                    audit(
+                        &mut *tx,
+                        "backup.failed",
+                        Some(job.team_id),
+                        Some(job.resource_id),
+                        Some(lease.id),
+                        json!({ "resource_type": job.resource_type, "failure_reason": reason.as_str(),
+                                "error_summary": reason.customer_summary() }),
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                if outcome == FailureOutcome::Stale {
+                    tracing::warn!(backup_id = %lease.id, "lease lost before recording a failure; discarded");
+                    return Ok(());
+                }
+                m.backup_by_type
+                    .with_label_values(&[type_label, reason.as_str()])
+                    .inc();
+                m.backup_duration
+                    .with_label_values(&[type_label])
+                    .observe(elapsed.as_secs_f64());
+                if outcome == FailureOutcome::Failed {
+                    m.backup_failed.inc();
+                }
+                tracing::warn!(backup_id = %lease.id, resource_id = %job.resource_id,
+                    resource_type = %job.resource_type, attempt = lease.attempts,
+                    failure_reason = reason.as_str(), outcome = ?outcome, detail = %detail,
+                    "backup attempt failed");
+            }
+            Attempt::Cancelled => {
+                let released = jobs::release(self.pool(), lease).await?;
+                tracing::info!(backup_id = %lease.id, released, "backup cancelled by shutdown; row released");
+            }
+            Attempt::LeaseLost => {
+                tracing::warn!(backup_id = %lease.id, "lease lost mid-backup: job stopped, nothing recorded");
+            }
+        }
+        Ok(())
+    }
+
+    /// A stale worker's object must not survive: the current owner writes its own.
+    async fn discard_stale(&self, job: &Job, key: &str) {
+        tracing::warn!(backup_id = %job.lease.id, object_key = %key,
+            "lease was taken over before the result was recorded; deleting this worker's object");
+        if let Err(e) = self.deps.store.delete(key).await {
+            tracing::error!(object_key = %key, error = %e, "deleting a stale backup object failed");
+        }
+    }
+}
+
+#[async_trait]
+impl Loop for Arc<Backups> {
+    fn name(&self) -> LoopName {
+        LoopName::Backups
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+
+    async fn pass(&self, ctx: &PassContext) -> Result<(), LoopError> {
+        jobs::drive(self, ctx).await
+    }
+}
+
+#[async_trait]
+impl jobs::Queue for Backups {
+    type Job = Job;
+
+    fn concurrency(&self) -> usize {
+        self.deps.config.backup_concurrency
+    }
+
+    async fn housekeeping(&self) {
+        Backups::housekeeping(self).await;
+    }
+
+    async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
+        Backups::claim(self).await
+    }
+
+    async fn run(self: Arc<Self>, job: Job, abort: CancellationToken) {
+        tracing::info!(backup_id = %job.lease.id, resource_id = %job.resource_id,
+            attempt = job.lease.attempts, "backup claimed");
+        self.run_job(job, abort).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn object_keys_follow_the_contract() {
+        let team = Uuid::parse_str("11111111-1111-1111-1111-111111111111").unwrap();
+        let res = Uuid::parse_str("22222222-2222-2222-2222-222222222222").unwrap();
+        let id = Uuid::parse_str("33333333-3333-3333-3333-333333333333").unwrap();
+        let at = Utc.with_ymd_and_hms(2026, 11, 22, 3, 4, 5).unwrap();
+        assert_eq!(
+            object_key("backups/", team, res, at, id, "pgdump"),
+            "backups/11111111-1111-1111-1111-111111111111/22222222-2222-2222-2222-222222222222/20261122T030405Z-33333333-3333-3333-3333-333333333333.pgdump.gz"
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! The four loops (DESIGN §1). Each is one room: it implements [`Loop`], and the supervisor drives
+//! it — passes on an interval in the daemon, a single pass with `--once`.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Heartbeat;
+
+pub mod backups;
+pub mod propagations;
+pub mod restores;
+pub mod scheduler;
+
+pub type LoopError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LoopName {
+    Scheduler,
+    Backups,
+    Restores,
+    Propagations,
+}
+
+impl LoopName {
+    /// Also the order of a `--once` run: the scheduler's rows are claimed in the same run.
+    pub const ALL: [LoopName; 4] = [
+        LoopName::Scheduler,
+        LoopName::Backups,
+        LoopName::Restores,
+        LoopName::Propagations,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoopName::Scheduler => "scheduler",
+            LoopName::Backups => "backups",
+            LoopName::Restores => "restores",
+            LoopName::Propagations => "propagations",
+        }
+    }
+}
+
+impl fmt::Display for LoopName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LoopName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        LoopName::ALL
+            .into_iter()
+            .find(|l| l.as_str() == s.trim())
+            .ok_or_else(|| {
+                format!("unknown loop {s:?}: expected scheduler, backups, restores or propagations")
+            })
+    }
+}
+
+/// What a pass gets from the supervisor.
+#[derive(Clone)]
+pub struct PassContext {
+    /// Cancelled on SIGTERM: stop claiming new work, let running jobs finish.
+    pub shutdown: CancellationToken,
+    /// Cancelled when the shutdown grace runs out: kill children, abort uploads, release rows.
+    pub abort: CancellationToken,
+    pub heartbeat: Heartbeat,
+}
+
+#[async_trait]
+pub trait Loop: Send + Sync {
+    fn name(&self) -> LoopName;
+
+    /// Pause between passes in the daemon.
+    fn interval(&self) -> Duration;
+
+    /// How long without progress before /healthz calls the loop stalled: three missed passes,
+    /// never under a minute.
+    fn stall_after(&self) -> Duration {
+        (self.interval() * 3).max(Duration::from_secs(60))
+    }
+
+    /// Does everything due now (claiming until nothing is due) and returns. Long work calls
+    /// `ctx.heartbeat.progress()` so /healthz can tell slow from stuck.
+    async fn pass(&self, ctx: &PassContext) -> Result<(), LoopError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for l in LoopName::ALL {
+            assert_eq!(l.as_str().parse::<LoopName>(), Ok(l));
+        }
+        assert!("backup".parse::<LoopName>().is_err());
+    }
+}

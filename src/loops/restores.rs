@@ -1,0 +1,375 @@
+//! Restores (DESIGN §6): claim a `resource_restores` row with a lease, check the guards, download
+//! and verify the backup, and rewind the resource with its engine — [`Restores::attempt`] reads
+//! top to bottom. Lease renewal, fencing, retries and recovery are the backups' (jobs.rs).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Loop, LoopError, LoopName, PassContext};
+use crate::app::Deps;
+use crate::db::audit;
+use crate::domain::{FailureReason, ResourceType};
+use crate::engines;
+use crate::jobs::{self, FailureOutcome, JobTable, Lease};
+use crate::restore::{self, Failure};
+use crate::secret::Secret;
+
+/// A claimed restore, its target and the backup it rewinds to.
+#[derive(Debug)]
+pub struct Job {
+    pub lease: Lease,
+    pub resource_id: Uuid,
+    pub backup_id: Uuid,
+    pub team_id: Uuid,
+    pub resource_type: String,
+    pub resource_status: String,
+    pub connection_url: Secret,
+    pub backup_status: String,
+    pub backup_team_id: Uuid,
+    pub backup_resource_type: String,
+    pub object_key: Option<String>,
+    pub sha256: Option<String>,
+}
+
+enum Attempt {
+    Succeeded,
+    Failed(Failure),
+    Cancelled,
+    LeaseLost,
+}
+
+type ClaimedRow = (Uuid, Uuid, Uuid, i32, DateTime<Utc>);
+
+#[derive(sqlx::FromRow)]
+struct Context {
+    team_id: Uuid,
+    resource_type: String,
+    resource_status: String,
+    connection_url: String,
+    backup_status: String,
+    backup_team_id: Uuid,
+    backup_resource_type: String,
+    object_key: Option<String>,
+    sha256: Option<String>,
+}
+
+pub struct Restores {
+    deps: Deps,
+    last_recovery: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Restores {
+    pub fn new(deps: Deps) -> Arc<Self> {
+        Arc::new(Self {
+            deps,
+            last_recovery: std::sync::Mutex::default(),
+        })
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.deps.pool
+    }
+
+    /// One statement, `FOR UPDATE SKIP LOCKED`, with a lease; never beside a running backup or
+    /// restore of the same resource (the database enforces it too).
+    pub async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
+        let worker = &self.deps.config.worker_id;
+        for _ in 0..5 {
+            let claimed: Result<Option<ClaimedRow>, sqlx::Error> = sqlx::query_as(
+                "UPDATE resource_restores
+                    SET status = 'running', attempts = attempts + 1, started_at = now(),
+                        leased_by = $1, lease_expires_at = now() + make_interval(secs => $2)
+                  WHERE id = (
+                        SELECT r.id FROM resource_restores r
+                         WHERE r.status = 'pending' AND r.run_after <= now()
+                           AND NOT EXISTS (SELECT 1 FROM resource_backups x
+                                            WHERE x.resource_id = r.resource_id AND x.status = 'running')
+                           AND NOT EXISTS (SELECT 1 FROM resource_restores x
+                                            WHERE x.resource_id = r.resource_id AND x.status = 'running')
+                         ORDER BY r.run_after, r.created_at
+                         LIMIT 1
+                         FOR UPDATE SKIP LOCKED)
+                  RETURNING id, resource_id, backup_id, attempts, started_at",
+            )
+            .bind(worker)
+            .bind(self.deps.config.lease.as_secs_f64())
+            .fetch_optional(self.pool())
+            .await;
+            let (id, resource_id, backup_id, attempts, started_at) = match claimed {
+                Ok(Some(row)) => row,
+                Ok(None) => return Ok(None),
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => continue,
+                Err(e) => return Err(e),
+            };
+            let c: Context = sqlx::query_as(
+                "SELECT tr.team_id, tr.resource_type, tr.status AS resource_status, tr.connection_url,
+                        b.status AS backup_status, br.team_id AS backup_team_id,
+                        br.resource_type AS backup_resource_type, b.object_key, b.sha256
+                   FROM resources tr, resource_backups b JOIN resources br ON br.id = b.resource_id
+                  WHERE tr.id = $1 AND b.id = $2",
+            )
+            .bind(resource_id)
+            .bind(backup_id)
+            .fetch_one(self.pool())
+            .await?;
+            return Ok(Some(Job {
+                lease: Lease {
+                    table: JobTable::Restores,
+                    id,
+                    attempts,
+                    worker: worker.clone(),
+                    started_at,
+                },
+                resource_id,
+                backup_id,
+                team_id: c.team_id,
+                resource_type: c.resource_type,
+                resource_status: c.resource_status,
+                connection_url: Secret::new(c.connection_url),
+                backup_status: c.backup_status,
+                backup_team_id: c.backup_team_id,
+                backup_resource_type: c.backup_resource_type,
+                object_key: c.object_key,
+                sha256: c.sha256,
+            }));
+        }
+        Ok(None)
+    }
+
+    pub async fn run_job(self: Arc<Self>, job: Job, abort: CancellationToken) {
+        let started = Instant::now();
+        let lease_lost = CancellationToken::new();
+        let renewer = tokio::spawn(jobs::renew_lease(
+            self.pool().clone(),
+            job.lease.clone(),
+            self.deps.config.lease,
+            lease_lost.clone(),
+        ));
+        let timeout = self.deps.config.backup_timeout;
+        let attempt = tokio::select! {
+            r = self.attempt(&job) => match r {
+                Ok(()) => Attempt::Succeeded,
+                Err(f) => Attempt::Failed(f),
+            },
+            // Dropping the attempt kills its children (kill_on_drop): psql's open transaction
+            // rolls back; a Redis copy stops and is redone by the retry.
+            _ = tokio::time::sleep(timeout) => Attempt::Failed(Failure {
+                reason: FailureReason::Timeout,
+                detail: format!("restore exceeded BACKUP_TIMEOUT of {timeout:?}"),
+            }),
+            _ = abort.cancelled() => Attempt::Cancelled,
+            _ = lease_lost.cancelled() => Attempt::LeaseLost,
+        };
+        renewer.abort();
+        if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
+            tracing::error!(restore_id = %job.lease.id, error = %e, "recording the restore result failed");
+        }
+    }
+
+    /// Guards, then download + verify, then the engine's rewind.
+    async fn attempt(&self, job: &Job) -> Result<(), Failure> {
+        let config = |detail: String| Failure {
+            reason: FailureReason::Config,
+            detail,
+        };
+        // Another team's backup is never reachable, whatever the row says.
+        if job.backup_team_id != job.team_id {
+            return Err(config(format!(
+                "backup {} belongs to another team",
+                job.backup_id
+            )));
+        }
+        if job.backup_status != "succeeded" {
+            return Err(config(format!(
+                "backup {} is {}, not succeeded",
+                job.backup_id, job.backup_status
+            )));
+        }
+        if job.backup_resource_type != job.resource_type {
+            return Err(config(format!(
+                "backup {} is of a {} resource; the target is {}",
+                job.backup_id, job.backup_resource_type, job.resource_type
+            )));
+        }
+        if job.resource_status == "deleted" {
+            return Err(config("target resource is deleted".into()));
+        }
+        let Some(resource_type) = ResourceType::parse(&job.resource_type) else {
+            return Err(config(format!(
+                "unsupported resource type {:?}",
+                job.resource_type
+            )));
+        };
+        let (Some(key), Some(sha)) = (&job.object_key, &job.sha256) else {
+            return Err(config("backup row has no object".into()));
+        };
+        let temp = tempfile::tempdir().map_err(|e| Failure {
+            reason: FailureReason::Dump,
+            detail: format!("cannot create a temporary directory: {e}"),
+        })?;
+        let dump = restore::download_verified(
+            self.deps.store.as_ref(),
+            key,
+            sha,
+            engines::magic(resource_type),
+            temp.path(),
+        )
+        .await?;
+        let tools = &self.deps.tools;
+        let url = &job.connection_url;
+        match resource_type {
+            ResourceType::Postgres | ResourceType::Vector => {
+                restore::postgres(tools, url, &dump, temp.path()).await
+            }
+            ResourceType::Mongodb => restore::mongodb(tools, url, &dump, temp.path()).await,
+            ResourceType::Redis => restore::redis(tools, url, &dump, temp.path()).await,
+        }
+    }
+
+    async fn finish(
+        &self,
+        job: &Job,
+        attempt: Attempt,
+        elapsed: Duration,
+    ) -> Result<(), sqlx::Error> {
+        let lease = &job.lease;
+        let type_label =
+            ResourceType::parse(&job.resource_type).map_or("unsupported", ResourceType::as_str);
+        let m = &self.deps.metrics;
+        match attempt {
+            Attempt::Succeeded => {
+                let mut tx = self.pool().begin().await?;
+                let done = sqlx::query(
+                    "UPDATE resource_restores
+                        SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL,
+                            failure_reason = NULL, error_summary = NULL, internal_detail = NULL
+                      WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
+                )
+                .bind(lease.id)
+                .bind(&lease.worker)
+                .bind(lease.attempts)
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() == 0 {
+                    tracing::warn!(restore_id = %lease.id, "lease taken over before the restore was recorded");
+                    return Ok(());
+                }
+                let detail =
+                    json!({ "resource_type": job.resource_type, "backup_id": job.backup_id });
+                audit(
+                    &mut *tx,
+                    "restore.succeeded",
+                    Some(job.team_id),
+                    Some(job.resource_id),
+                    Some(lease.id),
+                    detail,
+                )
+                .await?;
+                tx.commit().await?;
+                m.restore_by_type
+                    .with_label_values(&[type_label, "ok"])
+                    .inc();
+                tracing::info!(restore_id = %lease.id, resource_id = %job.resource_id, backup_id = %job.backup_id,
+                    seconds = elapsed.as_secs_f64(), "restore succeeded");
+            }
+            Attempt::Failed(Failure { reason, detail }) => {
+                let detail = crate::secret::redact_known(&detail, &[job.connection_url.expose()]);
+                let detail: String = detail.chars().take(8192).collect();
+                let mut tx = self.pool().begin().await?;
+                let outcome = jobs::record_failure(&mut tx, lease, reason, &detail).await?;
+                if outcome == FailureOutcome::Failed {
+                    let audit_detail = json!({
+                        "resource_type": job.resource_type,
+                        "backup_id": job.backup_id,
+                        "failure_reason": reason.as_str(),
+                        "error_summary": reason.customer_summary(),
+                    });
+                    audit(
+                        &mut *tx,
+                        "restore.failed",
+                        Some(job.team_id),
+                        Some(job.resource_id),
+                        Some(lease.id),
+                        audit_detail,
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                if outcome != FailureOutcome::Stale {
+                    m.restore_by_type
+                        .with_label_values(&[type_label, reason.as_str()])
+                        .inc();
+                }
+                tracing::warn!(restore_id = %lease.id, resource_id = %job.resource_id, failure_reason = reason.as_str(),
+                    outcome = ?outcome, detail = %detail, "restore attempt failed");
+            }
+            Attempt::Cancelled => {
+                let released = jobs::release(self.pool(), lease).await?;
+                tracing::info!(restore_id = %lease.id, released, "restore cancelled by shutdown; row released");
+            }
+            Attempt::LeaseLost => {
+                tracing::warn!(restore_id = %lease.id, "lease lost mid-restore: job stopped, nothing recorded");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Loop for Arc<Restores> {
+    fn name(&self) -> LoopName {
+        LoopName::Restores
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+
+    async fn pass(&self, ctx: &PassContext) -> Result<(), LoopError> {
+        jobs::drive(self, ctx).await
+    }
+}
+
+#[async_trait]
+impl jobs::Queue for Restores {
+    type Job = Job;
+
+    fn concurrency(&self) -> usize {
+        self.deps.config.restore_concurrency
+    }
+
+    async fn housekeeping(&self) {
+        let due = {
+            let mut last = self.last_recovery.lock().unwrap_or_else(|p| p.into_inner());
+            jobs::due(
+                &mut last,
+                self.deps.config.lease.min(Duration::from_secs(10)),
+            )
+        };
+        if due {
+            // Expired leases back to pending (or failed after the last attempt), as for backups.
+            if let Err(e) =
+                jobs::recover_and_audit(self.pool(), JobTable::Restores, "restore.failed").await
+            {
+                tracing::error!(error = %e, "stuck-restore recovery failed");
+            }
+        }
+    }
+
+    async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
+        Restores::claim(self).await
+    }
+
+    async fn run(self: Arc<Self>, job: Job, abort: CancellationToken) {
+        tracing::info!(restore_id = %job.lease.id, resource_id = %job.resource_id, backup_id = %job.backup_id,
+            attempt = job.lease.attempts, "restore claimed");
+        self.run_job(job, abort).await;
+    }
+}

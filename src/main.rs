@@ -1,0 +1,200 @@
+//! `backup-worker`: parses the command line and the environment, wires signals, and hands over to
+//! the library. Everything testable lives in the library.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use backup_worker::app::{self, Deps, RunOptions};
+use backup_worker::config::Config;
+use backup_worker::loops::LoopName;
+use backup_worker::metrics::Metrics;
+use backup_worker::plans::Plans;
+use backup_worker::{commands, db, logging, storage};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "backup-worker",
+    version,
+    about = "Backups, restores and plan propagation for the database platform"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (all loops, HTTP on METRICS_ADDR).
+    Run {
+        /// Comma-separated loops to run: scheduler,backups,restores,propagations.
+        #[arg(long, value_delimiter = ',')]
+        only: Option<Vec<LoopName>>,
+        /// One pass of each selected loop (claiming until nothing is due), no HTTP, then exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Apply the embedded database migrations (a no-op when current).
+    Migrate,
+    /// Enqueue a manual backup of a resource and print its id.
+    Backup { resource_id: Uuid },
+    /// Enqueue a restore of a backup and print its id.
+    Restore {
+        backup_id: Uuid,
+        /// Restore into another resource of the same team and type (a clone).
+        #[arg(long)]
+        into: Option<Uuid>,
+    },
+    /// Print queue depths and recent failures.
+    Status,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    // Errors can carry a connection string from a driver message: never print it.
+    let msg = backup_worker::secret::redact_credentials(&msg.to_string());
+    eprintln!("backup-worker: {msg}");
+    ExitCode::FAILURE
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("backup-worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(config.log_format);
+
+    match cli.command {
+        Command::Run { only, once } => {
+            let options = RunOptions {
+                only: only.unwrap_or_else(|| LoopName::ALL.to_vec()),
+                once,
+            };
+            run(config, options).await
+        }
+        Command::Migrate => match connect(&config, 2).await {
+            Ok(pool) => match db::migrate(&pool).await {
+                Ok(()) => {
+                    println!("migrations applied");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            },
+            Err(code) => code,
+        },
+        Command::Backup { resource_id } => match connect(&config, 2).await {
+            Ok(pool) => print_result(commands::enqueue_backup(&pool, resource_id).await),
+            Err(code) => code,
+        },
+        Command::Restore { backup_id, into } => match connect(&config, 2).await {
+            Ok(pool) => print_result(commands::enqueue_restore(&pool, backup_id, into).await),
+            Err(code) => code,
+        },
+        Command::Status => match connect(&config, 2).await {
+            Ok(pool) => match commands::status(&pool).await {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            },
+            Err(code) => code,
+        },
+    }
+}
+
+fn print_result(r: Result<Uuid, commands::CommandError>) -> ExitCode {
+    match r {
+        Ok(id) => {
+            println!("{id}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+async fn connect(config: &Config, max: u32) -> Result<sqlx::PgPool, ExitCode> {
+    db::connect(&config.database_url, max).await.map_err(fail)
+}
+
+async fn run(config: Config, options: RunOptions) -> ExitCode {
+    let plans = match Plans::load(config.plans_path.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("invalid configuration: PLANS_PATH: {e}")),
+    };
+    let metrics = match Metrics::new() {
+        Ok(m) => m,
+        Err(e) => return fail(format!("metrics registry: {e}")),
+    };
+    let store = match storage::open(&config.storage_url, &config.s3).await {
+        Ok(s) => s,
+        Err(e) => return fail(format!("STORAGE_URL: {e}")),
+    };
+    let pool_size = (config.backup_concurrency + config.restore_concurrency + 4) as u32;
+    let pool = match connect(&config, pool_size).await {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let listener = if options.once {
+        None
+    } else {
+        let addr: SocketAddr = config.metrics_addr;
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => return fail(format!("METRICS_ADDR: cannot listen on {addr}: {e}")),
+        }
+    };
+
+    let provisioner: Option<Arc<dyn backup_worker::provisioner::Provisioner>> =
+        match config.provisioner_addr.as_deref() {
+            None => None,
+            Some(addr) => match backup_worker::provisioner::GrpcProvisioner::new(
+                addr,
+                backup_worker::provisioner::CALL_DEADLINE,
+            ) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => return fail(format!("invalid configuration: PROVISIONER_ADDR: {e}")),
+            },
+        };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    let deps = Deps {
+        config: Arc::new(config),
+        pool,
+        store,
+        plans: Arc::new(plans),
+        metrics,
+        tools: backup_worker::process::Tools::default(),
+        provisioner,
+    };
+    match app::run(deps, options, listener, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// SIGTERM (Kubernetes) or SIGINT (a terminal) starts a graceful shutdown.
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!(
+            "cannot install signal handlers; only the process kill will stop the daemon"
+        );
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,284 @@
+//! The object-storage seam: one narrow trait, with S3 (any S3-compatible store), local-directory
+//! and in-memory implementations. Keys are bucket-relative and include the configured prefix.
+//!
+//! Uploads are streamed: [`ObjectStore::begin_upload`] returns an [`Upload`] that buffers at most a
+//! few parts, and nothing is visible under the key until [`Upload::commit`]. An upload that is
+//! aborted, fails, or is dropped uncommitted leaves nothing behind (no object, no multipart parts).
+
+mod local;
+mod memory;
+mod s3;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub use local::LocalStore;
+pub use memory::MemoryStore;
+pub use s3::{S3Settings, S3Store, S3_MIN_PART_SIZE};
+
+use crate::config::S3Options;
+
+/// User metadata stored with an object (x-amz-meta-* on S3).
+pub type Metadata = BTreeMap<String, String>;
+
+pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object {key} not found")]
+    NotFound { key: String },
+    #[error("invalid object key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: &'static str },
+    #[error("object storage {op} failed: {detail}")]
+    Request { op: &'static str, detail: String },
+    #[error("local storage {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("upload already failed and was aborted")]
+    Poisoned,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub last_modified: Option<DateTime<Utc>>,
+}
+
+/// An upload started but neither committed nor aborted (a multipart upload on S3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncompleteUpload {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: Option<DateTime<Utc>>,
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync + fmt::Debug {
+    /// Starts a streamed upload to `key` with the metadata known up front.
+    async fn begin_upload(
+        &self,
+        key: &str,
+        metadata: Metadata,
+    ) -> Result<Box<dyn Upload>, StorageError>;
+
+    /// Streams an object's bytes.
+    async fn get(&self, key: &str) -> Result<ObjectReader, StorageError>;
+
+    /// Size and metadata of an object.
+    async fn head(&self, key: &str) -> Result<(ObjectInfo, Metadata), StorageError>;
+
+    /// Deletes an object; deleting one that is already gone is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Every committed object whose key starts with `prefix`.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
+
+    /// Uploads under `prefix` that were started but never committed or aborted.
+    async fn list_incomplete_uploads(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<IncompleteUpload>, StorageError>;
+
+    /// Discards an incomplete upload found by [`ObjectStore::list_incomplete_uploads`].
+    async fn abort_incomplete_upload(&self, upload: &IncompleteUpload) -> Result<(), StorageError>;
+}
+
+#[async_trait]
+pub trait Upload: Send {
+    /// Appends bytes. Memory stays bounded: full parts are sent as they fill.
+    async fn write(&mut self, data: &[u8]) -> Result<(), StorageError>;
+
+    /// Makes the object visible under its key, adding `metadata` (known only at the end, such as a
+    /// checksum). Returns the stored size. On error the upload is aborted.
+    async fn commit(self: Box<Self>, metadata: Metadata) -> Result<u64, StorageError>;
+
+    /// Discards everything written; nothing remains in the store.
+    async fn abort(self: Box<Self>) -> Result<(), StorageError>;
+}
+
+/// STORAGE_URL: `s3://bucket/prefix` or `file:///path` (relative `file://./dir` allowed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageUrl {
+    S3 { bucket: String, prefix: String },
+    File { root: PathBuf },
+}
+
+impl StorageUrl {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if let Some(rest) = raw.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let valid_bucket = (3..=63).contains(&bucket.len())
+                && bucket
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+            if !valid_bucket {
+                return Err(format!(
+                    "s3:// needs a bucket name of 3-63 lowercase letters, digits, '-' or '.', got {raw:?}"
+                ));
+            }
+            let prefix = prefix.trim_start_matches('/');
+            let prefix = if prefix.is_empty() || prefix.ends_with('/') {
+                prefix.to_owned()
+            } else {
+                format!("{prefix}/")
+            };
+            validate_key(&prefix).map_err(|e| e.to_string())?;
+            Ok(StorageUrl::S3 {
+                bucket: bucket.to_owned(),
+                prefix,
+            })
+        } else if let Some(path) = raw.strip_prefix("file://") {
+            if path.is_empty() {
+                return Err("file:// needs a directory, e.g. file:///var/backups".into());
+            }
+            Ok(StorageUrl::File {
+                root: PathBuf::from(path),
+            })
+        } else {
+            Err(format!(
+                "expected s3://bucket/prefix or file:///path, got {raw:?}"
+            ))
+        }
+    }
+
+    /// The key prefix every object of this deployment starts with.
+    pub fn prefix(&self) -> &str {
+        match self {
+            StorageUrl::S3 { prefix, .. } => prefix,
+            StorageUrl::File { .. } => "",
+        }
+    }
+}
+
+impl fmt::Display for StorageUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            StorageUrl::File { root } => write!(f, "file://{}", root.display()),
+        }
+    }
+}
+
+/// Opens the store a STORAGE_URL names. S3 credentials come from the standard AWS chain.
+pub async fn open(url: &StorageUrl, s3: &S3Options) -> Result<Arc<dyn ObjectStore>, StorageError> {
+    match url {
+        StorageUrl::File { root } => Ok(Arc::new(LocalStore::new(root.clone()).await?)),
+        StorageUrl::S3 { bucket, .. } => {
+            let settings = S3Settings {
+                bucket: bucket.clone(),
+                endpoint: s3.endpoint.clone(),
+                region: s3.region.clone(),
+                force_path_style: s3.force_path_style,
+                static_credentials: None,
+                part_size: s3::DEFAULT_PART_SIZE,
+                parts_in_flight: s3::DEFAULT_PARTS_IN_FLIGHT,
+            };
+            Ok(Arc::new(S3Store::new(settings).await))
+        }
+    }
+}
+
+/// Keys are relative, '/'-separated, without empty, '.' or '..' segments: safe as S3 keys and as
+/// paths under a local root.
+pub fn validate_key(key: &str) -> Result<(), StorageError> {
+    let invalid = |reason| StorageError::InvalidKey {
+        key: key.to_owned(),
+        reason,
+    };
+    if key.starts_with('/') || key.contains('\\') || key.contains('\0') {
+        return Err(invalid("must be relative, with '/' separators"));
+    }
+    let trimmed = key.strip_suffix('/').unwrap_or(key);
+    if !trimmed.is_empty()
+        && trimmed
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(invalid("must not contain empty, '.' or '..' segments"));
+    }
+    Ok(())
+}
+
+/// Copies `reader` into a new object through the streaming upload; aborts on any error.
+pub async fn put_reader(
+    store: &dyn ObjectStore,
+    key: &str,
+    mut reader: impl AsyncRead + Unpin + Send,
+    metadata: Metadata,
+) -> Result<u64, StorageError> {
+    let mut upload = store.begin_upload(key, metadata).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(source) => {
+                let _ = upload.abort().await;
+                return Err(StorageError::Io {
+                    op: "read source for",
+                    path: key.to_owned(),
+                    source,
+                });
+            }
+        };
+        if let Err(e) = upload.write(&buf[..n]).await {
+            let _ = upload.abort().await;
+            return Err(e);
+        }
+    }
+    upload.commit(Metadata::new()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_urls() {
+        assert_eq!(
+            StorageUrl::parse("s3://my-bucket/backups").unwrap(),
+            StorageUrl::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "backups/".into()
+            }
+        );
+        assert_eq!(StorageUrl::parse("s3://my-bucket").unwrap().prefix(), "");
+        assert_eq!(
+            StorageUrl::parse("file://./var/backups").unwrap(),
+            StorageUrl::File {
+                root: "./var/backups".into()
+            }
+        );
+        assert_eq!(
+            StorageUrl::parse("file:///srv/b").unwrap(),
+            StorageUrl::File {
+                root: "/srv/b".into()
+            }
+        );
+        assert!(StorageUrl::parse("s3://B").is_err());
+        assert!(StorageUrl::parse("s3://bucket/a/../b").is_err());
+        assert!(StorageUrl::parse("gs://bucket").is_err());
+        assert!(StorageUrl::parse("file://").is_err());
+    }
+
+    #[test]
+    fn keys() {
+        assert!(validate_key("p/team/res/2026-x.pgdump.gz").is_ok());
+        assert!(validate_key("p/").is_ok());
+        assert!(validate_key("").is_ok());
+        assert!(validate_key("/abs").is_err());
+        assert!(validate_key("a//b").is_err());
+        assert!(validate_key("a/../b").is_err());
+    }
+}

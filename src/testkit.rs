@@ -1,0 +1,493 @@
+//! Test harness shared by the integration tests and the benchmarks: real servers on loopback
+//! (an S3-protocol server, redis-server), the daemon in-process, and a tiny HTTP client.
+//! Every process started here is killed when its handle drops.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{Deps, RunError, RunOptions};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::plans::Plans;
+use crate::storage::{ObjectStore, S3Settings, S3Store};
+
+pub type TestError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A free TCP port on 127.0.0.1 (bound, read, released; the tiny race is acceptable in tests).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Polls `check` every 50 ms until it returns true or `deadline` passes.
+pub async fn wait_until<F, Fut>(
+    deadline: Duration,
+    what: &str,
+    mut check: F,
+) -> Result<(), TestError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= until {
+            return Err(format!("timed out after {deadline:?} waiting for {what}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn find_tool(env_var: &str, venv_name: &str) -> Option<PathBuf> {
+    if let Ok(p) = std::env::var(env_var) {
+        return Some(PathBuf::from(p));
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-tools/venv/bin")
+        .join(venv_name);
+    if venv.exists() {
+        return Some(venv);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(venv_name))
+            .find(|p| p.exists())
+    })
+}
+
+/// moto's S3-protocol server on a free loopback port: real multipart semantics
+/// (5 MiB minimum part, ListMultipartUploads), nothing shared between tests.
+pub struct S3Server {
+    pub endpoint: String,
+    _child: Child,
+}
+
+pub const TEST_ACCESS_KEY: &str = "testing";
+
+impl S3Server {
+    pub async fn start() -> Result<Self, TestError> {
+        let bin = find_tool("MOTO_SERVER", "moto_server").ok_or(
+            "moto_server not found: run scripts/test (it installs moto into target/test-tools/venv) or set MOTO_SERVER",
+        )?;
+        let port = free_port()?;
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        wait_until(
+            Duration::from_secs(60),
+            "moto_server to answer",
+            || async move { matches!(http_get(addr, "/moto-api/").await, Ok((200..=499, _))) },
+        )
+        .await?;
+        Ok(Self {
+            endpoint,
+            _child: child,
+        })
+    }
+
+    pub fn settings(&self, bucket: &str) -> S3Settings {
+        S3Settings {
+            bucket: bucket.to_owned(),
+            endpoint: Some(self.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            force_path_style: true,
+            static_credentials: Some((TEST_ACCESS_KEY.into(), TEST_ACCESS_KEY.into())),
+            part_size: crate::storage::S3_MIN_PART_SIZE,
+            parts_in_flight: 2,
+        }
+    }
+
+    /// A store on a fresh bucket.
+    pub async fn store(&self, bucket: &str) -> Result<S3Store, TestError> {
+        let store = S3Store::new(self.settings(bucket)).await;
+        store
+            .client()
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .map_err(|e| aws_sdk_s3::error::DisplayErrorContext(e).to_string())?;
+        Ok(store)
+    }
+}
+
+/// A private redis-server on a free port, nothing persisted, optionally with a password.
+pub struct RedisServer {
+    pub port: u16,
+    pub password: Option<String>,
+    _dir: tempfile::TempDir,
+    _child: Child,
+}
+
+impl RedisServer {
+    pub async fn start(password: Option<&str>) -> Result<Self, TestError> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let mut cmd =
+            Command::new(std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()));
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path());
+        if let Some(pw) = password {
+            // Passed as an argument to the test server only; production code never does this.
+            cmd.args(["--requirepass", pw]);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting redis-server: {e}"))?;
+        wait_until(
+            Duration::from_secs(20),
+            "redis-server to answer",
+            || async move {
+                let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
+                    return false;
+                };
+                let mut buf = [0u8; 64];
+                s.write_all(b"PING\r\n").await.is_ok()
+                    && s.read(&mut buf).await.is_ok_and(|n| n > 0)
+            },
+        )
+        .await?;
+        Ok(Self {
+            port,
+            password: password.map(str::to_owned),
+            _dir: dir,
+            _child: child,
+        })
+    }
+
+    /// Runs redis-cli against this server (password via REDISCLI_AUTH) and returns stdout.
+    pub async fn cli(&self, args: &[&str]) -> Result<String, TestError> {
+        let mut c = Command::new("redis-cli");
+        c.args(["-p", &self.port.to_string()]).args(args);
+        if let Some(pw) = &self.password {
+            c.env("REDISCLI_AUTH", pw);
+        }
+        let out = c.output().await?;
+        if !out.status.success() {
+            return Err(format!(
+                "redis-cli {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes `n` string keys `key:<i>` with 64-byte values (enough for a > 1 KiB RDB).
+    pub async fn populate(&self, n: usize) -> Result<(), TestError> {
+        let pairs: Vec<String> = (0..n)
+            .flat_map(|i| [format!("key:{i}"), format!("{i:064}")])
+            .collect();
+        let mut args = vec!["MSET"];
+        args.extend(pairs.iter().map(String::as_str));
+        self.cli(&args).await.map(|_| ())
+    }
+
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+}
+
+/// A configuration for in-process daemons: `overrides` over test defaults.
+pub fn test_config(overrides: &[(&str, &str)]) -> Result<Config, TestError> {
+    let mut env: HashMap<String, String> = HashMap::from([
+        (
+            "DATABASE_URL".into(),
+            "postgres://unused@127.0.0.1/unused".into(),
+        ),
+        ("WORKER_ID".into(), "test-worker".into()),
+        (
+            "STORAGE_URL".into(),
+            "file:///nonexistent-set-by-test".into(),
+        ),
+        ("SHUTDOWN_GRACE".into(), "2".into()),
+    ]);
+    for (k, v) in overrides {
+        env.insert((*k).into(), (*v).into());
+    }
+    Ok(Config::from_lookup(|k| env.get(k).cloned())?)
+}
+
+pub fn test_deps(
+    pool: sqlx::PgPool,
+    store: Arc<dyn ObjectStore>,
+    config: Config,
+) -> Result<Deps, TestError> {
+    Ok(Deps {
+        config: Arc::new(config),
+        pool,
+        store,
+        plans: Arc::new(Plans::load(None)?),
+        metrics: Metrics::new()?,
+        tools: crate::process::Tools::default(),
+        provisioner: None,
+    })
+}
+
+/// The daemon running in-process with HTTP on 127.0.0.1:<ephemeral>.
+pub struct TestDaemon {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), RunError>>,
+}
+
+impl TestDaemon {
+    pub async fn start(deps: Deps, options: RunOptions) -> Result<Self, TestError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(crate::app::run(
+            deps,
+            options,
+            Some(listener),
+            shutdown.clone(),
+        ));
+        Ok(Self {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<(u16, String), TestError> {
+        http_get(self.addr, path).await
+    }
+
+    pub async fn stop(self) -> Result<(), TestError> {
+        self.shutdown.cancel();
+        Ok(self.task.await??)
+    }
+}
+
+/// Minimal HTTP/1.1 GET (Connection: close): status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), TestError> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("malformed HTTP response")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status code")?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    ))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A private Postgres server (initdb into a temporary directory) on a free loopback port with
+/// scram-sha-256 password authentication — so wrong passwords are really rejected.
+pub struct PgServer {
+    pub port: u16,
+    pub password: String,
+    _dir: tempfile::TempDir,
+    _child: Child,
+}
+
+fn pg_bin(name: &str) -> Result<PathBuf, TestError> {
+    if let Ok(dir) = std::env::var("PG_BINDIR") {
+        return Ok(Path::new(&dir).join(name));
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|e| {
+            format!("no Postgres server binaries under /usr/lib/postgresql ({e}); set PG_BINDIR")
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin").join(name)))
+        .filter(|p| p.exists())
+        .collect();
+    versions.sort_by_key(|p| {
+        p.components()
+            .nth(4)
+            .and_then(|c| c.as_os_str().to_str()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    versions
+        .pop()
+        .ok_or_else(|| format!("{name} not found under /usr/lib/postgresql; set PG_BINDIR").into())
+}
+
+/// Commands run as the `postgres` user when we are root (initdb and postgres refuse root). The
+/// uid switch happens in the child itself, so killing the handle kills the server.
+fn as_postgres_user(program: &Path) -> Command {
+    let mut c = Command::new(program);
+    let uid_of = |field: usize| -> Option<u32> {
+        std::fs::read_to_string("/etc/passwd")
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with("postgres:"))?
+            .split(':')
+            .nth(field)?
+            .parse()
+            .ok()
+    };
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    if let (true, Some(uid), Some(gid)) = (root, uid_of(2), uid_of(3)) {
+        c.uid(uid).gid(gid);
+    }
+    c
+}
+
+impl PgServer {
+    pub async fn start() -> Result<Self, TestError> {
+        let dir = tempfile::Builder::new().prefix("bw-pg-").tempdir()?;
+        let data = dir.path().join("data");
+        let pwfile = dir.path().join("pw");
+        let password = format!("pg-{}", uuid::Uuid::new_v4().simple());
+        std::fs::write(&pwfile, &password)?;
+        // The server runs as `postgres` when we are root: hand it the directory.
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir.path())
+            .status();
+        let out = as_postgres_user(&pg_bin("initdb")?)
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .await?;
+        if !out.status.success() {
+            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        let port = free_port()?;
+        let child = as_postgres_user(&pg_bin("postgres")?)
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+            ])
+            .args(["-c", "full_page_writes=off", "-c", "synchronous_commit=off"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", dir.path().display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let server = Self {
+            port,
+            password,
+            _dir: dir,
+            _child: child,
+        };
+        let url = server.url("postgres");
+        wait_until(
+            Duration::from_secs(30),
+            "the private Postgres to accept connections",
+            || {
+                let url = url.clone();
+                async move {
+                    use sqlx::Connection;
+                    sqlx::PgConnection::connect(&url).await.is_ok()
+                }
+            },
+        )
+        .await?;
+        Ok(server)
+    }
+
+    /// Superuser URL for `database`.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
+    }
+
+    /// Creates a database and returns its URL.
+    pub async fn create_database(&self, name: &str) -> Result<String, TestError> {
+        use sqlx::{Connection, Executor};
+        let mut c = sqlx::PgConnection::connect(&self.url("postgres")).await?;
+        c.execute(format!("CREATE DATABASE \"{name}\"").as_str())
+            .await?;
+        Ok(self.url(name))
+    }
+}

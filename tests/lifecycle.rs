@@ -1,0 +1,721 @@
+//! Backup lifecycle (DESIGN §2 invariants, §5 "Lifecycle"): lease renewal and fencing, recovery
+//! of rows whose worker died, timeouts, graceful shutdown, retention and the orphan-upload sweep.
+//! Process behaviour is tested on real processes: the binary, killed and signalled.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backup_worker::app::Deps;
+use backup_worker::health::Heartbeat;
+use backup_worker::loops::backups::Backups;
+use backup_worker::loops::{Loop, PassContext};
+use backup_worker::process::Tools;
+use backup_worker::retention::{abort_stale_uploads, apply_retention};
+use backup_worker::storage::{LocalStore, Metadata, ObjectStore};
+use backup_worker::testkit::{free_port, http_get, test_config, test_deps, wait_until, S3Server};
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+const BIN: &str = env!("CARGO_BIN_EXE_backup-worker");
+
+/// A directory with the fake pg_dump installed as `pg_dump`, its behaviour file beside it.
+struct FakeTools {
+    dir: tempfile::TempDir,
+}
+
+impl FakeTools {
+    fn new(behaviour: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            Path::new(FIXTURES).join("fake-pg_dump"),
+            dir.path().join("pg_dump"),
+        )
+        .unwrap();
+        let t = Self { dir };
+        t.set(behaviour);
+        t
+    }
+    fn set(&self, behaviour: &str) {
+        std::fs::write(self.dir.path().join("behaviour"), behaviour).unwrap();
+    }
+    fn open_gate(&self) {
+        std::fs::write(self.dir.path().join("open"), "").unwrap();
+    }
+    fn tools(&self) -> Tools {
+        Tools::default().with_override("pg_dump", self.dir.path().join("pg_dump"))
+    }
+    fn path_env(&self) -> String {
+        format!(
+            "{}:{}",
+            self.dir.path().display(),
+            std::env::var("PATH").unwrap()
+        )
+    }
+    /// Pids the fake recorded, one per call.
+    fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.dir.path().join("calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("pid=")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+}
+
+impl Drop for FakeTools {
+    fn drop(&mut self) {
+        // A SIGKILLed daemon cannot kill its child: do it for the test.
+        for pid in self.pids() {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie has exited; only a live process counts.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct Row {
+    status: String,
+    attempts: i32,
+    started_at: DateTime<Utc>,
+    run_after: DateTime<Utc>,
+    leased_by: Option<String>,
+    failure_reason: Option<String>,
+    object_key: Option<String>,
+}
+
+async fn row(pool: &PgPool, id: Uuid) -> Row {
+    sqlx::query_as(
+        "SELECT status, attempts, started_at, run_after, leased_by, failure_reason, object_key
+           FROM resource_backups WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn team_resource(pool: &PgPool, tier: &str) -> (Uuid, Uuid) {
+    let team: Uuid = sqlx::query_scalar("INSERT INTO teams (plan_tier) VALUES ($1) RETURNING id")
+        .bind(tier)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let res: Uuid = sqlx::query_scalar(
+        "INSERT INTO resources (team_id, resource_type, connection_url)
+         VALUES ($1, 'postgres', 'postgres://u:p@127.0.0.1/db') RETURNING id",
+    )
+    .bind(team)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    (team, res)
+}
+
+async fn enqueue(pool: &PgPool) -> Uuid {
+    let (_, res) = team_resource(pool, "pro").await;
+    backup_worker::commands::enqueue_backup(pool, res)
+        .await
+        .unwrap()
+}
+
+fn db_url(pool: &PgPool) -> String {
+    let mut u = url::Url::parse(&std::env::var("DATABASE_URL").unwrap()).unwrap();
+    u.set_path(pool.connect_options().get_database().unwrap());
+    u.to_string()
+}
+
+fn daemon(
+    pool: &PgPool,
+    fake: &FakeTools,
+    store: &Path,
+    worker: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, u16) {
+    let port = free_port().unwrap();
+    let mut c = tokio::process::Command::new(BIN);
+    c.arg("run")
+        .args(extra)
+        .env("DATABASE_URL", db_url(pool))
+        .env("STORAGE_URL", format!("file://{}", store.display()))
+        .env("WORKER_ID", worker)
+        .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("LOG_FORMAT", "json")
+        .env("PATH", fake.path_env())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    (c.spawn().unwrap(), port)
+}
+
+async fn wait_status(pool: &PgPool, id: Uuid, status: &str, within: Duration) -> Row {
+    let what = format!("backup {id} to be {status}");
+    wait_until(within, &what, || async {
+        row(pool, id).await.status == status
+    })
+    .await
+    .unwrap();
+    row(pool, id).await
+}
+
+fn objects(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(".gz")
+                && !p.file_name().unwrap().to_string_lossy().starts_with('.')
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[sqlx::test]
+async fn a_killed_daemons_backup_is_recovered_by_another(pool: PgPool) {
+    let fake = FakeTools::new("forever");
+    let store = tempfile::tempdir().unwrap();
+    let id = enqueue(&pool).await;
+    let lease = Duration::from_secs(2);
+    let (mut a, _) = daemon(
+        &pool,
+        &fake,
+        store.path(),
+        "pod-a",
+        &["--only", "backups"],
+        &[("LEASE_SECONDS", "2")],
+    );
+    let first = wait_status(&pool, id, "running", Duration::from_secs(20)).await;
+    assert_eq!(first.leased_by.as_deref(), Some("pod-a"));
+    a.kill().await.unwrap(); // SIGKILL: no cleanup, no release
+    a.wait().await.unwrap();
+    assert_eq!(row(&pool, id).await.status, "running", "nobody released it");
+
+    fake.set("ok");
+    let killed_at = Instant::now();
+    let (_b, port) = daemon(
+        &pool,
+        &fake,
+        store.path(),
+        "pod-b",
+        &["--only", "backups"],
+        &[("LEASE_SECONDS", "2")],
+    );
+    // Recovery sweeps run every min(LEASE_SECONDS, 10 s): lease + one sweep, plus start-up slack.
+    let done = wait_status(&pool, id, "succeeded", lease * 2 + Duration::from_secs(10)).await;
+    println!(
+        "recovered and completed {:?} after the kill",
+        killed_at.elapsed()
+    );
+    assert_eq!(done.attempts, 2);
+    assert_eq!(done.leased_by.as_deref(), Some("pod-b"));
+    assert!(done.started_at >= first.started_at);
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM resource_backups WHERE status = 'succeeded'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(succeeded, 1);
+    assert_eq!(objects(store.path()).len(), 1, "exactly one object");
+    let (_, metrics) = http_get(([127, 0, 0, 1], port).into(), "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("instant_customer_backup_stuck_recovered_total 1"),
+        "{metrics}"
+    );
+}
+
+#[sqlx::test]
+async fn sigterm_releases_running_backups_at_once(pool: PgPool) {
+    let fake = FakeTools::new("forever");
+    let store = tempfile::tempdir().unwrap();
+    let id = enqueue(&pool).await;
+    let grace = Duration::from_secs(1);
+    let (mut a, _) = daemon(
+        &pool,
+        &fake,
+        store.path(),
+        "pod-a",
+        &[],
+        &[("SHUTDOWN_GRACE", "1")],
+    );
+    wait_status(&pool, id, "running", Duration::from_secs(20)).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the dump tool to start",
+        || async { !fake.pids().is_empty() },
+    )
+    .await
+    .unwrap();
+    let child_pid = fake.pids()[0];
+    assert!(alive(child_pid));
+
+    let sent = Instant::now();
+    let pid = a.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(grace + Duration::from_secs(1), a.wait())
+        .await
+        .expect("exit within SHUTDOWN_GRACE + 1 s")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    println!("exited {:?} after SIGTERM", sent.elapsed());
+    let r = row(&pool, id).await;
+    assert_eq!(
+        (r.status.as_str(), r.attempts, r.leased_by.as_deref()),
+        ("pending", 0, None),
+        "{r:?}"
+    );
+    assert!(r.run_after <= Utc::now());
+    assert!(!alive(child_pid), "the dump tool was killed");
+    assert!(objects(store.path()).is_empty());
+
+    fake.set("ok");
+    let (mut b, _) = daemon(
+        &pool,
+        &fake,
+        store.path(),
+        "pod-b",
+        &["--once", "--only", "backups"],
+        &[],
+    );
+    assert!(b.wait().await.unwrap().success());
+    let r = row(&pool, id).await;
+    assert_eq!((r.status.as_str(), r.attempts), ("succeeded", 1));
+    assert_eq!(objects(store.path()).len(), 1);
+}
+
+fn deps(pool: &PgPool, store: Arc<dyn ObjectStore>, tools: Tools, env: &[(&str, &str)]) -> Deps {
+    let mut d = test_deps(pool.clone(), store, test_config(env).unwrap()).unwrap();
+    d.tools = tools;
+    d
+}
+
+fn ctx() -> PassContext {
+    PassContext {
+        shutdown: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        heartbeat: Heartbeat::detached("backups"),
+    }
+}
+
+async fn take_over(pool: &PgPool, id: Uuid) {
+    sqlx::query(
+        "UPDATE resource_backups SET leased_by = 'intruder', attempts = attempts + 1,
+                lease_expires_at = now() + interval '1 hour' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[sqlx::test]
+async fn a_stale_worker_cannot_finish_and_its_object_is_deleted(pool: PgPool) {
+    let fake = FakeTools::new("gate");
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalStore::new(dir.path().to_path_buf()).await.unwrap());
+    let id = enqueue(&pool).await;
+    // A long lease: no renewal happens before the job ends, so only the final fence can notice.
+    let d = deps(
+        &pool,
+        store.clone(),
+        fake.tools(),
+        &[("LEASE_SECONDS", "600")],
+    );
+    let backups = Backups::new(d);
+    let worker = tokio::spawn({
+        let b = backups.clone();
+        async move { b.pass(&ctx()).await.unwrap() }
+    });
+    wait_status(&pool, id, "running", Duration::from_secs(10)).await;
+    take_over(&pool, id).await;
+    fake.open_gate();
+    worker.await.unwrap();
+    let r = row(&pool, id).await;
+    assert_eq!(
+        (r.status.as_str(), r.leased_by.as_deref(), r.attempts),
+        ("running", Some("intruder"), 2),
+        "{r:?}"
+    );
+    assert!(r.object_key.is_none());
+    assert!(
+        objects(dir.path()).is_empty(),
+        "the stale worker's object was deleted"
+    );
+}
+
+#[sqlx::test]
+async fn losing_the_lease_stops_the_job(pool: PgPool) {
+    let fake = FakeTools::new("gate");
+    let s3 = S3Server::start().await.unwrap();
+    let store = Arc::new(s3.store("backups").await.unwrap());
+    let id = enqueue(&pool).await;
+    let d = deps(
+        &pool,
+        store.clone(),
+        fake.tools(),
+        &[("LEASE_SECONDS", "2")],
+    );
+    let backups = Backups::new(d);
+    let worker = tokio::spawn({
+        let b = backups.clone();
+        async move { b.pass(&ctx()).await.unwrap() }
+    });
+    wait_status(&pool, id, "running", Duration::from_secs(10)).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the dump tool to start",
+        || async { !fake.pids().is_empty() },
+    )
+    .await
+    .unwrap();
+    take_over(&pool, id).await;
+    // The next renewal (every LEASE_SECONDS/3) finds the row gone and stops the job.
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("job stopped")
+        .unwrap();
+    let pid = *fake.pids().first().unwrap();
+    assert!(!alive(pid), "the dump tool was killed");
+    let r = row(&pool, id).await;
+    assert_eq!(
+        (r.status.as_str(), r.leased_by.as_deref()),
+        ("running", Some("intruder")),
+        "untouched"
+    );
+    assert!(store.list("").await.unwrap().is_empty());
+    assert!(
+        store.list_incomplete_uploads("").await.unwrap().is_empty(),
+        "upload aborted"
+    );
+}
+
+#[sqlx::test]
+async fn backup_timeout_kills_and_retries(pool: PgPool) {
+    let fake = FakeTools::new("forever");
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalStore::new(dir.path().to_path_buf()).await.unwrap());
+    let id = enqueue(&pool).await;
+    let d = deps(&pool, store, fake.tools(), &[("BACKUP_TIMEOUT", "1")]);
+    Backups::new(d.clone()).pass(&ctx()).await.unwrap();
+    let r = row(&pool, id).await;
+    assert_eq!(
+        (r.status.as_str(), r.failure_reason.as_deref(), r.attempts),
+        ("pending", Some("timeout"), 1),
+        "{r:?}"
+    );
+    assert!(!alive(*fake.pids().first().unwrap()));
+    assert!(objects(dir.path()).is_empty());
+    assert!(d.metrics.render().contains(
+        "instant_customer_backup_by_type_total{resource_type=\"postgres\",result=\"timeout\"} 1"
+    ));
+}
+
+/// The recovery sweep, run against the database: expired leases go back to pending (or fail on
+/// their last attempt) and started_at is never written.
+#[sqlx::test]
+async fn recovery_never_touches_started_at(pool: PgPool) {
+    let started: DateTime<Utc> = "2026-11-22T01:02:03Z".parse().unwrap();
+    let mut ids = Vec::new();
+    for (attempts, expired) in [(1, true), (3, true), (2, false)] {
+        let id = enqueue(&pool).await;
+        sqlx::query(
+            "UPDATE resource_backups SET status = 'running', attempts = $2, started_at = $3,
+                    leased_by = 'dead-pod',
+                    lease_expires_at = now() + CASE WHEN $4 THEN interval '-1 minute' ELSE interval '1 hour' END
+              WHERE id = $1",
+        )
+        .bind(id)
+        .bind(attempts)
+        .bind(started)
+        .bind(expired)
+        .execute(&pool)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let d = deps(
+        &pool,
+        Arc::new(backup_worker::storage::MemoryStore::new()),
+        Tools::default(),
+        &[],
+    );
+    let recovered = Backups::new(d.clone()).recover_expired().await.unwrap();
+    assert_eq!(recovered.len(), 2);
+
+    let r = row(&pool, ids[0]).await;
+    assert_eq!(
+        (r.status.as_str(), r.attempts, r.leased_by.as_deref()),
+        ("pending", 1, None)
+    );
+    assert!(r.run_after <= Utc::now());
+    let r3 = row(&pool, ids[1]).await;
+    assert_eq!(
+        (r3.status.as_str(), r3.failure_reason.as_deref()),
+        ("failed", Some("timeout")),
+        "{r3:?}"
+    );
+    let audit: Vec<String> = sqlx::query_scalar("SELECT kind FROM audit_log WHERE subject_id = $1")
+        .bind(ids[1])
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(audit, ["backup.failed"]);
+    let live = row(&pool, ids[2]).await;
+    assert_eq!(
+        (live.status.as_str(), live.leased_by.as_deref()),
+        ("running", Some("dead-pod"))
+    );
+    for id in &ids {
+        assert_eq!(
+            row(&pool, *id).await.started_at,
+            started,
+            "started_at untouched"
+        );
+    }
+    let text = d.metrics.render();
+    assert!(text.contains("instant_customer_backup_stuck_recovered_total 2"));
+    assert!(text.contains("instant_customer_backup_failed_total 1"));
+    // A second sweep finds nothing.
+    assert!(Backups::new(d).recover_expired().await.unwrap().is_empty());
+}
+
+async fn succeeded_backup(
+    pool: &PgPool,
+    store: &dyn ObjectStore,
+    resource: Uuid,
+    age_days: i64,
+    with_object: bool,
+) -> Uuid {
+    let id = Uuid::new_v4();
+    let key = format!("r/{resource}/{id}.pgdump.gz");
+    if with_object {
+        backup_worker::storage::put_reader(store, &key, &b"x"[..], Metadata::new())
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO resource_backups (id, resource_id, kind, status, created_at, started_at, finished_at,
+                                       object_key, sha256, size_bytes)
+         VALUES ($1, $2, 'scheduled', 'succeeded', $3, $3, $3, $4, 'x', 1)",
+    )
+    .bind(id)
+    .bind(resource)
+    .bind(Utc::now() - chrono::Duration::days(age_days) - chrono::Duration::hours(1))
+    .bind(&key)
+    .execute(pool)
+    .await
+    .unwrap();
+    id
+}
+
+#[sqlx::test]
+async fn retention_by_tier_with_keep_last(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalStore::new(dir.path().to_path_buf()).await.unwrap());
+    let plans = backup_worker::plans::Plans::load(None).unwrap();
+    let s = store.as_ref();
+
+    // pro: 30 days, keep 3. Ages 1, 10, 40, 50, 60 → 40/50/60 are old but keep_last keeps 3.
+    let (_, pro) = team_resource(&pool, "pro").await;
+    let mut pro_ids = Vec::new();
+    for age in [1, 10, 40, 50, 60] {
+        pro_ids.push(succeeded_backup(&pool, s, pro, age, true).await);
+    }
+    // hobby: 7 days, keep 2. Ages 1, 8, 9, 30 → 9 and 30 go (8 is the 2nd newest), one object already gone.
+    let (_, hobby) = team_resource(&pool, "hobby").await;
+    let h1 = succeeded_backup(&pool, s, hobby, 1, true).await;
+    let h8 = succeeded_backup(&pool, s, hobby, 8, true).await;
+    let h9 = succeeded_backup(&pool, s, hobby, 9, true).await;
+    let h30 = succeeded_backup(&pool, s, hobby, 30, false).await;
+    // Old backup needed by a pending restore: kept whatever its age.
+    let h40 = succeeded_backup(&pool, s, hobby, 40, true).await;
+    sqlx::query("INSERT INTO resource_restores (resource_id, backup_id) VALUES ($1, $2)")
+        .bind(hobby)
+        .bind(h40)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // A failed row and an unknown tier (default: 7 days, keep 2) with only two backups.
+    let (_, other) = team_resource(&pool, "legacy_2019").await;
+    let o1 = succeeded_backup(&pool, s, other, 20, true).await;
+    let o2 = succeeded_backup(&pool, s, other, 25, true).await;
+
+    let report = apply_retention(&pool, s, &plans, Utc::now()).await.unwrap();
+    assert_eq!(
+        (report.expired, report.already_gone, report.delete_failed),
+        (4, 1, 0),
+        "{report:?}"
+    );
+
+    let status = |id: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT status FROM resource_backups WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    for id in &pro_ids[..3] {
+        assert_eq!(status(*id).await, "succeeded");
+    }
+    assert_eq!(status(pro_ids[3]).await, "expired");
+    assert_eq!(status(pro_ids[4]).await, "expired");
+    assert_eq!(status(h1).await, "succeeded");
+    assert_eq!(status(h8).await, "succeeded");
+    assert_eq!(status(h9).await, "expired");
+    assert_eq!(status(h30).await, "expired");
+    assert_eq!(status(h40).await, "succeeded", "a pending restore reads it");
+    assert_eq!(status(o1).await, "succeeded");
+    assert_eq!(status(o2).await, "succeeded");
+    // Four rows expired; one of them had no object left to delete.
+    let remaining = store.list("r/").await.unwrap().len();
+    assert_eq!(remaining, 11 - 3, "of eleven objects, three deleted");
+
+    let again = apply_retention(&pool, s, &plans, Utc::now()).await.unwrap();
+    assert_eq!(again.expired, 0, "idempotent");
+}
+
+#[tokio::test]
+async fn orphaned_uploads_older_than_a_day_are_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalStore::new(dir.path().to_path_buf()).await.unwrap();
+    // A crashed process: the upload is neither committed nor aborted nor dropped.
+    let mut old = local
+        .begin_upload("p/a/old.pgdump.gz", Metadata::new())
+        .await
+        .unwrap();
+    old.write(b"partial").await.unwrap();
+    std::mem::forget(old);
+    let mut fresh = local
+        .begin_upload("p/a/fresh.pgdump.gz", Metadata::new())
+        .await
+        .unwrap();
+    fresh.write(b"partial").await.unwrap();
+    std::mem::forget(fresh);
+    for u in local.list_incomplete_uploads("p/").await.unwrap() {
+        if u.key.ends_with("old.pgdump.gz") {
+            let name = format!(".old.pgdump.gz.partial-{}", u.upload_id);
+            let f = std::fs::File::options()
+                .write(true)
+                .open(dir.path().join("p/a").join(name))
+                .unwrap();
+            f.set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 86400))
+                .unwrap();
+        }
+    }
+    let day = backup_worker::loops::backups::ORPHAN_UPLOAD_AGE;
+    assert_eq!(
+        abort_stale_uploads(&local, "p/", day, Utc::now())
+            .await
+            .unwrap(),
+        1
+    );
+    let left = local.list_incomplete_uploads("p/").await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert!(left[0].key.ends_with("fresh.pgdump.gz"));
+
+    let s3 = S3Server::start().await.unwrap();
+    let store = s3.store("backups").await.unwrap();
+    let mut up = store.begin_upload("p/x.gz", Metadata::new()).await.unwrap();
+    up.write(&vec![7u8; backup_worker::storage::S3_MIN_PART_SIZE + 1])
+        .await
+        .unwrap();
+    std::mem::forget(up);
+    // moto reports every upload as initiated in 2010, so only the abort itself is checked here
+    // (the age filter is checked on the local store above).
+    assert_eq!(store.list_incomplete_uploads("p/").await.unwrap().len(), 1);
+    assert_eq!(
+        abort_stale_uploads(&store, "p/", day, Utc::now())
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store
+        .list_incomplete_uploads("p/")
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[sqlx::test]
+async fn sigterm_lets_jobs_that_finish_within_the_grace_finish(pool: PgPool) {
+    let fake = FakeTools::new("gate");
+    let store = tempfile::tempdir().unwrap();
+    let id = enqueue(&pool).await;
+    let (mut a, _) = daemon(
+        &pool,
+        &fake,
+        store.path(),
+        "pod-a",
+        &[],
+        &[("SHUTDOWN_GRACE", "10")],
+    );
+    wait_status(&pool, id, "running", Duration::from_secs(20)).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the dump tool to start",
+        || async { !fake.pids().is_empty() },
+    )
+    .await
+    .unwrap();
+    let pid = a.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // Still draining: the daemon waits for the running job.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        a.try_wait().unwrap().is_none(),
+        "exited before its job finished"
+    );
+    fake.open_gate();
+    let status = tokio::time::timeout(Duration::from_secs(11), a.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let r = row(&pool, id).await;
+    assert_eq!((r.status.as_str(), r.attempts), ("succeeded", 1), "{r:?}");
+    assert_eq!(objects(store.path()).len(), 1);
+}

@@ -1,0 +1,517 @@
+//! Restores (DESIGN §6) on real parts: a private Postgres (password auth, a non-superuser owner
+//! role), real pg_dump/pg_restore/psql, real redis-servers, the S3-protocol server; a fake
+//! mongorestore for MongoDB.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use backup_worker::app::Deps;
+use backup_worker::health::Heartbeat;
+use backup_worker::loops::backups::Backups;
+use backup_worker::loops::restores::Restores;
+use backup_worker::loops::{Loop, PassContext};
+use backup_worker::process::Tools;
+use backup_worker::storage::{put_reader, Metadata, ObjectStore};
+use backup_worker::testkit::{test_config, test_deps, PgServer, RedisServer, S3Server};
+use sqlx::{Connection, Executor, PgConnection, PgPool, Row as _};
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+fn ctx() -> PassContext {
+    PassContext {
+        shutdown: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        heartbeat: Heartbeat::detached("test"),
+    }
+}
+
+fn deps(pool: &PgPool, store: Arc<dyn ObjectStore>, tools: Tools) -> Deps {
+    let mut d = test_deps(pool.clone(), store, test_config(&[]).unwrap()).unwrap();
+    d.tools = tools;
+    d
+}
+
+async fn team(pool: &PgPool) -> Uuid {
+    sqlx::query_scalar("INSERT INTO teams (plan_tier) VALUES ('pro') RETURNING id")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn resource(pool: &PgPool, team: Uuid, ty: &str, url: &str) -> Uuid {
+    sqlx::query_scalar("INSERT INTO resources (team_id, resource_type, connection_url) VALUES ($1, $2, $3) RETURNING id")
+        .bind(team)
+        .bind(ty)
+        .bind(url)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Backs `resource` up through the real backups loop and returns the succeeded backup's id.
+async fn back_up(d: &Deps, resource: Uuid) -> Uuid {
+    let id = backup_worker::commands::enqueue_backup(&d.pool, resource)
+        .await
+        .unwrap();
+    Backups::new(d.clone()).pass(&ctx()).await.unwrap();
+    let (status, detail): (String, Option<String>) =
+        sqlx::query_as("SELECT status, internal_detail FROM resource_backups WHERE id = $1")
+            .bind(id)
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "succeeded", "{detail:?}");
+    id
+}
+
+async fn restore(
+    d: &Deps,
+    backup: Uuid,
+    into: Uuid,
+) -> (Uuid, String, Option<String>, Option<String>) {
+    let id = backup_worker::commands::enqueue_restore(&d.pool, backup, Some(into))
+        .await
+        .unwrap();
+    Restores::new(d.clone()).pass(&ctx()).await.unwrap();
+    let (status, reason, detail): (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT status, failure_reason, internal_detail FROM resource_restores WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&d.pool)
+    .await
+    .unwrap();
+    (id, status, reason, detail)
+}
+
+/// A database owned by a non-superuser role, as the platform provisions them.
+async fn owned_database(pg: &PgServer, db: &str, role: &str, password: &str) -> String {
+    let mut admin = PgConnection::connect(&pg.url("postgres")).await.unwrap();
+    let _ = admin
+        .execute(format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'").as_str())
+        .await;
+    admin
+        .execute(format!("CREATE DATABASE {db} OWNER {role}").as_str())
+        .await
+        .unwrap();
+    format!("postgres://{role}:{password}@127.0.0.1:{}/{db}", pg.port)
+}
+
+const RICH_SCHEMA: &str = r#"
+    CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+    CREATE TABLE people (id serial PRIMARY KEY, name text NOT NULL, mood mood, photo bytea, bio text);
+    CREATE INDEX people_name_idx ON people (name);
+    INSERT INTO people (name, mood, photo, bio)
+         SELECT 'person ' || i, (ARRAY['sad', 'ok', 'happy'])[1 + i % 3]::mood,
+                decode(md5(i::text), 'hex'), 'ünïcødé ✓ 日本語 — ' || i
+           FROM generate_series(1, 500) AS i;
+    CREATE TABLE events (id bigint, at date, payload text) PARTITION BY RANGE (at);
+    CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+    CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+    INSERT INTO events SELECT i, date '2025-06-01' + (i % 400), 'event ' || i FROM generate_series(1, 1000) AS i;
+    CREATE VIEW happy_people AS SELECT id, name FROM people WHERE mood = 'happy';
+    CREATE FUNCTION shout(t text) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT upper(t) || '!' $$;
+    CREATE SEQUENCE invoice_seq START 1000;
+    SELECT setval('invoice_seq', 1234);
+    CREATE TABLE docs (name text PRIMARY KEY, blob oid);
+    INSERT INTO docs VALUES ('manual', lo_from_bytea(0, '\x00010203deadbeef'::bytea || convert_to('large object ✓', 'UTF8')));
+"#;
+
+/// Everything a rewind must bring back, as comparable text.
+async fn fingerprint(url: &str) -> BTreeMap<String, String> {
+    let mut c = PgConnection::connect(url).await.unwrap();
+    let mut out = BTreeMap::new();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'S', 'i') ORDER BY 1",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    out.insert("relations".into(), tables.join(","));
+    for t in ["people", "events", "events_2025", "docs"] {
+        let q = format!(
+            "SELECT coalesce(md5(string_agg(x::text, '|' ORDER BY x::text)), '-') FROM {t} x"
+        );
+        let v: String = sqlx::query_scalar(&q)
+            .fetch_one(&mut c)
+            .await
+            .unwrap_or_else(|e| format!("error: {e}"));
+        out.insert(format!("table {t}"), v);
+    }
+    for (name, q) in [
+        ("view", "SELECT count(*)::text FROM happy_people"),
+        ("function", "SELECT shout('hi')"),
+        ("sequence", "SELECT last_value::text FROM invoice_seq"),
+        (
+            "large object",
+            "SELECT encode(lo_get(blob), 'hex') FROM docs WHERE name = 'manual'",
+        ),
+        (
+            "enum",
+            "SELECT string_agg(e::text, ',') FROM unnest(enum_range(NULL::mood)) e",
+        ),
+    ] {
+        let v = match sqlx::query(q).fetch_one(&mut c).await {
+            Ok(row) => row.try_get::<String, _>(0).unwrap_or_default(),
+            Err(e) => format!("error: {e}"),
+        };
+        out.insert(name.into(), v);
+    }
+    out
+}
+
+async fn damage(url: &str) {
+    let mut c = PgConnection::connect(url).await.unwrap();
+    c.execute(
+        r"DELETE FROM people WHERE id < 100;
+         UPDATE events SET payload = 'overwritten' WHERE id % 7 = 0;
+         DROP VIEW happy_people;
+         CREATE TABLE intruder (x int); INSERT INTO intruder VALUES (1);
+         SELECT setval('invoice_seq', 5000);
+         SELECT lo_put(blob, 0, '\xffff'::bytea) FROM docs;",
+    )
+    .await
+    .unwrap();
+}
+
+#[sqlx::test]
+async fn postgres_round_trip_rewinds_a_rich_database(pool: PgPool) {
+    let pg = PgServer::start().await.unwrap();
+    let s3 = S3Server::start().await.unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(s3.store("backups").await.unwrap());
+    let d = deps(&pool, store.clone(), Tools::default());
+    let url = owned_database(&pg, "shop", "app", "app-pw-31").await;
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute(RICH_SCHEMA)
+        .await
+        .unwrap();
+    let before = fingerprint(&url).await;
+    assert!(
+        !before.values().any(|v| v.starts_with("error")),
+        "{before:?}"
+    );
+
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "postgres", &url).await;
+    let backup = back_up(&d, res).await;
+    damage(&url).await;
+    assert_ne!(fingerprint(&url).await, before);
+
+    let (id, status, reason, detail) = restore(&d, backup, res).await;
+    assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    let after = fingerprint(&url).await;
+    assert_eq!(after, before, "the database is the backup's again");
+    assert!(
+        !after["relations"].contains("intruder"),
+        "objects created since are gone"
+    );
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM audit_log WHERE subject_id = $1")
+        .bind(id)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kinds, ["restore.succeeded"]);
+    assert!(d.metrics.render().contains(
+        "instant_customer_restore_by_type_total{resource_type=\"postgres\",result=\"ok\"} 1"
+    ));
+
+    // Clone: the same backup into another (empty) database of the same team.
+    let clone_url = owned_database(&pg, "shop_clone", "app", "app-pw-31").await;
+    let clone = resource(&pool, t, "postgres", &clone_url).await;
+    let (_, status, reason, detail) = restore(&d, backup, clone).await;
+    assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    assert_eq!(fingerprint(&clone_url).await, before);
+
+    // Another team's resource can never be restored from this backup.
+    let other_team = team(&pool).await;
+    let other_url = owned_database(&pg, "theirs", "app", "app-pw-31").await;
+    let other = resource(&pool, other_team, "postgres", &other_url).await;
+    let untouched = fingerprint(&other_url).await;
+    let (_, status, reason, _) = restore(&d, backup, other).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("config"))
+    );
+    assert_eq!(fingerprint(&other_url).await, untouched);
+}
+
+#[sqlx::test]
+async fn a_restore_that_fails_midway_leaves_the_database_unchanged(pool: PgPool) {
+    let pg = PgServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(
+        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    let d = deps(&pool, store, Tools::default());
+    let url = owned_database(&pg, "shop", "app", "app-pw-32").await;
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute(RICH_SCHEMA)
+        .await
+        .unwrap();
+    // A schema owned by someone else that `app` can read (so pg_dump includes it) but cannot
+    // create: replaying the dump as `app` fails partway, after DROP OWNED already ran.
+    let mut admin = PgConnection::connect(&pg.url("shop")).await.unwrap();
+    admin
+        .execute(
+            "CREATE ROLE auditor; CREATE SCHEMA reports AUTHORIZATION auditor;
+             CREATE TABLE reports.daily (d date); INSERT INTO reports.daily VALUES ('2026-11-01');
+             ALTER TABLE reports.daily OWNER TO auditor;
+             GRANT USAGE ON SCHEMA reports TO app; GRANT SELECT ON reports.daily TO app;
+             REVOKE CREATE ON DATABASE shop FROM PUBLIC, app;",
+        )
+        .await
+        .unwrap();
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "postgres", &url).await;
+    let backup = back_up(&d, res).await;
+    damage(&url).await;
+    let damaged = fingerprint(&url).await;
+
+    let (_, status, reason, detail) = restore(&d, backup, res).await;
+    assert_ne!(status, "succeeded");
+    assert_eq!(reason.as_deref(), Some("dump"), "{detail:?}");
+    assert!(
+        detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("rolled back"),
+        "{detail:?}"
+    );
+    assert!(!detail.unwrap_or_default().contains("app-pw-32"));
+    assert_eq!(
+        fingerprint(&url).await,
+        damaged,
+        "nothing changed: not even DROP OWNED survived"
+    );
+}
+
+#[sqlx::test]
+async fn a_corrupt_object_is_refused_before_anything_is_touched(pool: PgPool) {
+    let pg = PgServer::start().await.unwrap();
+    let s3 = S3Server::start().await.unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(s3.store("backups").await.unwrap());
+    let d = deps(&pool, store.clone(), Tools::default());
+    let url = owned_database(&pg, "shop", "app", "app-pw-33").await;
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute(RICH_SCHEMA)
+        .await
+        .unwrap();
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "postgres", &url).await;
+    let backup = back_up(&d, res).await;
+    damage(&url).await;
+    let damaged = fingerprint(&url).await;
+
+    let key: String = sqlx::query_scalar("SELECT object_key FROM resource_backups WHERE id = $1")
+        .bind(backup)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut bytes = Vec::new();
+    store
+        .get(&key)
+        .await
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .await
+        .unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 4] {
+        *b ^= 0xff;
+    }
+    put_reader(store.as_ref(), &key, &bytes[..], Metadata::new())
+        .await
+        .unwrap();
+
+    let (id, status, reason, detail) = restore(&d, backup, res).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("integrity")),
+        "{detail:?}"
+    );
+    assert!(detail.unwrap().contains("sha256"));
+    assert_eq!(fingerprint(&url).await, damaged, "target untouched");
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM audit_log WHERE subject_id = $1")
+        .bind(id)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kinds, ["restore.failed"]);
+}
+
+/// Every key of every database: type, DUMP payload (values and encoding), and TTL presence.
+async fn redis_snapshot(r: &RedisServer) -> BTreeMap<String, (String, String, bool)> {
+    let mut out = BTreeMap::new();
+    for db in ["0", "3"] {
+        let keys = r.cli(&["-n", db, "--scan"]).await.unwrap();
+        for key in keys.lines().filter(|k| !k.is_empty()) {
+            let ty = r
+                .cli(&["-n", db, "TYPE", key])
+                .await
+                .unwrap()
+                .trim()
+                .to_owned();
+            let dump = r.cli(&["-n", db, "--no-raw", "DUMP", key]).await.unwrap();
+            let ttl: i64 = r
+                .cli(&["-n", db, "PTTL", key])
+                .await
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            out.insert(format!("{db}/{key}"), (ty, dump, ttl > 0));
+        }
+    }
+    out
+}
+
+#[sqlx::test]
+async fn redis_round_trip_keeps_types_values_and_ttls(pool: PgPool) {
+    let redis = RedisServer::start(Some("redis-restore-pw")).await.unwrap();
+    redis.populate(50).await.unwrap();
+    for cmd in [
+        vec!["RPUSH", "list", "a", "b", "c"],
+        vec!["HSET", "hash", "f1", "v1", "f2", "v2"],
+        vec!["SADD", "set", "x", "y", "z"],
+        vec!["ZADD", "zset", "1", "one", "2", "two"],
+        vec!["XADD", "stream", "1-1", "field", "value"],
+        vec!["SET", "ttl-key", "expires", "EX", "3600"],
+        vec!["SET", "unicode", "ünïcødé ✓"],
+        vec!["-n", "3", "SET", "db3-key", "in db 3"],
+        vec!["-n", "3", "HSET", "db3-hash", "a", "1"],
+        vec!["-n", "3", "EXPIRE", "db3-hash", "7200"],
+    ] {
+        redis.cli(&cmd).await.unwrap();
+    }
+    let before = redis_snapshot(&redis).await;
+    assert!(before.len() > 55);
+    assert!(before["0/ttl-key"].2 && before["3/db3-hash"].2);
+
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(
+        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    let d = deps(&pool, store, Tools::default());
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "redis", &redis.url()).await;
+    let backup = back_up(&d, res).await;
+
+    for cmd in [
+        vec!["DEL", "list", "key:1"],
+        vec!["SET", "unicode", "changed"],
+        vec!["PERSIST", "ttl-key"],
+        vec!["SET", "added-after", "1"],
+        vec!["-n", "3", "SET", "db3-added", "1"],
+        vec!["-n", "3", "DEL", "db3-key"],
+    ] {
+        redis.cli(&cmd).await.unwrap();
+    }
+    assert_ne!(redis_snapshot(&redis).await, before);
+
+    let (_, status, reason, detail) = restore(&d, backup, res).await;
+    assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    assert_eq!(
+        redis_snapshot(&redis).await,
+        before,
+        "same keys, types, values and TTLs"
+    );
+    // The private server is gone and had no TCP port: nothing listens beyond the target.
+    assert!(!dir.path().join("redis.sock").exists());
+}
+
+fn fixture(name: &str, dir: &Path) -> std::path::PathBuf {
+    let dest = dir.join(name);
+    std::fs::copy(Path::new(FIXTURES).join(name), &dest).unwrap();
+    dest
+}
+
+#[sqlx::test]
+async fn mongodb_restores_through_the_fake_mongorestore(pool: PgPool) {
+    let fx = tempfile::tempdir().unwrap();
+    let tools = Tools::default()
+        .with_override("mongodump", fixture("fake-mongodump", fx.path()))
+        .with_override("mongorestore", fixture("fake-mongorestore", fx.path()));
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(
+        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    let d = deps(&pool, store, tools);
+    let t = team(&pool).await;
+    let res = resource(
+        &pool,
+        t,
+        "mongodb",
+        "mongodb+srv://app:mongo-restore-pw@cluster0.example.net/shop?authSource=admin",
+    )
+    .await;
+    let backup = back_up(&d, res).await;
+    let (_, status, reason, detail) = restore(&d, backup, res).await;
+    assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+
+    let bad = resource(
+        &pool,
+        t,
+        "mongodb",
+        "mongodb://app:mongo-restore-pw@auth-fail:27017/shop",
+    )
+    .await;
+    let (_, status, reason, _) = restore(&d, backup, bad).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("auth"))
+    );
+
+    let no_db = resource(
+        &pool,
+        t,
+        "mongodb",
+        "mongodb://app:mongo-restore-pw@h:27017/",
+    )
+    .await;
+    let (_, status, reason, _) = restore(&d, backup, no_db).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("config")),
+        "never restore without a tenant db"
+    );
+
+    let calls = std::fs::read_to_string(fx.path().join("calls.log")).unwrap();
+    let restores: Vec<&str> = calls.lines().filter(|l| l.contains("drop=")).collect();
+    assert_eq!(restores.len(), 2, "{calls}");
+    for line in &restores {
+        assert!(
+            line.contains("mode=600") && line.contains("archive=1") && line.contains("drop=1"),
+            "{line}"
+        );
+        assert!(line.contains("ns=shop.*"), "{line}");
+        assert!(!line.contains("mongo-restore-pw"), "{line}");
+        let path = line
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .strip_prefix("config=")
+            .unwrap();
+        assert!(!Path::new(path).exists(), "config file removed");
+    }
+    assert!(
+        calls.contains("restored ns=shop.*"),
+        "the archive reached mongorestore intact: {calls}"
+    );
+    assert!(!calls.contains("ARGV-LEAK"));
+}
