@@ -348,10 +348,7 @@ async fn wait_loaded(
                         .query_async(&mut c)
                         .await
                         .map_err(|e| e.to_string())?;
-                    return Ok(info
-                        .lines()
-                        .filter_map(|l| l.strip_prefix("db")?.split(':').next()?.parse().ok())
-                        .collect());
+                    return Ok(keyspace_dbs(&info));
                 }
             }
         }
@@ -446,6 +443,24 @@ async fn copy_databases(
             break;
         }
     }
+    // A rewind also empties the target's databases the backup has no keys in (keys written there
+    // since the backup are "objects created since").
+    let mut dst = connect(target_info(target, 0), "connecting to the target").await?;
+    let info: String = redis::cmd("INFO")
+        .arg("keyspace")
+        .query_async(&mut dst)
+        .await
+        .map_err(|e| redis_failure("reading the target's keyspace", e))?;
+    for db in keyspace_dbs(&info)
+        .into_iter()
+        .filter(|db| !dbs.contains(db))
+    {
+        let mut dst = connect(target_info(target, db), "connecting to the target").await?;
+        let _: () = redis::cmd("FLUSHDB")
+            .query_async(&mut dst)
+            .await
+            .map_err(|e| redis_failure("FLUSHDB on the target", e))?;
+    }
     for db in dbs {
         let mut src = connect(with_db(local, *db), "connecting to the loaded backup").await?;
         let mut dst = connect(target_info(target, *db), "connecting to the target").await?;
@@ -501,6 +516,13 @@ async fn copy_databases(
         }
     }
     Ok(())
+}
+
+/// The logical databases that hold keys, from `INFO keyspace` ("db3:keys=2,expires=1,…").
+fn keyspace_dbs(info: &str) -> Vec<i64> {
+    info.lines()
+        .filter_map(|l| l.strip_prefix("db")?.split(':').next()?.parse().ok())
+        .collect()
 }
 
 fn with_db(info: &redis::ConnectionInfo, db: i64) -> redis::ConnectionInfo {
