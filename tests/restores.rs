@@ -356,7 +356,7 @@ async fn a_corrupt_object_is_refused_before_anything_is_touched(pool: PgPool) {
 /// seed, so raw DUMP bytes differ between two servers holding the same set.
 async fn redis_snapshot(r: &RedisServer) -> BTreeMap<String, (String, String, bool)> {
     let mut out = BTreeMap::new();
-    for db in ["0", "3", "5"] {
+    for db in ["0", "2", "3", "5"] {
         let keys = r.cli(&["-n", db, "--scan"]).await.unwrap();
         for key in keys.lines().filter(|k| !k.is_empty()) {
             let ty = cli_in(r, db, &["TYPE", key]).await;
@@ -463,6 +463,62 @@ async fn redis_round_trip_keeps_types_values_and_ttls(pool: PgPool) {
     );
     // The private server is gone and had no TCP port: nothing listens beyond the target.
     assert!(!dir.path().join("redis.sock").exists());
+}
+
+#[sqlx::test]
+async fn redis_backup_an_older_target_cannot_accept_fails_before_flushing(pool: PgPool) {
+    // Backed up from the machine's Redis (7.x, RDB version 10)…
+    let source = RedisServer::start(None).await.unwrap();
+    source.populate(50).await.unwrap();
+    // …restored into a real Redis 6.2, whose RESTORE refuses RDB version 10 payloads.
+    let target = RedisServer::start_old(Some("old-target-pw")).await.unwrap();
+    assert!(target
+        .cli(&["INFO", "server"])
+        .await
+        .unwrap()
+        .contains("redis_version:6.2"));
+    target
+        .cli(&["SET", "precious", "still here"])
+        .await
+        .unwrap();
+    target
+        .cli(&["-n", "2", "SET", "other-db", "also here"])
+        .await
+        .unwrap();
+    let before = redis_snapshot(&target).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(
+        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    let d = deps(&pool, store, Tools::default());
+    let t = team(&pool).await;
+    let from = resource(&pool, t, "redis", &source.url()).await;
+    let into = resource(&pool, t, "redis", &target.url()).await;
+    let backup = back_up(&d, from).await;
+
+    let (id, status, reason, detail) = restore(&d, backup, into).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("config")),
+        "{detail:?}"
+    );
+    let detail = detail.unwrap();
+    assert!(detail.contains("cannot accept this backup"), "{detail}");
+    assert!(!detail.contains("old-target-pw"), "{detail}");
+    assert_eq!(redis_snapshot(&target).await, before, "target untouched");
+    let summary: String =
+        sqlx::query_scalar("SELECT error_summary FROM resource_restores WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        !summary.is_empty() && !summary.contains("DUMP payload"),
+        "{summary}"
+    );
 }
 
 fn fixture(name: &str, dir: &Path) -> std::path::PathBuf {
