@@ -241,6 +241,87 @@ async fn postgres_round_trip_rewinds_a_rich_database(pool: PgPool) {
     assert_eq!(fingerprint(&other_url).await, untouched);
 }
 
+/// What a superuser's rewind must also bring back: schemas, `public`'s owner and grants,
+/// extensions and the data that depends on them.
+async fn superuser_extras(url: &str) -> Vec<String> {
+    let mut c = PgConnection::connect(url).await.unwrap();
+    let mut out = Vec::new();
+    for q in [
+        "SELECT string_agg(nspname, ',' ORDER BY nspname) FROM pg_namespace
+          WHERE nspname !~ '^pg_' AND nspname <> 'information_schema'",
+        "SELECT nspowner::regrole::text || ' ' || coalesce(nspacl::text, '-')
+           FROM pg_namespace WHERE nspname = 'public'",
+        "SELECT string_agg(extname, ',' ORDER BY extname) FROM pg_extension",
+        "SELECT count(*)::text FROM tags WHERE name = 'RUST'",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM sales.orders",
+    ] {
+        out.push(
+            match sqlx::query_scalar::<_, String>(q).fetch_one(&mut c).await {
+                Ok(v) => v,
+                Err(e) => format!("error: {e}"),
+            },
+        );
+    }
+    out
+}
+
+#[sqlx::test]
+async fn postgres_rewind_through_a_superuser_connection(pool: PgPool) {
+    // DROP OWNED BY refuses a superuser (it owns the catalogs): the rewind drops the user
+    // schemas instead and recreates `public` with its owner and grants (the dump carries no
+    // privileges: --no-privileges), so `=U/pg_database_owner` must survive.
+    let pg = PgServer::start().await.unwrap();
+    let url = pg.create_database("shop").await.unwrap();
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    c.execute(RICH_SCHEMA).await.unwrap();
+    c.execute(
+        "CREATE EXTENSION citext;
+         CREATE TABLE tags (name citext PRIMARY KEY); INSERT INTO tags VALUES ('Rust');
+         CREATE SCHEMA sales; CREATE TABLE sales.orders (id int); INSERT INTO sales.orders VALUES (1), (2);",
+    )
+    .await
+    .unwrap();
+    let before = (fingerprint(&url).await, superuser_extras(&url).await);
+    assert!(
+        !before.1.iter().any(|v| v.starts_with("error")),
+        "{before:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(
+        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    let d = deps(&pool, store, Tools::default());
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "postgres", &url).await;
+    let backup = back_up(&d, res).await;
+    damage(&url).await;
+    c.execute(
+        "DELETE FROM sales.orders WHERE id = 1; CREATE SCHEMA newer; CREATE TABLE newer.t (x int);
+         CREATE EXTENSION hstore;",
+    )
+    .await
+    .unwrap();
+    assert_ne!(
+        (fingerprint(&url).await, superuser_extras(&url).await),
+        before
+    );
+
+    let (_, status, reason, detail) = restore(&d, backup, res).await;
+    assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    assert!(
+        !detail.unwrap_or_default().contains(&pg.password),
+        "no secret in the row"
+    );
+    assert_eq!(
+        (fingerprint(&url).await, superuser_extras(&url).await),
+        before,
+        "schemas, grants, extensions, objects and rows are the backup's"
+    );
+}
+
 #[sqlx::test]
 async fn a_restore_that_fails_midway_leaves_the_database_unchanged(pool: PgPool) {
     let pg = PgServer::start().await.unwrap();

@@ -110,18 +110,16 @@ pub(crate) fn tool_env(
     for (k, v) in &conn.env {
         cmd.env.push((k.clone(), v.into()));
     }
-    match &conn.password {
-        Some(pw) => {
-            // One line matching any host/port/db/user: the file exists only for this command.
-            let escaped = pw.replace('\\', "\\\\").replace(':', "\\:");
-            let file = credential_file(temp_dir, "pgpass-", &format!("*:*:*:*:{escaped}\n"))?;
-            cmd.env
-                .push(("PGPASSFILE".into(), file.path().as_os_str().to_owned()));
-            cmd.credential_files.push(file);
-            cmd.secrets.push(pw.clone());
-        }
-        // No password: make sure no ~/.pgpass of ours is consulted either.
-        None => cmd.env.push(("PGPASSFILE".into(), "/dev/null".into())),
+    // No password: nothing to write; HOME is the job's temporary directory, so no ~/.pgpass is
+    // consulted either.
+    if let Some(pw) = &conn.password {
+        // One line matching any host/port/db/user: the file exists only for this command.
+        let escaped = pw.replace('\\', "\\\\").replace(':', "\\:");
+        let file = credential_file(temp_dir, "pgpass-", &format!("*:*:*:*:{escaped}\n"))?;
+        cmd.env
+            .push(("PGPASSFILE".into(), file.path().as_os_str().to_owned()));
+        cmd.credential_files.push(file);
+        cmd.secrets.push(pw.clone());
     }
     Ok(())
 }
@@ -147,7 +145,7 @@ pub(super) fn dump_command(url: &Secret, temp_dir: &Path) -> Result<ToolCommand,
 /// The two halves of an atomic rewind. `pg_restore --single-transaction` turns the custom-format
 /// dump (stdin) into a SQL script (stdout) wrapped in one BEGIN … COMMIT (its own flag matters:
 /// without it the script COMMITs around large objects). `psql -v ON_ERROR_STOP=1` runs our
-/// [`RESTORE_PREAMBLE`] — `BEGIN; DROP OWNED BY CURRENT_USER;` — then that script, whose final
+/// [`RESTORE_PREAMBLE`] — `BEGIN;` and a block that clears the database — then that script, whose final
 /// COMMIT is the only one. An error stops psql before it; a pg_restore that dies midway never
 /// writes it; either way the connection closes with the transaction open and Postgres rolls it
 /// back, leaving the database exactly as it was.
@@ -195,9 +193,47 @@ pub(crate) fn restore_commands(
     Ok((pg_restore, psql))
 }
 
-/// Opens the restore's transaction and drops everything the role owns, so objects created after
-/// the backup do not survive the rewind. (pg_restore's own BEGIN then only warns.)
-pub(crate) const RESTORE_PREAMBLE: &[u8] = b"BEGIN;\nDROP OWNED BY CURRENT_USER;\n";
+/// Opens the restore's transaction and clears the database, so objects created after the backup
+/// do not survive the rewind. (pg_restore's own BEGIN then only warns.)
+///
+/// The platform's role owns its database's objects: `DROP OWNED BY CURRENT_USER` removes exactly
+/// those and leaves extensions a superuser installed (the script's `CREATE EXTENSION IF NOT
+/// EXISTS` then finds them). A superuser owns the system catalogs, so DROP OWNED refuses; for it
+/// every large object is unlinked and every user schema dropped instead, and `public` is
+/// recreated with its owner and grants.
+pub(crate) const RESTORE_PREAMBLE: &[u8] = br#"BEGIN;
+SET client_min_messages = warning;
+DO $backup_worker_rewind$
+DECLARE
+  s record;
+  g record;
+  public_owner text;
+  public_acl aclitem[];
+BEGIN
+  IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+    DROP OWNED BY CURRENT_USER;
+    RETURN;
+  END IF;
+  PERFORM lo_unlink(oid) FROM pg_largeobject_metadata;
+  FOR s IN SELECT nspname FROM pg_namespace
+            WHERE nspname !~ '^pg_' AND nspname NOT IN ('information_schema', 'public') LOOP
+    EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname);
+  END LOOP;
+  SELECT nspowner::regrole::text, nspacl INTO public_owner, public_acl
+    FROM pg_namespace WHERE nspname = 'public';
+  IF FOUND THEN
+    DROP SCHEMA public CASCADE;
+    CREATE SCHEMA public;
+    EXECUTE format('ALTER SCHEMA public OWNER TO %s', public_owner);
+    FOR g IN SELECT * FROM aclexplode(public_acl) LOOP
+      EXECUTE format('GRANT %s ON SCHEMA public TO %s%s', g.privilege_type,
+        CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END,
+        CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+  END IF;
+END
+$backup_worker_rewind$;
+"#;
 
 #[cfg(test)]
 mod tests {
@@ -273,6 +309,7 @@ mod tests {
             env_of(&cmd, "PGHOST").as_deref(),
             Some("/var/run/postgresql")
         );
-        assert_eq!(env_of(&cmd, "PGPASSFILE").as_deref(), Some("/dev/null"));
+        assert_eq!(env_of(&cmd, "PGPASSFILE"), None);
+        assert!(cmd.credential_files.is_empty());
     }
 }
