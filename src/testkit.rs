@@ -30,6 +30,70 @@ pub fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// Starts the server `make(port)` builds on a free port and waits until that very process
+/// listens on it. free_port releases its port before the server binds it, so another process
+/// can take it in between: then our server exits (address in use) and we retry on a new port —
+/// never mistaking someone else's server on that port for ours.
+async fn spawn_listening<F>(
+    what: &str,
+    deadline: Duration,
+    mut make: F,
+) -> Result<(u16, Child), TestError>
+where
+    F: FnMut(u16) -> Command,
+{
+    for _ in 0..5 {
+        let port = free_port()?;
+        let mut child = make(port)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting {what}: {e}"))?;
+        let pid = child.id().ok_or("the child has no pid")?;
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            if child.try_wait()?.is_some() {
+                break; // lost the port race (or failed): next port
+            }
+            if listens_on(pid, port) {
+                return Ok((port, child));
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(format!("{what} did not listen on {port} within {deadline:?}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Err(format!("{what} exited on five free ports").into())
+}
+
+/// Does process `pid` hold a listening TCP socket on `port`? (/proc/net/tcp{,6} + /proc/pid/fd)
+fn listens_on(pid: u32, port: u16) -> bool {
+    let suffix = format!(":{port:04X}");
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| {
+            t.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() > 9 && f[1].ends_with(&suffix) && f[3] == "0A")
+                        .then(|| format!("socket:[{}]", f[9]))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .any(|link| inodes.iter().any(|i| link.as_os_str() == i.as_str()))
+}
+
 /// Polls `check` every 50 ms until it returns true or `deadline` passes.
 pub async fn wait_until<F, Fut>(
     deadline: Duration,
@@ -97,15 +161,15 @@ impl S3Server {
         let bin = find_tool("MOTO_SERVER", "moto_server").ok_or(
             "moto_server not found: run scripts/test (it installs moto into target/test-tools/venv) or set MOTO_SERVER",
         )?;
-        let port = free_port()?;
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+        let (port, child) = spawn_listening("moto_server", Duration::from_secs(60), |port| {
+            let mut c = Command::new(&bin);
+            c.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            c
+        })
+        .await?;
         let endpoint = format!("http://127.0.0.1:{port}");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         wait_until(
@@ -172,43 +236,29 @@ impl RedisServer {
 
     async fn start_program(program: &Path, password: Option<&str>) -> Result<Self, TestError> {
         let dir = tempfile::tempdir()?;
-        let port = free_port()?;
-        let mut cmd = Command::new(program);
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir.path());
-        if let Some(pw) = password {
-            // Passed as an argument to the test server only; production code never does this.
-            cmd.args(["--requirepass", pw]);
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("starting redis-server: {e}"))?;
-        wait_until(
-            Duration::from_secs(20),
-            "redis-server to answer",
-            || async move {
-                let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
-                    return false;
-                };
-                let mut buf = [0u8; 64];
-                s.write_all(b"PING\r\n").await.is_ok()
-                    && s.read(&mut buf).await.is_ok_and(|n| n > 0)
-            },
-        )
+        let (port, child) = spawn_listening("redis-server", Duration::from_secs(20), |port| {
+            let mut cmd = Command::new(program);
+            cmd.args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path());
+            if let Some(pw) = password {
+                // Passed as an argument to the test server only; production code never does this.
+                cmd.args(["--requirepass", pw]);
+            }
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            cmd
+        })
         .await?;
         Ok(Self {
             port,
@@ -460,26 +510,28 @@ impl PgServer {
         if !out.status.success() {
             return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)).into());
         }
-        let port = free_port()?;
-        let child = as_postgres_user(&pg_bin("postgres")?)
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-p",
-                &port.to_string(),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-            ])
-            .args(["-c", "full_page_writes=off", "-c", "synchronous_commit=off"])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", dir.path().display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
+        let postgres = pg_bin("postgres")?;
+        let (port, child) = spawn_listening("postgres", Duration::from_secs(30), |port| {
+            let mut c = as_postgres_user(&postgres);
+            c.arg("-D")
+                .arg(&data)
+                .args([
+                    "-p",
+                    &port.to_string(),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                ])
+                .args(["-c", "full_page_writes=off", "-c", "synchronous_commit=off"])
+                .arg("-c")
+                .arg(format!("unix_socket_directories={}", dir.path().display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            c
+        })
+        .await?;
         let server = Self {
             port,
             password,

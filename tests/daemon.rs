@@ -186,7 +186,7 @@ async fn healthz_reports_a_stalled_loop(pool: PgPool) {
     .unwrap();
     // Shutdown: the pass ignores the stop signal, so the grace runs out and abort ends it.
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(2), task)
+    tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .expect("daemon exits after grace + abort window")
         .unwrap()
