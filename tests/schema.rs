@@ -143,6 +143,35 @@ async fn migrations_apply_once_and_report_current(pool: PgPool) {
     assert_eq!(count as usize, db::MIGRATOR.iter().count());
 }
 
+/// `sqlx migrate run` (sqlx-cli) resolves the migrations directory at run time with
+/// `Migrator::new(path)` and keeps the same `_sqlx_migrations` ledger as the embedded migrator:
+/// either order, run twice, is a no-op once current (same versions, same checksums).
+#[sqlx::test(migrations = false)]
+async fn the_directory_and_the_embedded_migrations_share_one_ledger(pool: PgPool) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let from_dir = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    assert_eq!(from_dir.iter().count(), db::MIGRATOR.iter().count());
+    for (a, b) in from_dir.iter().zip(db::MIGRATOR.iter()) {
+        assert_eq!((a.version, &a.checksum), (b.version, &b.checksum));
+    }
+    let ledger = |pool: PgPool| async move {
+        sqlx::query_as::<_, (i64, Vec<u8>)>(
+            "SELECT version, checksum FROM _sqlx_migrations ORDER BY version",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    // The directory first (as sqlx-cli would), then the binary's embedded copy, then both again.
+    from_dir.run(&pool).await.unwrap();
+    let first = ledger(pool.clone()).await;
+    db::migrate(&pool).await.unwrap();
+    from_dir.run(&pool).await.unwrap();
+    db::migrate(&pool).await.unwrap();
+    assert_eq!(ledger(pool.clone()).await, first);
+    assert!(db::migrations_current(&pool).await.unwrap());
+}
+
 async fn seed(pool: &PgPool) -> (Uuid, Uuid) {
     let team: Uuid =
         sqlx::query_scalar("INSERT INTO teams (plan_tier) VALUES ('pro') RETURNING id")
