@@ -127,15 +127,9 @@ impl Config {
             })?,
         };
 
-        let provisioner_addr = get("PROVISIONER_ADDR");
-        if let Some(a) = &provisioner_addr {
-            if !(a.starts_with("http://") || a.starts_with("https://")) {
-                return Err(bad(
-                    "PROVISIONER_ADDR",
-                    format!("must be an http:// or https:// gRPC endpoint, got {a:?}"),
-                ));
-            }
-        }
+        let provisioner_addr = get("PROVISIONER_ADDR")
+            .map(|a| provisioner_endpoint(&a).map_err(|why| bad("PROVISIONER_ADDR", why)))
+            .transpose()?;
 
         let worker_id = match get("WORKER_ID") {
             Some(id) => id,
@@ -261,6 +255,34 @@ pub fn parse_duration(raw: &str) -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
+/// The provisioner's gRPC endpoint as tonic wants it. gRPC addresses are usually written
+/// `host:port`; that and `grpc://` mean plaintext HTTP/2 (`http://`), `grpcs://` means TLS.
+fn provisioner_endpoint(addr: &str) -> Result<String, String> {
+    let url = match addr.split_once("://") {
+        None => format!("http://{addr}"),
+        Some(("http" | "https", _)) => addr.to_owned(),
+        Some(("grpc", rest)) => format!("http://{rest}"),
+        Some(("grpcs", rest)) => format!("https://{rest}"),
+        Some((scheme, _)) => {
+            return Err(format!(
+            "unsupported scheme {scheme:?}: use host:port, http://host:port or https://host:port"
+        ))
+        }
+    };
+    let needs_port = !addr.contains("://");
+    match url.parse::<tonic::transport::Uri>() {
+        Ok(uri)
+            if uri.host().is_some_and(|h| !h.is_empty())
+                && (uri.port_u16().is_some() || !needs_port) =>
+        {
+            Ok(url)
+        }
+        _ => Err(format!(
+            "not a gRPC endpoint (want host:port, http://host:port or https://host:port): {addr:?}"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,7 +325,8 @@ mod tests {
             ("STORAGE_URL", "s3://"),
             ("S3_FORCE_PATH_STYLE", "maybe"),
             ("S3_ENDPOINT", "localhost:9000"),
-            ("PROVISIONER_ADDR", "provisioner:50051"),
+            ("PROVISIONER_ADDR", "ftp://provisioner:50051"),
+            ("PROVISIONER_ADDR", "provisioner"),
             ("DATABASE_URL", "mysql://root@x/db"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
@@ -325,6 +348,27 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"));
         let c = cfg(&[("DATABASE_URL", "postgres://u:hunter2@x/db")]).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn provisioner_addresses() {
+        for (given, want) in [
+            ("127.0.0.1:50051", "http://127.0.0.1:50051"),
+            ("provisioner.infra:50051", "http://provisioner.infra:50051"),
+            ("[::1]:50051", "http://[::1]:50051"),
+            ("http://provisioner:50051", "http://provisioner:50051"),
+            (
+                "https://provisioner.example.com",
+                "https://provisioner.example.com",
+            ),
+            ("grpc://provisioner:50051", "http://provisioner:50051"),
+            ("grpcs://provisioner:443", "https://provisioner:443"),
+        ] {
+            assert_eq!(provisioner_endpoint(given).as_deref(), Ok(want), "{given}");
+        }
+        for bad in ["provisioner", "ftp://x:1", "http://", "::"] {
+            assert!(provisioner_endpoint(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

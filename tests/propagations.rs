@@ -473,3 +473,33 @@ async fn without_a_provisioner_rows_wait_and_are_counted(pool: PgPool) {
         .contains("backup_worker_propagations_waiting 2"));
     assert!(p.handled_kinds().is_empty());
 }
+
+/// The way the platform runs it: rows in the table, the binary with `run --only propagations
+/// --once` and PROVISIONER_ADDR written gRPC-style as a bare host:port.
+#[sqlx::test]
+async fn the_binary_applies_rows_through_a_host_port_provisioner_addr(pool: PgPool) {
+    let h = harness(&pool, Duration::ZERO, Box::new(|_, _| ok())).await;
+    let (team, res) = team_with(&pool, 2).await;
+    let id = propagation(&pool, "tier_elevation", team, None, 0).await;
+    let mut url = url::Url::parse(&std::env::var("DATABASE_URL").unwrap()).unwrap();
+    url.set_path(pool.connect_options().get_database().unwrap());
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"));
+    for v in backup_worker::config::ENV_VARS {
+        cmd.env_remove(v);
+    }
+    let out = cmd
+        .env("DATABASE_URL", url.as_str())
+        .env("PROVISIONER_ADDR", h.addr.to_string())
+        .env("LOG_FORMAT", "json")
+        .args(["run", "--only", "propagations", "--once"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r = row(&pool, id).await;
+    assert!(r.applied && !r.failed, "{r:?} {stderr}");
+    let seen = h.fake.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), res.len());
+    assert_eq!(audits(&pool, id).await, ["propagation.applied"]);
+}
