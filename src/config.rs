@@ -145,10 +145,10 @@ impl Config {
 
         let metrics_addr = match get("METRICS_ADDR") {
             None => SocketAddr::from(([0, 0, 0, 0], 9090)),
-            Some(v) => v.parse().map_err(|_| {
+            Some(v) => listen_addr(&v).ok_or_else(|| {
                 bad(
                     "METRICS_ADDR",
-                    format!("expected host:port such as 0.0.0.0:9090, got {v:?}"),
+                    format!("expected host:port such as 0.0.0.0:9090 (or :9090), got {v:?}"),
                 )
             })?,
         };
@@ -255,6 +255,20 @@ pub fn parse_duration(raw: &str) -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
+/// A listen address: `ip:port`, `:port` (all interfaces) or `host:port` (resolved once).
+fn listen_addr(v: &str) -> Option<SocketAddr> {
+    if let Some(port) = v.strip_prefix(':') {
+        return Some(SocketAddr::from(([0, 0, 0, 0], port.parse().ok()?)));
+    }
+    if let Ok(addr) = v.parse() {
+        return Some(addr);
+    }
+    if !v.contains(':') {
+        return None;
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(v).ok()?.next()
+}
+
 /// The provisioner's gRPC endpoint as tonic wants it. gRPC addresses are usually written
 /// `host:port`; that and `grpc://` mean plaintext HTTP/2 (`http://`), `grpcs://` means TLS.
 fn provisioner_endpoint(addr: &str) -> Result<String, String> {
@@ -348,6 +362,25 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"));
         let c = cfg(&[("DATABASE_URL", "postgres://u:hunter2@x/db")]).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn metrics_addresses() {
+        for (given, want) in [
+            ("0.0.0.0:9090", "0.0.0.0:9090"),
+            (":9091", "0.0.0.0:9091"),
+            ("[::]:9090", "[::]:9090"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            assert_eq!(
+                listen_addr(given).map(|a| a.to_string()).as_deref(),
+                Some(want)
+            );
+        }
+        assert!(listen_addr("localhost:9090").is_some_and(|a| a.port() == 9090));
+        for bad in ["9090", "0.0.0.0", ":http", "nonexistent.invalid:9090"] {
+            assert_eq!(listen_addr(bad), None, "{bad}");
+        }
     }
 
     #[test]
