@@ -35,6 +35,17 @@ fn deps(pool: &PgPool, store: Arc<dyn ObjectStore>, tools: Tools) -> Deps {
     d
 }
 
+/// Deps over a local-directory store in a fresh temporary directory (kept alive by the caller).
+async fn local_deps(pool: &PgPool, tools: Tools) -> (tempfile::TempDir, Deps) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(
+        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    (dir, deps(pool, store, tools))
+}
+
 async fn team(pool: &PgPool) -> Uuid {
     sqlx::query_scalar("INSERT INTO teams (plan_tier) VALUES ('pro') RETURNING id")
         .fetch_one(pool)
@@ -287,13 +298,7 @@ async fn postgres_rewind_through_a_superuser_connection(pool: PgPool) {
         "{before:?}"
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
-            .await
-            .unwrap(),
-    );
-    let d = deps(&pool, store, Tools::default());
+    let (_dir, d) = local_deps(&pool, Tools::default()).await;
     let t = team(&pool).await;
     let res = resource(&pool, t, "postgres", &url).await;
     let backup = back_up(&d, res).await;
@@ -325,13 +330,7 @@ async fn postgres_rewind_through_a_superuser_connection(pool: PgPool) {
 #[sqlx::test]
 async fn a_restore_that_fails_midway_leaves_the_database_unchanged(pool: PgPool) {
     let pg = PgServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
-            .await
-            .unwrap(),
-    );
-    let d = deps(&pool, store, Tools::default());
+    let (_dir, d) = local_deps(&pool, Tools::default()).await;
     let url = owned_database(&pg, "shop", "app", "app-pw-32").await;
     PgConnection::connect(&url)
         .await
@@ -505,13 +504,7 @@ async fn redis_round_trip_keeps_types_values_and_ttls(pool: PgPool) {
     assert!(before.len() > 55);
     assert!(before["0/ttl-key"].2 && before["3/db3-hash"].2);
 
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
-            .await
-            .unwrap(),
-    );
-    let d = deps(&pool, store, Tools::default());
+    let (dir, d) = local_deps(&pool, Tools::default()).await;
     let t = team(&pool).await;
     let res = resource(&pool, t, "redis", &redis.url()).await;
     let backup = back_up(&d, res).await;
@@ -568,13 +561,7 @@ async fn redis_backup_an_older_target_cannot_accept_fails_before_flushing(pool: 
         .unwrap();
     let before = redis_snapshot(&target).await;
 
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
-            .await
-            .unwrap(),
-    );
-    let d = deps(&pool, store, Tools::default());
+    let (_dir, d) = local_deps(&pool, Tools::default()).await;
     let t = team(&pool).await;
     let from = resource(&pool, t, "redis", &source.url()).await;
     let into = resource(&pool, t, "redis", &target.url()).await;
@@ -614,13 +601,7 @@ async fn mongodb_restores_through_the_fake_mongorestore(pool: PgPool) {
     let tools = Tools::default()
         .with_override("mongodump", fixture("fake-mongodump", fx.path()))
         .with_override("mongorestore", fixture("fake-mongorestore", fx.path()));
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
-            .await
-            .unwrap(),
-    );
-    let d = deps(&pool, store, tools);
+    let (_dir, d) = local_deps(&pool, tools).await;
     let t = team(&pool).await;
     let res = resource(
         &pool,
