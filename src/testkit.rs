@@ -94,6 +94,23 @@ fn listens_on(pid: u32, port: u16) -> bool {
         .any(|link| inodes.iter().any(|i| link.as_os_str() == i.as_str()))
 }
 
+/// The URL of a `#[sqlx::test]` database, for handing to the binary: the server of
+/// DATABASE_URL (set by scripts/test) with the per-test database's name.
+pub fn database_url(pool: &sqlx::PgPool) -> String {
+    let db = pool
+        .connect_options()
+        .get_database()
+        .unwrap_or_default()
+        .to_owned();
+    match url::Url::parse(&std::env::var("DATABASE_URL").unwrap_or_default()) {
+        Ok(mut url) => {
+            url.set_path(&db);
+            url.to_string()
+        }
+        Err(_) => format!("postgres://postgres@127.0.0.1:5432/{db}"),
+    }
+}
+
 /// Polls `check` every 50 ms until it returns true or `deadline` passes.
 pub async fn wait_until<F, Fut>(
     deadline: Duration,

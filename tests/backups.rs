@@ -598,8 +598,7 @@ async fn secrets_stay_out_of_argv_logs_and_rows(pool: PgPool) {
         "sentinel-redis-wrong-7373",
     ];
 
-    let mut db = url::Url::parse(&std::env::var("DATABASE_URL").unwrap()).unwrap();
-    db.set_path(pool.connect_options().get_database().unwrap());
+    let db = backup_worker::testkit::database_url(&pool);
     let store = tempfile::tempdir().unwrap();
     let path = format!("{}:{}", wrappers.display(), std::env::var("PATH").unwrap());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"))

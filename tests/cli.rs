@@ -16,9 +16,7 @@ const PASSWORD: &str = "pw-never-logged-7f3a";
 
 /// The per-test database's URL, with a password (trust auth ignores it; it must never be shown).
 fn db_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by scripts/test");
-    let mut url = url::Url::parse(&base).unwrap();
-    url.set_path(pool.connect_options().get_database().unwrap());
+    let mut url = url::Url::parse(&backup_worker::testkit::database_url(pool)).unwrap();
     let _ = url.set_password(Some(PASSWORD));
     url.to_string()
 }

@@ -145,9 +145,7 @@ async fn enqueue(pool: &PgPool) -> Uuid {
 }
 
 fn db_url(pool: &PgPool) -> String {
-    let mut u = url::Url::parse(&std::env::var("DATABASE_URL").unwrap()).unwrap();
-    u.set_path(pool.connect_options().get_database().unwrap());
-    u.to_string()
+    backup_worker::testkit::database_url(pool)
 }
 
 fn daemon(

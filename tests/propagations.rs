@@ -481,8 +481,7 @@ async fn the_binary_applies_rows_through_a_host_port_provisioner_addr(pool: PgPo
     let h = harness(&pool, Duration::ZERO, Box::new(|_, _| ok())).await;
     let (team, res) = team_with(&pool, 2).await;
     let id = propagation(&pool, "tier_elevation", team, None, 0).await;
-    let mut url = url::Url::parse(&std::env::var("DATABASE_URL").unwrap()).unwrap();
-    url.set_path(pool.connect_options().get_database().unwrap());
+    let url = backup_worker::testkit::database_url(&pool);
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"));
     for v in backup_worker::config::ENV_VARS {
         cmd.env_remove(v);

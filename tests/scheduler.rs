@@ -380,9 +380,7 @@ async fn rpo_breached_gauge(pool: PgPool) {
 async fn run_once_only_scheduler_is_one_tick(pool: PgPool) {
     let t = team(&pool, "pro").await;
     let r = resource(&pool, t, "postgres", "active").await;
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let mut url = url::Url::parse(&base).unwrap();
-    url.set_path(pool.connect_options().get_database().unwrap());
+    let url = backup_worker::testkit::database_url(&pool);
     let dir = tempfile::tempdir().unwrap();
     for _ in 0..2 {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"))
