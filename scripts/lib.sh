@@ -36,6 +36,9 @@ ensure_tools() {
   need_cmd redis-cli redis-tools
   # The tests start private Postgres servers (initdb) to exercise password authentication.
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "${PG_BINDIR:-}" ] || apt_install postgresql
+  # Restore tests create contrib extensions (citext, pg_trgm, pg_buffercache) as the platform does.
+  ls /usr/share/postgresql/*/extension/pg_trgm.control >/dev/null 2>&1 || [ -n "${PG_BINDIR:-}" ] \
+    || apt_install postgresql-contrib
 }
 
 ensure_promtool() { need_cmd promtool prometheus; }

@@ -1,13 +1,25 @@
-//! The child-process seam: spawn a [`ToolCommand`] with a scrubbed environment, hand out its
-//! stdout, and keep a bounded, redacted tail of its stderr for classification and
-//! `internal_detail`. The exit status is read only after stdout is drained.
+//! The child-process seam. Every tool runs in its own process group, and killing a tool means
+//! killing the whole group: a wrapper script or a tool that forks cannot leave a descendant
+//! behind, nor hold a pipe open. Stderr is kept as a bounded, redacted tail, and collected for a
+//! bounded time only after an exit or a kill (a descendant holding the pipe never blocks the
+//! worker). The exit status is read only after stdout is drained.
+//!
+//! [`supervise`] runs several tools joined by pipes as one unit: whichever exits first with a
+//! failure, the others are killed at once, and the failure reported is a tool's own, never the
+//! broken pipe it caused downstream or upstream.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::process::{ChildStdin, ChildStdout, Command};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::engines::ToolCommand;
@@ -15,6 +27,12 @@ use crate::secret::redact_known;
 
 /// Bytes of stderr kept (the tail: tools print the fatal line last).
 pub const STDERR_TAIL: usize = 8 * 1024;
+/// How long stderr is still read after the tool exited on its own (its last lines are in flight).
+const STDERR_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How long stderr is still read after a kill.
+const STDERR_AFTER_KILL: Duration = Duration::from_millis(300);
+/// How long a SIGKILLed leader may take to be reaped (it is immediate; this bounds a stuck kernel).
+const REAP_AFTER_KILL: Duration = Duration::from_secs(2);
 
 /// Where to find each tool: by name on PATH unless overridden (tests point at fakes).
 #[derive(Debug, Clone, Default)]
@@ -47,13 +65,55 @@ pub enum SpawnError {
     },
 }
 
+/// The stderr reader: a task appending to a shared buffer, so what it read survives when it is
+/// abandoned (a descendant still holds the pipe).
+struct StderrTail {
+    buf: Arc<Mutex<Vec<u8>>>,
+    task: JoinHandle<()>,
+}
+
+impl StderrTail {
+    fn start(stderr: Option<tokio::process::ChildStderr>) -> Self {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buf);
+        let task = tokio::spawn(async move {
+            let Some(mut stderr) = stderr else { return };
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                let mut tail = sink.lock().unwrap_or_else(|p| p.into_inner());
+                tail.extend_from_slice(&chunk[..n]);
+                if tail.len() > 2 * STDERR_TAIL {
+                    let cut = tail.len() - STDERR_TAIL;
+                    tail.drain(..cut);
+                }
+            }
+        });
+        Self { buf, task }
+    }
+
+    /// Waits at most `within` for EOF, then takes what was read.
+    async fn collect(&mut self, within: Duration) -> Vec<u8> {
+        if tokio::time::timeout(within, &mut self.task).await.is_err() {
+            self.task.abort();
+        }
+        std::mem::take(&mut *self.buf.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 pub struct RunningTool {
     pub program: String,
-    child: Child,
+    /// The leader's pid, which is also the group id.
+    pgid: Option<i32>,
+    exit: watch::Receiver<Option<ExitStatus>>,
     pub stdout: Option<ChildStdout>,
     pub stdin: Option<ChildStdin>,
-    stderr: JoinHandle<Vec<u8>>,
+    stderr: StderrTail,
     secrets: Vec<String>,
+    /// Set once the group was sent SIGKILL by us.
+    killed: bool,
 }
 
 pub fn spawn(
@@ -74,6 +134,9 @@ pub fn spawn(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own group: a kill reaches every descendant, and a terminal's or our own signals
+        // (SIGTERM to the pod) do not reach it behind our back.
+        .process_group(0)
         .kill_on_drop(true);
     let mut child = command.spawn().map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
@@ -87,75 +150,369 @@ pub fn spawn(
             }
         }
     })?;
-    let mut stderr = child.stderr.take();
-    let tail = tokio::spawn(async move {
-        let mut tail = Vec::new();
-        let Some(stderr) = stderr.as_mut() else {
-            return tail;
+    let stderr = StderrTail::start(child.stderr.take());
+    let stdout = child.stdout.take();
+    let stdin = child.stdin.take();
+    let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+    // The reaper owns the child: anyone may watch for the exit without borrowing the tool.
+    let (tx, exit) = watch::channel(None);
+    tokio::spawn(async move {
+        let status = match child.wait().await {
+            Ok(s) => s,
+            // Cannot happen for a child we spawned; report it as killed rather than hang.
+            Err(_) => ExitStatus::from_raw(libc_sigkill()),
         };
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stderr.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            tail.extend_from_slice(&buf[..n]);
-            if tail.len() > 2 * STDERR_TAIL {
-                tail.drain(..tail.len() - STDERR_TAIL);
-            }
-        }
-        tail
+        let _ = tx.send(Some(status));
     });
     Ok(RunningTool {
         program: cmd.program.clone(),
-        stdout: child.stdout.take(),
-        stdin: child.stdin.take(),
-        child,
-        stderr: tail,
+        pgid,
+        exit,
+        stdout,
+        stdin,
+        stderr,
         secrets: cmd.secrets.clone(),
+        killed: false,
     })
+}
+
+/// SIGKILL as a raw wait status (terminated by signal 9).
+fn libc_sigkill() -> i32 {
+    9
 }
 
 /// How a tool ended: exit status and its stderr tail, secrets redacted.
 #[derive(Debug)]
 pub struct Finished {
+    pub program: String,
     pub status: ExitStatus,
     pub stderr: String,
+    /// We killed it (shutdown, timeout, or another stage of its pipeline failed first).
+    pub killed: bool,
+}
+
+impl Finished {
+    /// Died of a broken pipe rather than of its own failure: SIGPIPE, or the EPIPE message a
+    /// tool prints when it ignores the signal.
+    pub fn broken_pipe(&self) -> bool {
+        self.status.signal() == Some(13) || self.stderr.to_ascii_lowercase().contains("broken pipe")
+    }
+
+    /// One line for `internal_detail`.
+    pub fn describe(&self) -> String {
+        if self.stderr.is_empty() {
+            format!("{} exited with {}", self.program, self.status)
+        } else {
+            format!(
+                "{} exited with {}: {}",
+                self.program, self.status, self.stderr
+            )
+        }
+    }
 }
 
 impl RunningTool {
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.pgid.and_then(|p| u32::try_from(p).ok())
     }
 
-    /// True once the child has exited (reaped).
-    pub fn has_exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+    /// True once the leader has exited.
+    pub fn has_exited(&self) -> bool {
+        self.exit.borrow().is_some()
     }
 
-    /// Waits for exit (call after stdout is drained) and collects the stderr tail.
-    pub async fn wait(mut self) -> std::io::Result<Finished> {
+    /// A future that resolves with the leader's exit status; it does not borrow the tool.
+    pub fn exit_watch(&self) -> impl Future<Output = ExitStatus> + Send + 'static {
+        let mut rx = self.exit.clone();
+        async move {
+            match rx.wait_for(Option::is_some).await {
+                Ok(s) => s.unwrap_or(ExitStatus::from_raw(libc_sigkill())),
+                // The reaper always sends before it ends.
+                Err(_) => ExitStatus::from_raw(libc_sigkill()),
+            }
+        }
+    }
+
+    /// Sends SIGKILL to the whole group (the leader and every descendant that stayed in it).
+    pub fn kill_group(&mut self) {
+        self.killed = true;
+        if let Some(pgid) = self.pgid.and_then(rustix::process::Pid::from_raw) {
+            // ESRCH (everyone already gone) is the common, harmless case.
+            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+        }
+    }
+
+    /// Waits for exit (call after stdout is drained) and collects the stderr tail. Whatever the
+    /// tool left running in its group is killed.
+    pub async fn wait(mut self) -> Finished {
         drop(self.stdout.take());
         drop(self.stdin.take());
-        let status = self.child.wait().await?;
-        let raw = (&mut self.stderr).await.unwrap_or_default();
-        Ok(Finished {
-            status,
-            stderr: self.redact(&raw),
-        })
+        let status = self.exit_watch().await;
+        let raw = self.stderr.collect(STDERR_AFTER_EXIT).await;
+        self.finish(status, &raw)
     }
 
-    /// Kills the child and reaps it; returns its stderr tail.
-    pub async fn kill(mut self) -> String {
-        let _ = self.child.kill().await;
+    /// Kills the group and reaps the leader; returns how it ended.
+    pub async fn kill(mut self) -> Finished {
+        self.kill_group();
         drop(self.stdout.take());
-        let raw = (&mut self.stderr).await.unwrap_or_default();
-        self.redact(&raw)
+        drop(self.stdin.take());
+        let status = tokio::time::timeout(REAP_AFTER_KILL, self.exit_watch())
+            .await
+            .unwrap_or(ExitStatus::from_raw(libc_sigkill()));
+        let raw = self.stderr.collect(STDERR_AFTER_KILL).await;
+        self.finish(status, &raw)
     }
 
-    fn redact(&self, raw: &[u8]) -> String {
+    fn finish(mut self, status: ExitStatus, raw: &[u8]) -> Finished {
+        // Descendants outliving the leader are ours to clean up (they may hold pipes or locks).
+        let killed_by_us = self.killed && status.signal() == Some(9);
+        self.kill_group();
         let start = raw.len().saturating_sub(STDERR_TAIL);
         let text = String::from_utf8_lossy(&raw[start..]);
         let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
-        redact_known(text.trim(), &secrets)
+        Finished {
+            program: self.program.clone(),
+            status,
+            stderr: redact_known(text.trim(), &secrets),
+            killed: killed_by_us,
+        }
+    }
+}
+
+impl Drop for RunningTool {
+    fn drop(&mut self) {
+        // A dropped job (timeout, shutdown, lost lease) takes its whole process group with it.
+        self.kill_group();
+        self.stderr.task.abort();
+    }
+}
+
+/// Why a supervised pipeline failed.
+#[derive(Debug)]
+pub enum PipelineFailure {
+    /// A tool failed on its own; `finished` is its account, `others` how the rest ended.
+    Tool {
+        finished: Finished,
+        others: Vec<Finished>,
+    },
+    /// Our side of the plumbing failed (reading the source, …) and every tool was killed.
+    Io {
+        error: std::io::Error,
+        tools: Vec<Finished>,
+    },
+}
+
+/// Runs `tools` (joined by pipes that `io` drives: feeding the first, relaying between them,
+/// draining the last) as one unit, until every tool exited successfully and `io` completed.
+///
+/// The first tool to exit with a failure gets every other tool killed at once, so no side can
+/// block another on a full pipe; `io` is dropped, closing every pipe we hold. The failure
+/// reported is the first tool that failed on its own and not merely of a broken pipe (a tool
+/// whose reader died is a symptom, not the cause). `io` failing first kills every tool and is
+/// reported as itself.
+pub async fn supervise<F, T>(
+    mut tools: Vec<RunningTool>,
+    io: F,
+) -> Result<(Vec<Finished>, T), PipelineFailure>
+where
+    F: Future<Output = std::io::Result<T>>,
+{
+    let mut exits: FuturesUnordered<_> = tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let w = t.exit_watch();
+            async move { (i, w.await) }
+        })
+        .collect();
+    tokio::pin!(io);
+    let mut io_result: Option<std::io::Result<T>> = None;
+    let mut failed_first: Option<usize> = None;
+    let mut exited = 0;
+    // Once every tool exited, our pipes may still be held by a descendant: it gets a moment,
+    // then the groups are killed so the pipes close.
+    let mut linger: Option<tokio::time::Instant> = None;
+    while exited < tools.len() || io_result.is_none() {
+        let linger_over = async {
+            match linger {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = linger_over => {
+                linger = None;
+                for t in &mut tools {
+                    t.kill_group();
+                }
+            }
+            r = &mut io, if io_result.is_none() => {
+                // A broken pipe on our side means a tool stopped reading: its exit tells why.
+                let fatal = matches!(&r, Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe);
+                io_result = Some(r);
+                if fatal {
+                    break;
+                }
+            }
+            Some((i, status)) = exits.next(), if exited < tools.len() => {
+                exited += 1;
+                if !status.success() {
+                    failed_first = Some(i);
+                    break;
+                }
+                if exited == tools.len() && io_result.is_none() {
+                    linger = Some(tokio::time::Instant::now() + STDERR_AFTER_EXIT);
+                }
+            }
+        }
+    }
+    // Stop everything still running; closing our pipe ends happens when `io` is dropped below.
+    let stopping = failed_first.is_some() || io_result.as_ref().is_some_and(|r| r.is_err());
+    if stopping {
+        for t in &mut tools {
+            if !t.has_exited() {
+                t.kill_group();
+            }
+        }
+    }
+    drop(exits);
+    let mut finished = Vec::with_capacity(tools.len());
+    for t in tools {
+        finished.push(if stopping && !t.has_exited() {
+            t.kill().await
+        } else {
+            t.wait().await
+        });
+    }
+    if let Some(first) = failed_first {
+        return Err(pick_cause(finished, first));
+    }
+    match io_result {
+        Some(Err(error)) => {
+            // Every tool exited 0 but our plumbing failed: a stage stopped reading early.
+            if let Some(i) = finished.iter().position(|f| !f.status.success()) {
+                return Err(pick_cause(finished, i));
+            }
+            Err(PipelineFailure::Io {
+                error,
+                tools: finished,
+            })
+        }
+        Some(Ok(v)) => Ok((finished, v)),
+        // Unreachable: the loop ends only once `io` has a result or a tool failed.
+        None => Err(PipelineFailure::Io {
+            error: std::io::Error::other("the pipeline stopped before its I/O finished"),
+            tools: finished,
+        }),
+    }
+}
+
+/// Copies `from` into `to`, then closes `to` (the reader sees EOF). Errors reading `from` keep
+/// their kind; a reader that went away is `BrokenPipe`, which [`supervise`] leaves to the exits.
+pub async fn pump<R, W>(mut from: R, mut to: W) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
+    }
+    to.shutdown().await?;
+    Ok(total)
+}
+
+/// Reads `from` to EOF, keeping at most `keep` bytes (the head); the rest is drained.
+pub async fn capture<R: AsyncRead + Unpin>(mut from: R, keep: usize) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let room = keep.saturating_sub(out.len()).min(n);
+        out.extend_from_slice(&buf[..room]);
+    }
+}
+
+/// Runs one tool to completion: `input` (if any) on its stdin, its stdout captured (up to
+/// `keep` bytes), supervised like a pipeline of one.
+pub async fn run_one<R>(
+    tools: &Tools,
+    cmd: &ToolCommand,
+    input: Option<R>,
+    keep: usize,
+) -> Result<(Finished, Vec<u8>), RunFailure>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut tool = spawn(tools, cmd, input.is_some()).map_err(RunFailure::Spawn)?;
+    let stdin = tool.stdin.take();
+    let stdout = tool.stdout.take();
+    let io = async move {
+        let feed = async {
+            match (input, stdin) {
+                // A tool may stop reading once it has what it needs (pg_restore --list reads
+                // only the table of contents): its exit status says whether that was fine.
+                (Some(src), Some(dst)) => match pump(src, dst).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                    r => r.map(drop),
+                },
+                _ => Ok(()),
+            }
+        };
+        let out = async {
+            match stdout {
+                Some(out) => capture(out, keep).await,
+                None => Ok(Vec::new()),
+            }
+        };
+        let (fed, out) = tokio::join!(feed, out);
+        fed?;
+        out
+    };
+    let (mut finished, out) = supervise(vec![tool], io)
+        .await
+        .map_err(RunFailure::Failed)?;
+    let finished = finished.pop().ok_or_else(|| {
+        RunFailure::Failed(PipelineFailure::Io {
+            error: std::io::Error::other("no tool ran"),
+            tools: Vec::new(),
+        })
+    })?;
+    Ok((finished, out))
+}
+
+/// Why [`run_one`] failed.
+#[derive(Debug)]
+pub enum RunFailure {
+    Spawn(SpawnError),
+    Failed(PipelineFailure),
+}
+
+/// The tool whose own failure explains the rest: failed, not killed by us, not of a broken pipe
+/// — the first observed such tool, else the first observed failure.
+fn pick_cause(mut finished: Vec<Finished>, first: usize) -> PipelineFailure {
+    let own = |f: &Finished| !f.status.success() && !f.killed;
+    let cause = if own(&finished[first]) && !finished[first].broken_pipe() {
+        first
+    } else {
+        finished
+            .iter()
+            .position(|f| own(f) && !f.broken_pipe())
+            .unwrap_or(first)
+    };
+    let finished_cause = finished.remove(cause);
+    PipelineFailure::Tool {
+        finished: finished_cause,
+        others: finished,
     }
 }

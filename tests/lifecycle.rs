@@ -323,6 +323,86 @@ async fn sigterm_releases_running_backups_at_once(pool: PgPool) {
     assert_eq!(objects(store.path()).len(), 1);
 }
 
+/// Live (non-zombie) processes whose process group is `pgid`.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state, ppid, pgrp, …
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 2 && f[0] != "Z" && f[2] == pgid.to_string() {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[sqlx::test]
+async fn sigterm_releases_a_backup_whose_tool_has_a_child_holding_its_pipes(pool: PgPool) {
+    // A wrapper script whose child inherits stdout and stderr: killing the wrapper alone leaves
+    // both pipes open, and waiting for stderr EOF would hang past the abort window.
+    let fake = FakeTools::new("wrapper");
+    let store = tempfile::tempdir().unwrap();
+    let id = enqueue(&pool).await;
+    let grace = Duration::from_secs(1);
+    let (mut a, _) = daemon(
+        &pool,
+        &fake,
+        store.path(),
+        "pod-a",
+        &[],
+        &[("SHUTDOWN_GRACE", "1")],
+    );
+    wait_status(&pool, id, "running", Duration::from_secs(20)).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the wrapper and its child to start",
+        || async { fake.pids().len() >= 2 },
+    )
+    .await
+    .unwrap();
+    let (wrapper, child) = (fake.pids()[0], fake.pids()[1]);
+    assert!(alive(wrapper) && alive(child));
+    assert_eq!(
+        group_members(wrapper).len(),
+        2,
+        "the tool runs in its own group"
+    );
+
+    let pid = a.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(grace + Duration::from_secs(1), a.wait())
+        .await
+        .expect("exit within SHUTDOWN_GRACE + 1 s")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let r = row(&pool, id).await;
+    assert_eq!(
+        (r.status.as_str(), r.attempts, r.leased_by.as_deref()),
+        ("pending", 0, None),
+        "released at once: {r:?}"
+    );
+    assert_eq!(
+        group_members(wrapper),
+        Vec::<u32>::new(),
+        "no process of the group is left"
+    );
+    assert!(!alive(child));
+    assert!(objects(store.path()).is_empty());
+}
+
 fn deps(pool: &PgPool, store: Arc<dyn ObjectStore>, tools: Tools, env: &[(&str, &str)]) -> Deps {
     let mut d = test_deps(pool.clone(), store, test_config(env).unwrap()).unwrap();
     d.tools = tools;

@@ -665,3 +665,415 @@ async fn mongodb_restores_through_the_fake_mongorestore(pool: PgPool) {
     );
     assert!(!calls.contains("ARGV-LEAK"));
 }
+
+/// A tools directory whose pg_restore and psql record their pids (then exec the real tools).
+struct RecordedTools {
+    dir: tempfile::TempDir,
+}
+
+impl RecordedTools {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["pg_restore", "psql"] {
+            std::fs::copy(
+                Path::new(FIXTURES).join("record-pid"),
+                dir.path().join(name),
+            )
+            .unwrap();
+        }
+        Self { dir }
+    }
+    fn tools(&self) -> Tools {
+        Tools::default()
+            .with_override("pg_restore", self.dir.path().join("pg_restore"))
+            .with_override("psql", self.dir.path().join("psql"))
+    }
+    /// (tool, pid) of every run.
+    fn runs(&self) -> Vec<(String, u32)> {
+        std::fs::read_to_string(self.dir.path().join("pids.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (name, pid) = l.split_once(' ')?;
+                Some((name.to_owned(), pid.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// What a rewind through the tenant's role must keep or bring back in a database where the
+/// platform's superuser created the extensions: rows, the trigram index, the extensions and
+/// their owner and comment.
+async fn extension_fingerprint(url: &str) -> Vec<String> {
+    let mut c = PgConnection::connect(url).await.unwrap();
+    let mut out = Vec::new();
+    for q in [
+        "SELECT string_agg(extname || ' ' || extowner::regrole::text || ' ' ||
+                coalesce(obj_description(oid, 'pg_extension'), '-'), ',' ORDER BY extname)
+           FROM pg_extension",
+        "SELECT coalesce(md5(string_agg(name::text || body, '|' ORDER BY name)), '-') FROM notes",
+        "SELECT string_agg(indexname || ' ' || indexdef, ',' ORDER BY indexname) FROM pg_indexes
+          WHERE schemaname = 'public'",
+        "SELECT string_agg(relname::text, ',' ORDER BY relname) FROM pg_class
+          WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'",
+        // The types still work: citext compares case-insensitively, pg_trgm finds by similarity.
+        "SELECT count(*)::text FROM notes WHERE name = 'NOTE 7'",
+        "SELECT count(*)::text FROM notes WHERE body % 'body of note 42'",
+    ] {
+        out.push(
+            match sqlx::query_scalar::<_, String>(q).fetch_one(&mut c).await {
+                Ok(v) => v,
+                Err(e) => format!("error: {e}"),
+            },
+        );
+    }
+    out
+}
+
+/// A tenant database as the platform provisions it: owned by `app`, with extensions the
+/// superuser created, and a table using them (citext column, GIN trigram index).
+async fn database_with_platform_extensions(pg: &PgServer, db: &str, pw: &str) -> String {
+    let url = owned_database(pg, db, "app", pw).await;
+    PgConnection::connect(&pg.url(db))
+        .await
+        .unwrap()
+        .execute("CREATE EXTENSION citext; CREATE EXTENSION pg_trgm;")
+        .await
+        .unwrap();
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute(
+            "CREATE TABLE notes (name citext PRIMARY KEY, body text NOT NULL);
+             CREATE INDEX notes_body_trgm ON notes USING gin (body gin_trgm_ops);
+             INSERT INTO notes SELECT 'note ' || i, 'body of note ' || i FROM generate_series(1, 2000) i;",
+        )
+        .await
+        .unwrap();
+    url
+}
+
+#[sqlx::test]
+async fn postgres_rewind_through_the_tenant_role_with_superuser_owned_extensions(pool: PgPool) {
+    let pg = PgServer::start().await.unwrap();
+    let url = database_with_platform_extensions(&pg, "tenant", "app-pw-41").await;
+    let before = extension_fingerprint(&url).await;
+    assert!(
+        before[0].contains("citext postgres") && before[0].contains("pg_trgm postgres"),
+        "{before:?}"
+    );
+    assert_eq!(before[4], "1", "{before:?}");
+    assert!(!before.iter().any(|v| v.starts_with("error")), "{before:?}");
+
+    let (_dir, d) = local_deps(&pool, Tools::default()).await;
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "vector", &url).await;
+    let backup = back_up(&d, res).await;
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute(
+            "DELETE FROM notes WHERE name < 'note 5'; DROP INDEX notes_body_trgm;
+             CREATE TABLE added_since (x int);",
+        )
+        .await
+        .unwrap();
+    assert_ne!(extension_fingerprint(&url).await, before);
+
+    let (_, status, reason, detail) = restore(&d, backup, res).await;
+    assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    assert_eq!(
+        extension_fingerprint(&url).await,
+        before,
+        "rows, index and extensions (owner, comment) as at backup time; the added table is gone"
+    );
+
+    // The same backup through the platform's superuser connection to the same database.
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute("DELETE FROM notes; CREATE TABLE added_again (x int);")
+        .await
+        .unwrap();
+    let as_superuser = resource(&pool, t, "vector", &pg.url("tenant")).await;
+    let (_, status, reason, detail) = restore(&d, backup, as_superuser).await;
+    assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    // (Restored objects belong to the connecting role, here the superuser: read as it.)
+    assert_eq!(extension_fingerprint(&pg.url("tenant")).await, before);
+}
+
+#[sqlx::test]
+async fn a_needed_extension_the_role_cannot_create_fails_config_before_anything_is_touched(
+    pool: PgPool,
+) {
+    let pg = PgServer::start().await.unwrap();
+    let url = database_with_platform_extensions(&pg, "tenant", "app-pw-42").await;
+    // pg_buffercache is not a trusted extension: only a superuser can create it.
+    PgConnection::connect(&pg.url("tenant"))
+        .await
+        .unwrap()
+        .execute("CREATE EXTENSION pg_buffercache;")
+        .await
+        .unwrap();
+    let (_dir, d) = local_deps(&pool, Tools::default()).await;
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "postgres", &url).await;
+    let backup = back_up(&d, res).await;
+
+    // A clone into a fresh database of the team, where the extensions are not installed.
+    let clone_url = owned_database(&pg, "clone", "app", "app-pw-42").await;
+    PgConnection::connect(&clone_url)
+        .await
+        .unwrap()
+        .execute("CREATE TABLE precious (x int); INSERT INTO precious VALUES (42);")
+        .await
+        .unwrap();
+    let clone = resource(&pool, t, "postgres", &clone_url).await;
+    let (_, status, reason, detail) = restore(&d, backup, clone).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("config")),
+        "{detail:?}"
+    );
+    let detail = detail.unwrap();
+    assert!(
+        detail.contains("pg_buffercache"),
+        "names the extension: {detail}"
+    );
+    assert!(!detail.contains("app-pw-42"), "{detail}");
+    let kept: i32 = sqlx::query_scalar("SELECT x FROM precious")
+        .fetch_one(&mut PgConnection::connect(&clone_url).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(kept, 42, "the target was not touched");
+
+    // Once the platform installs it, the clone restores; citext and pg_trgm are trusted, so the
+    // role creates them itself.
+    PgConnection::connect(&pg.url("clone"))
+        .await
+        .unwrap()
+        .execute("CREATE EXTENSION pg_buffercache;")
+        .await
+        .unwrap();
+    let (_, status, reason, detail) = restore(&d, backup, clone).await;
+    assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    let mut after = extension_fingerprint(&clone_url).await;
+    let mut want = extension_fingerprint(&url).await;
+    // The role created citext and pg_trgm in the clone: their owner differs, nothing else.
+    after.remove(0);
+    want.remove(0);
+    assert_eq!(after, want);
+}
+
+/// A database whose dump is far larger than a pipe buffer (≈ 64 MB raw).
+async fn large_database(pg: &PgServer, db: &str, pw: &str) -> String {
+    let url = owned_database(pg, db, "app", pw).await;
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute(
+            "CREATE TABLE early (x int); INSERT INTO early VALUES (1);
+             CREATE TABLE big (id int PRIMARY KEY, payload text);
+             INSERT INTO big SELECT i, repeat(md5(i::text), 8) FROM generate_series(1, 240000) i;",
+        )
+        .await
+        .unwrap();
+    url
+}
+
+#[sqlx::test]
+async fn a_psql_that_fails_on_a_large_dump_ends_the_restore_at_once_classified_by_psql(
+    pool: PgPool,
+) {
+    let pg = PgServer::start().await.unwrap();
+    let url = large_database(&pg, "big", "app-pw-43").await;
+    let recorded = RecordedTools::new();
+    let (_dir, d) = local_deps(&pool, recorded.tools()).await;
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "postgres", &url).await;
+    let backup = back_up(&d, res).await;
+    let raw: i64 = sqlx::query_scalar("SELECT raw_bytes FROM resource_backups WHERE id = $1")
+        .bind(backup)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(raw > 50_000_000, "the dump is {raw} bytes");
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute("DELETE FROM early")
+        .await
+        .unwrap();
+
+    // The password is rotated between the probe and the rewind: psql is refused while
+    // pg_restore has ~64 MB to write into the pipe nobody reads any more.
+    std::fs::write(recorded.dir.path().join("psql-password"), "rotated-away").unwrap();
+    let (id, status, reason, detail) = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        restore(&d, backup, res),
+    )
+    .await
+    .expect("the restore must end, not hang on a full pipe");
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("auth")),
+        "psql's error is what is classified: {detail:?}"
+    );
+    let detail = detail.unwrap();
+    assert!(
+        detail.contains("password authentication failed"),
+        "{detail}"
+    );
+    assert!(
+        !detail.contains("app-pw-43") && !detail.contains("rotated-away"),
+        "{detail}"
+    );
+    let runs = recorded.runs();
+    assert!(runs.iter().any(|(n, _)| n == "pg_restore") && runs.iter().any(|(n, _)| n == "psql"));
+    for (name, pid) in &runs {
+        assert!(!running(*pid), "{name} ({pid}) is still running");
+    }
+    let summary: String =
+        sqlx::query_scalar("SELECT error_summary FROM resource_restores WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(!summary.contains("password"), "{summary}");
+
+    // An early failing statement in the middle of the same big stream: no hang either.
+    std::fs::remove_file(recorded.dir.path().join("psql-password")).unwrap();
+    PgConnection::connect(&pg.url("big"))
+        .await
+        .unwrap()
+        .execute("REVOKE CREATE ON SCHEMA public FROM app; ALTER SCHEMA public OWNER TO postgres;")
+        .await
+        .unwrap();
+    let (_, status, reason, detail) = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        restore(&d, backup, res),
+    )
+    .await
+    .expect("the restore must end");
+    assert_ne!(status, "succeeded");
+    assert_eq!(reason.as_deref(), Some("dump"), "{detail:?}");
+    assert!(detail.unwrap().contains("permission denied"));
+    for (name, pid) in &recorded.runs() {
+        assert!(!running(*pid), "{name} ({pid}) is still running");
+    }
+    let early: i64 = sqlx::query_scalar("SELECT count(*) FROM early")
+        .fetch_one(&mut PgConnection::connect(&url).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(early, 0, "rolled back: the database is as it was");
+}
+
+#[sqlx::test]
+async fn a_customer_lock_makes_the_rewind_fail_unreachable_within_lock_timeout(pool: PgPool) {
+    let pg = PgServer::start().await.unwrap();
+    let (_dir, d) = local_deps(&pool, Tools::default()).await;
+    let url = owned_database(&pg, "shop", "app", "app-pw-44").await;
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute(RICH_SCHEMA)
+        .await
+        .unwrap();
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "postgres", &url).await;
+    let backup = back_up(&d, res).await;
+    damage(&url).await;
+    let damaged = fingerprint(&url).await;
+
+    // A customer transaction holding a lock on a table the rewind must drop.
+    let mut customer = PgConnection::connect(&url).await.unwrap();
+    customer
+        .execute("BEGIN; LOCK TABLE people IN ACCESS SHARE MODE;")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (_, status, reason, detail) = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        restore(&d, backup, res),
+    )
+    .await
+    .expect("the rewind gives up on the lock");
+    let took = started.elapsed();
+    println!("rewind gave up after {took:?}");
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("pending", Some("unreachable")),
+        "retried later: {detail:?}"
+    );
+    assert!(detail.unwrap().contains("lock timeout"));
+    assert!(
+        took < std::time::Duration::from_secs(30 + 20),
+        "within lock_timeout (30 s) and a few seconds: {took:?}"
+    );
+    customer.execute("COMMIT").await.unwrap();
+    assert_eq!(fingerprint(&url).await, damaged, "rolled back, unchanged");
+}
+
+#[sqlx::test]
+async fn mongodb_clones_across_database_names_and_refuses_a_restore_of_nothing(pool: PgPool) {
+    let fx = tempfile::tempdir().unwrap();
+    let tools = Tools::default()
+        .with_override("mongodump", fixture("fake-mongodump", fx.path()))
+        .with_override("mongorestore", fixture("fake-mongorestore", fx.path()));
+    let (_dir, d) = local_deps(&pool, tools).await;
+    let t = team(&pool).await;
+    let shop = resource(
+        &pool,
+        t,
+        "mongodb",
+        "mongodb://app:mongo-pw-45@db1:27017/shop",
+    )
+    .await;
+    let backup = back_up(&d, shop).await;
+
+    let copy = resource(
+        &pool,
+        t,
+        "mongodb",
+        "mongodb://app:mongo-pw-45@db2:27017/shop_copy?authSource=admin",
+    )
+    .await;
+    let (_, status, reason, detail) = restore(&d, backup, copy).await;
+    assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    let calls = std::fs::read_to_string(fx.path().join("calls.log")).unwrap();
+    let clone_call = calls
+        .lines()
+        .find(|l| l.contains("drop=1"))
+        .expect("mongorestore ran");
+    assert!(
+        clone_call.contains("ns=shop.*")
+            && clone_call.contains("from=shop.*")
+            && clone_call.contains("to=shop_copy.*"),
+        "{clone_call}"
+    );
+    assert!(!clone_call.contains("mongo-pw-45"), "{clone_call}");
+    let restored = calls
+        .lines()
+        .find(|l| l.starts_with("restored "))
+        .expect("documents restored");
+    assert!(restored.contains("docs=2010"), "{restored}");
+
+    // mongorestore exits 0 yet restores nothing from a non-empty archive: not a success.
+    let nothing = resource(
+        &pool,
+        t,
+        "mongodb",
+        "mongodb://app:mongo-pw-45@restore-nothing:27017/shop",
+    )
+    .await;
+    let (_, status, reason, detail) = restore(&d, backup, nothing).await;
+    assert_ne!(status, "succeeded");
+    assert_eq!(reason.as_deref(), Some("dump"), "{detail:?}");
+    assert!(detail.unwrap().contains("restored 0 of"));
+}

@@ -1,18 +1,25 @@
-//! Engines: how each resource type is dumped (and, later, restored). A connection URL becomes a
-//! [`ToolCommand`] — program, argv without secrets, a scrubbed environment, and 0600 credential
-//! files that are deleted when the command is dropped, success or failure.
+//! Engines: one room per resource type, each owning everything engine-specific — its dump
+//! command, the check of its raw stream, its restore, and its stderr dialect:
+//! [`postgres`] (also pgvector), [`mongodb`], [`redis`]. This module holds what they share: the
+//! [`ToolCommand`] (program, argv without secrets, a scrubbed environment, 0600 credential files
+//! deleted on drop), URL splitting, and the dispatch by resource type.
 
 pub(crate) mod mongodb;
+pub(crate) mod mongodb_archive;
 pub(crate) mod postgres;
 pub(crate) mod redis;
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use async_compression::tokio::bufread::GzipDecoder;
 use tempfile::NamedTempFile;
+use tokio::fs::File;
+use tokio::io::BufReader;
 
-use crate::domain::ResourceType;
+use crate::domain::{FailureReason, ResourceType};
+use crate::process::{SpawnError, Tools};
 use crate::secret::Secret;
 
 pub use mongodb::mongo_database;
@@ -38,9 +45,29 @@ pub struct ToolCommand {
     pub secrets: Vec<String>,
     /// 0600 files holding credentials, removed on drop.
     pub credential_files: Vec<NamedTempFile>,
-    /// First bytes of a valid raw dump stream.
-    pub magic: &'static [u8],
-    /// Object key extension, e.g. `pgdump`.
+}
+
+impl ToolCommand {
+    fn new(program: &str, env: Vec<(String, OsString)>) -> Self {
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+            env,
+            secrets: Vec::new(),
+            credential_files: Vec::new(),
+        }
+    }
+
+    fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// A backup's dump: the command whose stdout is the raw stream, and the object key's extension.
+#[derive(Debug)]
+pub struct Dump {
+    pub command: ToolCommand,
     pub extension: &'static str,
 }
 
@@ -49,13 +76,13 @@ pub fn dump_command(
     resource_type: ResourceType,
     connection_url: &Secret,
     temp_dir: &Path,
-) -> Result<ToolCommand, ConfigProblem> {
+) -> Result<Dump, ConfigProblem> {
     match resource_type {
         ResourceType::Postgres | ResourceType::Vector => {
             postgres::dump_command(connection_url, temp_dir)
         }
         ResourceType::Mongodb => mongodb::dump_command(connection_url, temp_dir),
-        ResourceType::Redis => redis::dump_command(connection_url),
+        ResourceType::Redis => redis::dump_command(connection_url, temp_dir),
     }
 }
 
@@ -65,6 +92,85 @@ pub fn magic(resource_type: ResourceType) -> &'static [u8] {
         ResourceType::Postgres | ResourceType::Vector => postgres::MAGIC,
         ResourceType::Mongodb => mongodb::MAGIC,
         ResourceType::Redis => redis::MAGIC,
+    }
+}
+
+/// The failure class of a tool's non-zero exit, in its engine's dialect.
+pub fn classify(resource_type: ResourceType, stderr: &str) -> FailureReason {
+    match resource_type {
+        ResourceType::Postgres | ResourceType::Vector => postgres::classify(stderr),
+        ResourceType::Mongodb => mongodb::classify(stderr),
+        ResourceType::Redis => redis::classify(stderr),
+    }
+}
+
+/// Why a restore step failed: the class and an internal detail (secrets already redacted).
+#[derive(Debug)]
+pub struct Failure {
+    pub reason: FailureReason,
+    pub detail: String,
+}
+
+pub fn fail(reason: FailureReason, detail: impl Into<String>) -> Failure {
+    Failure {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+impl From<ConfigProblem> for Failure {
+    fn from(p: ConfigProblem) -> Self {
+        fail(FailureReason::Config, p.0)
+    }
+}
+
+impl From<SpawnError> for Failure {
+    fn from(e: SpawnError) -> Self {
+        match e {
+            SpawnError::Missing { .. } => fail(FailureReason::Config, e.to_string()),
+            SpawnError::Other { .. } => fail(FailureReason::Dump, e.to_string()),
+        }
+    }
+}
+
+/// A downloaded backup whose sha256 and gzip stream were verified: what an engine restores from.
+/// It can be read (decompressed) as many times as the engine needs.
+#[derive(Debug, Clone)]
+pub struct BackupFile {
+    pub path: PathBuf,
+}
+
+impl BackupFile {
+    /// The raw dump, decompressed as it is read.
+    pub async fn open(&self) -> Result<GzipDecoder<BufReader<File>>, Failure> {
+        let file = File::open(&self.path)
+            .await
+            .map_err(|e| fail(FailureReason::Dump, format!("opening the backup: {e}")))?;
+        Ok(GzipDecoder::new(BufReader::with_capacity(128 * 1024, file)))
+    }
+}
+
+/// What an engine's restore needs besides the backup itself.
+pub struct RestoreTarget<'a> {
+    pub tools: &'a Tools,
+    /// The resource being rewound.
+    pub url: &'a Secret,
+    /// The resource the backup was taken of (itself, or another of the team's for a clone).
+    pub source_url: &'a Secret,
+    /// A private 0700 directory for credential files and tool HOME/TMPDIR.
+    pub temp: &'a Path,
+}
+
+/// Rewinds the target to the backup with its engine.
+pub async fn restore(
+    resource_type: ResourceType,
+    target: &RestoreTarget<'_>,
+    backup: &BackupFile,
+) -> Result<(), Failure> {
+    match resource_type {
+        ResourceType::Postgres | ResourceType::Vector => postgres::restore(target, backup).await,
+        ResourceType::Mongodb => mongodb::restore(target, backup).await,
+        ResourceType::Redis => redis::restore(target, backup).await,
     }
 }
 
@@ -203,9 +309,71 @@ fn parse_port(p: &str) -> Result<u16, ConfigProblem> {
         .ok_or_else(|| problem("connection URL has an invalid port"))
 }
 
+/// A tool run's failure as a restore [`Failure`], classified in the engine's dialect. `what`
+/// says what the run was for (e.g. "listing the backup's contents").
+pub(crate) fn run_failure(
+    f: crate::process::RunFailure,
+    classify: fn(&str) -> FailureReason,
+    what: &str,
+) -> Failure {
+    match f {
+        crate::process::RunFailure::Spawn(e) => e.into(),
+        crate::process::RunFailure::Failed(p) => pipeline_failure(p, classify, what),
+    }
+}
+
+pub(crate) fn pipeline_failure(
+    f: crate::process::PipelineFailure,
+    classify: fn(&str) -> FailureReason,
+    what: &str,
+) -> Failure {
+    match f {
+        crate::process::PipelineFailure::Tool { finished, .. } => fail(
+            classify(&finished.stderr),
+            format!("{what}: {}", finished.describe()),
+        ),
+        crate::process::PipelineFailure::Io { error, .. } => {
+            fail(FailureReason::Dump, format!("{what}: {error}"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_engine_classifies_its_own_dialect() {
+        use FailureReason::*;
+        use ResourceType::{Mongodb, Postgres, Redis};
+        let cases: &[(ResourceType, &str, FailureReason)] = &[
+            (Postgres, "pg_dump: error: connection to server at \"10.0.0.5\", port 5432 failed: FATAL:  password authentication failed for user \"app\"", Auth),
+            (Postgres, "pg_dump: error: connection to server at \"db\" (10.1.2.3), port 5432 failed: FATAL:  no pg_hba.conf entry for host \"10.9.8.7\", user \"app\", database \"app\", no encryption", Auth),
+            (Postgres, "pg_dump: error: connection to server at \"db\", port 5432 failed: FATAL:  role \"ghost\" does not exist", Auth),
+            (Postgres, "psql:<stdin>:40: ERROR:  role \"auditor\" does not exist", Dump),
+            (Postgres, "pg_dump: error: connection to server at \"127.0.0.1\", port 1 failed: Connection refused\n\tIs the server running on that host and accepting TCP/IP connections?", Unreachable),
+            (Postgres, "pg_dump: error: could not translate host name \"db.invalid\" to address: Name or service not known", Unreachable),
+            (Postgres, "pg_dump: error: connection to server at \"10.0.0.9\", port 5432 failed: timeout expired", Unreachable),
+            (Postgres, "psql:<stdin>:12: ERROR:  canceling statement due to lock timeout", Unreachable),
+            (Postgres, "pg_dump: error: query failed: ERROR:  permission denied for table secrets", Dump),
+            (Postgres, "psql:<stdin>:66: ERROR:  must be owner of extension vector", Dump),
+            (Postgres, "pg_dump: error: aborting because of server version mismatch", Dump),
+            (Mongodb, "2026-11-21T03:00:01.123+0000\tFailed: can't create session: failed to connect to mongodb://db:27017/: connection() error occurred during connection handshake: auth error: sasl conversation error: unable to authenticate using mechanism \"SCRAM-SHA-256\": (AuthenticationFailed) Authentication failed. socket was unexpectedly closed: EOF", Auth),
+            (Mongodb, "Failed: can't create session: could not connect to server: server selection error: server selection timeout, current topology: { Type: Single, Servers: [{ Addr: db:27017, Type: Unknown, Last error: dial tcp 10.0.0.3:27017: connect: connection refused }, ] }", Unreachable),
+            (Mongodb, "Failed: error connecting to db server: no reachable servers", Unreachable),
+            (Mongodb, "Failed: (Unauthorized) not authorized on shop to execute command { find: \"orders\" }", Auth),
+            (Mongodb, "Failed: error reading collection: (CursorNotFound) cursor id 123 not found", Dump),
+            (Redis, "AUTH failed: WRONGPASS invalid username-password pair or user is disabled.", Auth),
+            (Redis, "REPLCONF capa error: NOAUTH Authentication required.\nSYNC with master failed: -NOAUTH Authentication required.", Auth),
+            (Redis, "Could not connect to Redis at 10.0.0.4:6379: Connection refused", Unreachable),
+            (Redis, "Could not connect to Redis at cache:6379: Name or service not known", Unreachable),
+            (Redis, "Error: Server closed the connection", Dump),
+            (Redis, "SYNC with master failed: -ERR unknown command 'SYNC'", Dump),
+        ];
+        for (ty, line, want) in cases {
+            assert_eq!(classify(*ty, line), *want, "{ty:?}: {line}");
+        }
+    }
 
     #[test]
     fn splits_urls_by_hand() {

@@ -1,12 +1,47 @@
-//! MongoDB: `mongodump --archive` (uncompressed; we gzip), the URI — credentials included — in a
-//! 0600 `--config` YAML file, never in argv.
+//! MongoDB: the dump (`mongodump --archive`, uncompressed; we gzip), the restore
+//! (`mongorestore --archive --drop`, scoped to the target's database, renamed for a clone), and
+//! the Go driver's error dialect. The URI — credentials included — travels in a 0600 `--config`
+//! YAML file, never in argv.
 
 use std::path::Path;
 
+use tokio::io::AsyncReadExt;
+
+use super::mongodb_archive::{ArchiveReader, ArchiveSummary};
 use super::{
-    base_env, credential_file, percent_decode, problem, split_url, ConfigProblem, ToolCommand,
+    base_env, credential_file, fail, percent_decode, problem, run_failure, split_url, BackupFile,
+    ConfigProblem, Dump, Failure, RestoreTarget, ToolCommand,
 };
+use crate::classify::Dialect;
+use crate::domain::FailureReason;
+use crate::process;
 use crate::secret::Secret;
+
+/// mongodump/mongorestore (the Go driver's messages).
+const DIALECT: Dialect = Dialect {
+    auth: &[
+        "auth error",
+        "unable to authenticate",
+        "sasl conversation error",
+        "authentication failed",
+        "not authorized on",
+        "requires authentication",
+    ],
+    unreachable: &[
+        "could not connect to server",
+        "server selection error",
+        "server selection timeout",
+        "no reachable servers",
+        "socket was unexpectedly closed",
+        "error connecting to",
+        "connection pool",
+    ],
+};
+
+/// The failure class of a MongoDB tool's non-zero exit.
+pub fn classify(stderr: &str) -> FailureReason {
+    crate::classify::classify(stderr, &DIALECT)
+}
 
 /// mongodump archive magic number (0x8199e26d, little-endian).
 pub const MAGIC: &[u8] = &[0x6d, 0xe2, 0x99, 0x81];
@@ -60,38 +95,135 @@ fn tool_command(
     if let Some(pw) = split_url(url.expose())?.password {
         secrets.push(percent_decode(pw)?);
     }
-    Ok(ToolCommand {
-        program: program.into(),
-        args,
-        env: base_env(temp_dir),
-        secrets,
-        credential_files: vec![config],
-        magic: MAGIC,
+    let mut cmd = ToolCommand::new(program, base_env(temp_dir));
+    cmd.args = args;
+    cmd.secrets = secrets;
+    cmd.credential_files.push(config);
+    Ok(cmd)
+}
+
+pub(super) fn dump_command(url: &Secret, temp_dir: &Path) -> Result<Dump, ConfigProblem> {
+    mongo_database(url)?;
+    Ok(Dump {
+        command: tool_command("mongodump", vec!["--archive".into()], url, temp_dir)?,
         extension: "archive",
     })
 }
 
-pub(super) fn dump_command(url: &Secret, temp_dir: &Path) -> Result<ToolCommand, ConfigProblem> {
-    mongo_database(url)?;
-    tool_command("mongodump", vec!["--archive".into()], url, temp_dir)
+/// A database name we may hand to `--nsInclude`/`--nsTo` (never admin, no pattern characters).
+fn tenant_database(db: &str) -> bool {
+    !(db.is_empty() || db == "admin" || db.contains(['*', '.', '$', '/', '\\', ' ', '"']))
 }
 
-/// `mongorestore --archive --drop --nsInclude=<db>.*` reading the archive on stdin; the URI in a
-/// 0600 config file. Only the URI's database is touched (never admin): a URI without one is a
-/// configuration problem.
-pub(crate) fn restore_command(url: &Secret, temp_dir: &Path) -> Result<ToolCommand, ConfigProblem> {
+/// `mongorestore --archive --drop` reading the archive on stdin, touching only the target's
+/// database: `--nsInclude=<db>.*` when the backup's database is the target's, and for a clone
+/// into another database `--nsInclude=<src>.* --nsFrom=<src>.* --nsTo=<db>.*`. A target URI
+/// without a database is a configuration problem.
+pub(crate) fn restore_command(
+    url: &Secret,
+    source_db: &str,
+    temp_dir: &Path,
+) -> Result<ToolCommand, ConfigProblem> {
     let db = mongo_database(url)?;
-    if db.is_empty() || db == "admin" || db.contains(['*', '.', '$', '/', '\\', ' ', '"']) {
+    if !tenant_database(&db) {
         return Err(problem(
             "mongodb connection URL must name the tenant database to restore (not admin)",
         ));
     }
-    let args = vec![
-        "--archive".into(),
-        "--drop".into(),
-        format!("--nsInclude={db}.*").into(),
-    ];
+    let mut args = vec!["--archive".into(), "--drop".into()];
+    if source_db == db {
+        args.push(format!("--nsInclude={db}.*").into());
+    } else {
+        if !tenant_database(source_db) {
+            return Err(problem(
+                "the backup's mongodb connection URL names no tenant database to clone from",
+            ));
+        }
+        args.extend([
+            format!("--nsInclude={source_db}.*").into(),
+            format!("--nsFrom={source_db}.*").into(),
+            format!("--nsTo={db}.*").into(),
+        ]);
+    }
     tool_command("mongorestore", args, url, temp_dir)
+}
+
+/// Reads the whole archive, counting documents per namespace; a stream that is not a complete
+/// mongodump archive is refused before anything is touched.
+pub(crate) async fn read_archive(backup: &BackupFile) -> Result<ArchiveSummary, Failure> {
+    let mut source = backup.open().await?;
+    let mut reader = ArchiveReader::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let invalid = |e: &dyn std::fmt::Display| {
+        fail(
+            FailureReason::Integrity,
+            format!("the backup is not a complete mongodump archive: {e}"),
+        )
+    };
+    loop {
+        let n = source
+            .read(&mut buf)
+            .await
+            .map_err(|e| fail(FailureReason::Integrity, format!("reading the backup: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        reader.feed(&buf[..n]).map_err(|e| invalid(&e))?;
+    }
+    reader.finish().map_err(|e| invalid(&e))
+}
+
+/// The number mongorestore reports in its last line, `N document(s) restored successfully.`
+pub(crate) fn documents_restored(stderr: &str) -> Option<u64> {
+    let at = stderr.rfind(" document(s) restored successfully")?;
+    stderr[..at]
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Restores the archive into the target's database (renaming it for a clone) and checks that the
+/// documents the archive holds for it were restored: a restore that restores nothing from a
+/// non-empty archive fails.
+pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Result<(), Failure> {
+    let target_db = mongo_database(t.url)?;
+    let source_db = match mongo_database(t.source_url)? {
+        // The backup was taken of a whole deployment: its namespaces keep their names.
+        db if db.is_empty() => target_db.clone(),
+        db => db,
+    };
+    let cmd = restore_command(t.url, &source_db, t.temp)?;
+    let summary = read_archive(backup).await?;
+    let expected: u64 = summary
+        .namespaces
+        .iter()
+        .filter(|ns| ns.db == source_db)
+        .map(|ns| ns.documents)
+        .sum();
+    let (finished, _) = process::run_one(t.tools, &cmd, Some(backup.open().await?), 0)
+        .await
+        .map_err(|e| run_failure(e, classify, "restoring"))?;
+    let restored = documents_restored(&finished.stderr);
+    tracing::info!(source_db = %source_db, target_db = %target_db, expected, restored = ?restored,
+        "mongorestore finished");
+    match restored {
+        Some(0) if expected > 0 => Err(fail(
+            FailureReason::Dump,
+            format!(
+                "mongorestore restored 0 of the archive's {expected} documents for {source_db}: {}",
+                finished.stderr
+            ),
+        )),
+        None if expected > 0 => Err(fail(
+            FailureReason::Dump,
+            format!(
+                "mongorestore did not report the documents it restored: {}",
+                finished.stderr
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -102,7 +234,7 @@ mod tests {
     fn uri_goes_to_a_0600_config_file() {
         let dir = tempfile::tempdir().unwrap();
         let url = Secret::new("mongodb+srv://app:s3cr%3At@cluster0.example.net/shop?authSource=admin&retryWrites=true");
-        let cmd = dump_command(&url, dir.path()).unwrap();
+        let cmd = dump_command(&url, dir.path()).unwrap().command;
         assert_eq!(cmd.program, "mongodump");
         let argv: Vec<String> = cmd
             .args

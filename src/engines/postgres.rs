@@ -1,12 +1,26 @@
-//! Postgres and pgvector: `pg_dump --format=custom --compress=0`, connection parameters in libpq
-//! environment variables and the password in a 0600 PGPASSFILE — never in argv.
+//! Postgres and pgvector: the dump (`pg_dump --format=custom --compress=0`), the restore (an
+//! atomic rewind through `pg_restore | psql`), and libpq's error dialect. Connection parameters
+//! travel in libpq environment variables and the password in a 0600 PGPASSFILE — never in argv.
+//!
+//! The rewind works through the tenant's own role even when the platform's superuser created
+//! extensions in the database: the dump's table of contents is listed first, and the entries the
+//! role cannot apply and must not touch — an installed extension it does not own, that
+//! extension's comment, the data of the extension's configuration tables — are left out. A
+//! needed extension that is missing and that the role cannot create fails `config` before
+//! anything is touched.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use super::{
-    base_env, credential_file, host_port, percent_decode, problem, split_url, ConfigProblem,
-    ToolCommand,
+    base_env, credential_file, fail, host_port, percent_decode, pipeline_failure, problem,
+    run_failure, split_url, BackupFile, ConfigProblem, Dump, Failure, RestoreTarget, ToolCommand,
 };
+use crate::classify::Dialect;
+use crate::domain::FailureReason;
+use crate::process::{self, spawn, supervise};
 use crate::secret::Secret;
 
 pub const MAGIC: &[u8] = b"PGDMP";
@@ -124,85 +138,64 @@ pub(crate) fn tool_env(
     Ok(())
 }
 
-pub(super) fn dump_command(url: &Secret, temp_dir: &Path) -> Result<ToolCommand, ConfigProblem> {
-    let conn = parse(url)?;
-    let mut cmd = ToolCommand {
-        program: "pg_dump".into(),
-        args: ["--format=custom", "--compress=0", "--no-password"]
-            .iter()
-            .map(Into::into)
-            .collect(),
-        env: Vec::new(),
-        secrets: vec![url.expose().to_owned()],
-        credential_files: Vec::new(),
-        magic: MAGIC,
-        extension: "pgdump",
-    };
-    tool_env(&conn, temp_dir, &mut cmd)?;
-    Ok(cmd)
+/// libpq, pg_dump, pg_restore and psql.
+const DIALECT: Dialect = Dialect {
+    auth: &[
+        "password authentication failed",
+        "no pg_hba.conf entry",
+        "pg_hba.conf rejects connection",
+        "no password supplied",
+        "peer authentication failed",
+        "sasl authentication failed",
+    ],
+    unreachable: &[
+        "could not connect to server",
+        "server closed the connection unexpectedly",
+        "the database system is starting up",
+        "the database system is shutting down",
+        "the database system is in recovery mode",
+        "too many connections",
+        // lock_timeout: a customer transaction holds a lock the rewind needs; retried later.
+        "canceling statement due to lock timeout",
+        "could not obtain lock",
+    ],
+};
+
+/// The failure class of a libpq tool's non-zero exit.
+pub fn classify(stderr: &str) -> FailureReason {
+    let lower = stderr.to_ascii_lowercase();
+    // `FATAL: role "x" does not exist` is a rejected login; other "does not exist" are not.
+    if lower.contains("fatal:") && lower.contains("role \"") && lower.contains("does not exist") {
+        return FailureReason::Auth;
+    }
+    crate::classify::classify(stderr, &DIALECT)
 }
 
-/// The two halves of an atomic rewind. `pg_restore --single-transaction` turns the custom-format
-/// dump (stdin) into a SQL script (stdout) wrapped in one BEGIN … COMMIT (its own flag matters:
-/// without it the script COMMITs around large objects). `psql -v ON_ERROR_STOP=1` runs our
-/// [`RESTORE_PREAMBLE`] — `BEGIN;` and a block that clears the database — then that script, whose final
-/// COMMIT is the only one. An error stops psql before it; a pg_restore that dies midway never
-/// writes it; either way the connection closes with the transaction open and Postgres rolls it
-/// back, leaving the database exactly as it was.
-pub(crate) fn restore_commands(
-    url: &Secret,
-    temp_dir: &Path,
-) -> Result<(ToolCommand, ToolCommand), ConfigProblem> {
+pub(super) fn dump_command(url: &Secret, temp_dir: &Path) -> Result<Dump, ConfigProblem> {
     let conn = parse(url)?;
-    let pg_restore = ToolCommand {
-        program: "pg_restore".into(),
-        args: [
-            "--single-transaction",
-            "--no-owner",
-            "--no-privileges",
-            "--file=-",
-        ]
-        .iter()
-        .map(Into::into)
-        .collect(),
-        env: base_env(temp_dir),
-        secrets: Vec::new(),
-        credential_files: Vec::new(),
-        magic: MAGIC,
+    let mut cmd = ToolCommand::new("pg_dump", Vec::new()).args([
+        "--format=custom",
+        "--compress=0",
+        "--no-password",
+    ]);
+    cmd.secrets.push(url.expose().to_owned());
+    tool_env(&conn, temp_dir, &mut cmd)?;
+    Ok(Dump {
+        command: cmd,
         extension: "pgdump",
-    };
-    let mut psql = ToolCommand {
-        program: "psql".into(),
-        args: [
-            "--no-psqlrc",
-            "--quiet",
-            "--no-password",
-            "--set=ON_ERROR_STOP=1",
-            "--file=-",
-        ]
-        .iter()
-        .map(Into::into)
-        .collect(),
-        env: Vec::new(),
-        secrets: vec![url.expose().to_owned()],
-        credential_files: Vec::new(),
-        magic: MAGIC,
-        extension: "pgdump",
-    };
-    tool_env(&conn, temp_dir, &mut psql)?;
-    Ok((pg_restore, psql))
+    })
 }
 
 /// Opens the restore's transaction and clears the database, so objects created after the backup
 /// do not survive the rewind. (pg_restore's own BEGIN then only warns.)
 ///
 /// The platform's role owns its database's objects: `DROP OWNED BY CURRENT_USER` removes exactly
-/// those and leaves extensions a superuser installed (the script's `CREATE EXTENSION IF NOT
-/// EXISTS` then finds them). A superuser owns the system catalogs, so DROP OWNED refuses; for it
-/// every large object is unlinked and every user schema dropped instead, and `public` is
-/// recreated with its owner and grants.
-pub(crate) const RESTORE_PREAMBLE: &[u8] = br#"BEGIN;
+/// those and leaves extensions a superuser installed. A superuser owns the system catalogs, so
+/// DROP OWNED refuses; for it every large object is unlinked and every user schema dropped
+/// instead, and `public` is recreated with its owner and grants.
+pub(crate) const RESTORE_PREAMBLE: &str = r#"BEGIN;
 SET client_min_messages = warning;
+SET lock_timeout = '30s';
 DO $backup_worker_rewind$
 DECLARE
   s record;
@@ -235,9 +228,430 @@ END
 $backup_worker_rewind$;
 "#;
 
+/// Any statement of the rewind waits at most 30 s for a lock, then the rewind fails `unreachable`
+/// and rolls back, rather than queueing the customer's traffic behind it. pg_restore's script
+/// header resets lock_timeout for its session; ours must stay in force.
+const SCRIPT_LOCK_RESET: &[u8] = b"SET lock_timeout = 0;";
+const SCRIPT_LOCK_OURS: &[u8] = b"SET lock_timeout = '30s';";
+/// The script header (SET lines) is within its first few hundred bytes.
+const SCRIPT_HEADER: usize = 16 * 1024;
+
+/// The most of pg_restore's `--list` and of the probe's answer we keep in memory.
+const LISTING_LIMIT: usize = 64 * 1024 * 1024;
+
+/// The dump's table of contents (`pg_restore --list`) and the extensions it creates.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Toc {
+    /// Every line of `pg_restore --list`, in order.
+    lines: Vec<String>,
+    /// Extensions the dump creates.
+    extensions: BTreeSet<String>,
+}
+
+impl Toc {
+    pub(crate) fn parse(listing: &str) -> Self {
+        let mut toc = Toc::default();
+        for line in listing.lines() {
+            if let Some(name) = entry(line).and_then(|e| e.strip_prefix("EXTENSION - ")) {
+                if let Some(name) = name.split_whitespace().next() {
+                    toc.extensions.insert(name.to_owned());
+                }
+            }
+            toc.lines.push(line.to_owned());
+        }
+        toc
+    }
+}
+
+/// The part of a TOC line after `<dump id>; <catalog oid> <object oid> `, or None for comments.
+fn entry(line: &str) -> Option<&str> {
+    let (id, rest) = line.split_once("; ")?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut parts = rest.splitn(3, ' ');
+    let (_catalog, _oid) = (parts.next()?, parts.next()?);
+    parts.next()
+}
+
+/// What the target database says about extensions, as the restoring role sees it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Target {
+    superuser: bool,
+    /// Installed extensions, and whether the role owns each.
+    installed: Vec<(String, bool)>,
+    /// Extensions the role could create (available, and trusted or the role is a superuser).
+    creatable: BTreeSet<String>,
+    /// (extension, `schema name`) of every table that belongs to an extension.
+    members: BTreeSet<(String, String)>,
+}
+
+/// One query, answered as `kind<US>a<US>b` lines (US = 0x1f, which no name contains).
+const PROBE_SQL: &str = "\
+SELECT 'super', (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)::text, ''
+UNION ALL
+SELECT 'installed', e.extname, (pg_get_userbyid(e.extowner) = current_user)::text FROM pg_extension e
+UNION ALL
+SELECT 'creatable', a.name, '' FROM pg_available_extensions a
+  JOIN pg_available_extension_versions v ON v.name = a.name AND v.version = a.default_version
+ WHERE (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+    OR (v.trusted AND has_database_privilege(current_database(), 'CREATE'))
+UNION ALL
+SELECT 'member', e.extname, n.nspname || ' ' || c.relname FROM pg_depend d
+  JOIN pg_class c ON d.classid = 'pg_class'::regclass AND d.objid = c.oid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_extension e ON d.refclassid = 'pg_extension'::regclass AND d.refobjid = e.oid
+ WHERE d.deptype = 'e'";
+
+impl Target {
+    pub(crate) fn parse(answer: &str) -> Self {
+        let mut t = Target::default();
+        for line in answer.lines() {
+            let mut f = line.split('\x1f');
+            let (Some(kind), Some(a), b) = (f.next(), f.next(), f.next().unwrap_or("")) else {
+                continue;
+            };
+            match kind {
+                "super" => t.superuser = a == "true",
+                "installed" => t.installed.push((a.to_owned(), b == "true")),
+                "creatable" => {
+                    t.creatable.insert(a.to_owned());
+                }
+                "member" => {
+                    t.members.insert((a.to_owned(), b.to_owned()));
+                }
+                _ => {}
+            }
+        }
+        t
+    }
+}
+
+/// The use-list for pg_restore: the dump's entries, minus those the role cannot apply and must
+/// not touch. Fails `config` (naming the extension) when the dump needs an extension the target
+/// lacks and the role cannot create.
+pub(crate) fn use_list(toc: &Toc, target: &Target) -> Result<(String, Vec<String>), ConfigProblem> {
+    let mut foreign = BTreeSet::new();
+    for ext in &toc.extensions {
+        match target.installed.iter().find(|(name, _)| name == ext) {
+            Some((_, owned)) if *owned || target.superuser => {}
+            Some(_) => {
+                foreign.insert(ext.as_str());
+            }
+            None if target.creatable.contains(ext) => {}
+            None => {
+                return Err(problem(format!(
+                    "the backup needs the extension {ext:?}, which is not installed in the target \
+                     database and which its role cannot create; install it (as a superuser) and retry"
+                )))
+            }
+        }
+    }
+    let mut skipped = Vec::new();
+    let mut out = String::new();
+    for line in &toc.lines {
+        let skip = entry(line).is_some_and(|e| {
+            let ext_entry = e
+                .strip_prefix("EXTENSION - ")
+                .or_else(|| e.strip_prefix("COMMENT - EXTENSION "))
+                .and_then(|rest| rest.split_whitespace().next())
+                .is_some_and(|name| foreign.contains(name));
+            // Data of a left-alone extension's own (configuration) tables belongs to it.
+            let member_data = ["TABLE DATA ", "SEQUENCE SET "].iter().any(|kind| {
+                e.strip_prefix(kind).is_some_and(|rest| {
+                    let t: Vec<&str> = rest.split(' ').collect();
+                    t.len() >= 2
+                        && target.members.iter().any(|(ext, table)| {
+                            foreign.contains(ext.as_str()) && *table == format!("{} {}", t[0], t[1])
+                        })
+                })
+            });
+            ext_entry || member_data
+        });
+        if skip {
+            skipped.push(line.clone());
+            out.push(';');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    Ok((out, skipped))
+}
+
+/// psql reading SQL from stdin, stopping at the first error, as the resource's role.
+fn psql(conn: &PgConnection, url: &Secret, temp: &Path) -> Result<ToolCommand, ConfigProblem> {
+    let mut cmd = ToolCommand::new("psql", Vec::new()).args([
+        "--no-psqlrc",
+        "--quiet",
+        "--no-password",
+        "--set=ON_ERROR_STOP=1",
+    ]);
+    cmd.secrets.push(url.expose().to_owned());
+    tool_env(conn, temp, &mut cmd)?;
+    Ok(cmd)
+}
+
+/// The atomic rewind. `pg_restore --single-transaction` turns the custom-format dump (stdin) into
+/// a SQL script (stdout) wrapped in one BEGIN … COMMIT (its own flag matters: without it the
+/// script COMMITs around large objects). psql runs our [`RESTORE_PREAMBLE`] — `BEGIN;`,
+/// lock_timeout, a block that clears the database — then that script, whose final COMMIT is the
+/// only one. An error stops psql before it; a pg_restore that dies midway never writes it; either
+/// way the connection closes with the transaction open and Postgres rolls it back, leaving the
+/// database exactly as it was. The two tools are supervised as one unit: whichever fails first,
+/// the other is killed at once.
+pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Result<(), Failure> {
+    let conn = parse(t.url)?;
+
+    // 1. What the dump holds, and what the target allows — before anything is touched.
+    let list_cmd = ToolCommand::new("pg_restore", base_env(t.temp)).args(["--list"]);
+    let (_, listing) = process::run_one(
+        t.tools,
+        &list_cmd,
+        Some(backup.open().await?),
+        LISTING_LIMIT,
+    )
+    .await
+    .map_err(|e| run_failure(e, classify, "listing the backup's contents"))?;
+    let toc = Toc::parse(&String::from_utf8_lossy(&listing));
+    let probe_cmd = psql(&conn, t.url, t.temp)?.args([
+        "--no-align",
+        "--tuples-only",
+        "--field-separator=\x1f",
+        "--command",
+        PROBE_SQL,
+    ]);
+    let (_, answer) = process::run_one(t.tools, &probe_cmd, None::<&[u8]>, LISTING_LIMIT)
+        .await
+        .map_err(|e| run_failure(e, classify, "probing the target database"))?;
+    let target = Target::parse(&String::from_utf8_lossy(&answer));
+    let (list, skipped) = use_list(&toc, &target)?;
+    if !skipped.is_empty() {
+        tracing::info!(entries = ?skipped, "restore leaves entries owned by another role as they are");
+    }
+    let list_file = credential_file(t.temp, "use-list-", &list)?;
+
+    // 2. The rewind: pg_restore | (preamble + script) | psql, one transaction.
+    let mut list_arg = std::ffi::OsString::from("--use-list=");
+    list_arg.push(list_file.path());
+    let pgr_cmd = ToolCommand::new("pg_restore", base_env(t.temp)).args([
+        "--single-transaction".into(),
+        "--no-owner".into(),
+        "--no-privileges".into(),
+        "--file=-".into(),
+        list_arg,
+    ]);
+    let psql_cmd = psql(&conn, t.url, t.temp)?.args(["--file=-"]);
+    let source = backup.open().await?;
+    let mut pgr = spawn(t.tools, &pgr_cmd, true)?;
+    let mut psql = spawn(t.tools, &psql_cmd, true)?;
+    let (pgr_in, pgr_out) = (pgr.stdin.take(), pgr.stdout.take());
+    let (psql_in, psql_out) = (psql.stdin.take(), psql.stdout.take());
+    let io = async move {
+        let feed = async {
+            match pgr_in {
+                Some(w) => process::pump(source, w).await.map(drop),
+                None => Ok(()),
+            }
+        };
+        let relay = async {
+            match (pgr_out, psql_in) {
+                (Some(r), Some(w)) => relay_script(r, w).await,
+                _ => Ok(()),
+            }
+        };
+        let drain = async {
+            match psql_out {
+                Some(out) => process::capture(out, 0).await.map(drop),
+                None => Ok(()),
+            }
+        };
+        let (a, b, c) = tokio::join!(feed, relay, drain);
+        // A failure of our own beats a broken pipe, which a tool's exit explains better.
+        let results = [a, b, c];
+        let mut pipe = None;
+        for r in results {
+            match r {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e),
+                Err(e) => pipe = Some(e),
+                Ok(()) => {}
+            }
+        }
+        pipe.map_or(Ok(()), Err)
+    };
+    let finished = match supervise(vec![pgr, psql], io).await {
+        Ok((finished, ())) => finished,
+        Err(e) => {
+            let mut f = pipeline_failure(e, classify, "restoring");
+            f.detail.push_str(" (transaction rolled back)");
+            return Err(f);
+        }
+    };
+    drop(list_file);
+    if finished
+        .iter()
+        .any(|f| f.stderr.contains("there is no transaction in progress"))
+    {
+        return Err(fail(
+            FailureReason::Dump,
+            "restore script committed more than once",
+        ));
+    }
+    Ok(())
+}
+
+/// pg_restore's script into psql: our preamble first, then the script with its lock_timeout
+/// reset replaced by ours, then EOF.
+async fn relay_script<R, W>(mut from: R, mut to: W) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    to.write_all(RESTORE_PREAMBLE.as_bytes()).await?;
+    let mut head = Vec::with_capacity(SCRIPT_HEADER);
+    let mut buf = vec![0u8; SCRIPT_HEADER];
+    while head.len() < SCRIPT_HEADER {
+        let n = from.read(&mut buf[..SCRIPT_HEADER - head.len()]).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    if let Some(at) = head
+        .windows(SCRIPT_LOCK_RESET.len())
+        .position(|w| w == SCRIPT_LOCK_RESET)
+    {
+        head.splice(
+            at..at + SCRIPT_LOCK_RESET.len(),
+            SCRIPT_LOCK_OURS.iter().copied(),
+        );
+    }
+    to.write_all(&head).await?;
+    process::pump(from, to).await.map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `pg_restore --list` of a tenant database with superuser-created extensions (Postgres 15).
+    const LISTING: &str = "\
+;
+; Archive created at 2026-11-22 10:00:00 UTC
+;     dbname: tenant
+;
+; Selected TOC Entries:
+;
+2; 3079 16385 EXTENSION - citext 
+3390; 0 0 COMMENT - EXTENSION citext 
+3; 3079 16480 EXTENSION - pg_trgm 
+3391; 0 0 COMMENT - EXTENSION pg_trgm 
+4; 3079 16600 EXTENSION - postgis 
+215; 1259 16570 TABLE public notes app
+3383; 0 16570 TABLE DATA public notes app
+3384; 0 16700 TABLE DATA public spatial_ref_sys postgres
+3240; 2606 16576 CONSTRAINT public notes notes_pkey app
+3241; 1259 16578 INDEX public notes_body_trgm app
+";
+
+    fn target(super_: bool, installed: &[(&str, bool)], creatable: &[&str]) -> Target {
+        Target {
+            superuser: super_,
+            installed: installed.iter().map(|(n, o)| ((*n).into(), *o)).collect(),
+            creatable: creatable.iter().map(|n| (*n).into()).collect(),
+            members: [("postgis".to_owned(), "public spatial_ref_sys".to_owned())].into(),
+        }
+    }
+
+    fn commented(list: &str) -> Vec<&str> {
+        list.lines()
+            .filter_map(|l| l.strip_prefix(';'))
+            .filter(|l| l.contains(' '))
+            .filter(|l| !l.starts_with(' ') && !l.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn the_tenant_role_skips_extensions_it_does_not_own() {
+        let toc = Toc::parse(LISTING);
+        assert_eq!(
+            toc.extensions
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            ["citext", "pg_trgm", "postgis"]
+        );
+        let t = target(
+            false,
+            &[("citext", false), ("pg_trgm", true), ("postgis", false)],
+            &[],
+        );
+        let (list, skipped) = use_list(&toc, &t).unwrap();
+        assert_eq!(
+            commented(&list),
+            [
+                "2; 3079 16385 EXTENSION - citext ",
+                "3390; 0 0 COMMENT - EXTENSION citext ",
+                "4; 3079 16600 EXTENSION - postgis ",
+                "3384; 0 16700 TABLE DATA public spatial_ref_sys postgres",
+            ],
+            "the role's own extension (pg_trgm) and everything it owns are kept"
+        );
+        assert_eq!(skipped.len(), 4);
+        assert_eq!(list.lines().count(), LISTING.lines().count(), "order kept");
+    }
+
+    #[test]
+    fn a_superuser_keeps_everything() {
+        let toc = Toc::parse(LISTING);
+        let t = target(
+            true,
+            &[("citext", false), ("pg_trgm", false), ("postgis", false)],
+            &[],
+        );
+        let (list, skipped) = use_list(&toc, &t).unwrap();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!(list, format!("{LISTING}"));
+    }
+
+    #[test]
+    fn a_missing_extension_is_created_when_trusted_else_refused_by_name() {
+        let toc = Toc::parse(LISTING);
+        let ok = target(false, &[("postgis", false)], &["citext", "pg_trgm"]);
+        assert!(use_list(&toc, &ok).is_ok());
+        let refused = target(false, &[("citext", false)], &["citext", "pg_trgm"]);
+        let err = use_list(&toc, &refused).unwrap_err();
+        assert!(err.0.contains("\"postgis\""), "{err}");
+    }
+
+    #[test]
+    fn probe_answers_parse() {
+        let t = Target::parse(
+            "super\x1ffalse\x1f\ninstalled\x1fplpgsql\x1ffalse\ninstalled\x1fcitext\x1ftrue\n\
+             creatable\x1fhstore\x1f\nmember\x1fpostgis\x1fpublic spatial_ref_sys\n",
+        );
+        assert!(!t.superuser);
+        assert_eq!(
+            t.installed,
+            [("plpgsql".to_owned(), false), ("citext".to_owned(), true)]
+        );
+        assert!(t.creatable.contains("hstore"));
+        assert!(t
+            .members
+            .contains(&("postgis".to_owned(), "public spatial_ref_sys".to_owned())));
+    }
+
+    #[tokio::test]
+    async fn the_script_keeps_our_lock_timeout() {
+        let script = b"--\n-- PostgreSQL database dump\n--\nSET statement_timeout = 0;\nSET lock_timeout = 0;\nSET idle_in_transaction_session_timeout = 0;\nBEGIN;\nCREATE TABLE t (x int);\nCOMMIT;\n";
+        let mut out = Vec::new();
+        relay_script(&script[..], &mut out).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with(RESTORE_PREAMBLE));
+        let rest = &text[RESTORE_PREAMBLE.len()..];
+        assert!(!rest.contains("SET lock_timeout = 0;"), "{rest}");
+        assert!(rest.contains("SET lock_timeout = '30s';\nSET idle_in_transaction"));
+        assert!(rest.ends_with("COMMIT;\n"));
+    }
 
     fn env_of(cmd: &ToolCommand, k: &str) -> Option<String> {
         cmd.env
@@ -250,7 +664,7 @@ mod tests {
     fn parses_into_libpq_environment_with_a_passfile() {
         let dir = tempfile::tempdir().unwrap();
         let url = Secret::new("postgresql://app:p%40ss%3Aw0rd@[2001:db8::5]:6543/my%20db?sslmode=require&application_name=x");
-        let cmd = dump_command(&url, dir.path()).unwrap();
+        let cmd = dump_command(&url, dir.path()).unwrap().command;
         assert_eq!(env_of(&cmd, "PGHOST").as_deref(), Some("2001:db8::5"));
         assert_eq!(env_of(&cmd, "PGPORT").as_deref(), Some("6543"));
         assert_eq!(env_of(&cmd, "PGUSER").as_deref(), Some("app"));
@@ -304,7 +718,8 @@ mod tests {
             &Secret::new("postgresql:///app?host=/var/run/postgresql"),
             dir.path(),
         )
-        .unwrap();
+        .unwrap()
+        .command;
         assert_eq!(
             env_of(&cmd, "PGHOST").as_deref(),
             Some("/var/run/postgresql")

@@ -14,10 +14,9 @@ use uuid::Uuid;
 
 use super::{Loop, LoopError, LoopName, PassContext};
 use crate::app::Deps;
-use crate::classify::classify_tool_failure;
 use crate::db::audit;
 use crate::domain::{FailureReason, ResourceType};
-use crate::engines::dump_command;
+use crate::engines::{self, dump_command};
 use crate::jobs::{self, FailureOutcome, JobTable, Lease};
 use crate::pipeline::{gzip_to_upload, PipelineError, Streamed};
 use crate::process::{spawn, SpawnError};
@@ -293,19 +292,21 @@ impl Backups {
                 )
             }
         };
-        let cmd = match dump_command(resource_type, &job.connection_url, temp.path()) {
-            Ok(c) => c,
+        let dump = match dump_command(resource_type, &job.connection_url, temp.path()) {
+            Ok(d) => d,
             Err(problem) => return failed(FailureReason::Config, problem.0),
         };
+        let cmd = &dump.command;
+        let magic = engines::magic(resource_type);
         let key = object_key(
             cfg.storage_url.prefix(),
             job.team_id,
             job.resource_id,
             job.lease.started_at,
             job.lease.id,
-            cmd.extension,
+            dump.extension,
         );
-        let mut tool = match spawn(&self.deps.tools, &cmd, false) {
+        let mut tool = match spawn(&self.deps.tools, cmd, false) {
             Ok(t) => t,
             Err(e @ SpawnError::Missing { .. }) => {
                 return failed(FailureReason::Config, e.to_string())
@@ -371,14 +372,7 @@ impl Backups {
             _ = lease_lost.cancelled() => Err(Stop::LeaseLost),
         };
         let finished = match exit {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => {
-                let _ = upload.abort().await;
-                return failed(
-                    FailureReason::Dump,
-                    format!("waiting for {} failed: {e}", cmd.program),
-                );
-            }
+            Ok(f) => f,
             Err(stop) => {
                 let _ = upload.abort().await;
                 return stopped(stop);
@@ -388,14 +382,8 @@ impl Backups {
         // A non-zero exit always discards the output, whatever was streamed.
         if !finished.status.success() {
             let _ = upload.abort().await;
-            let reason = classify_tool_failure(&finished.stderr);
-            return failed(
-                reason,
-                format!(
-                    "{} exited with {}: {}",
-                    cmd.program, finished.status, finished.stderr
-                ),
-            );
+            let reason = engines::classify(resource_type, &finished.stderr);
+            return failed(reason, finished.describe());
         }
         let streamed = match streamed {
             Ok(s) => s,
@@ -408,7 +396,7 @@ impl Backups {
                 return failed(FailureReason::Dump, e.to_string());
             }
         };
-        if streamed.raw_bytes < MIN_RAW_BYTES || !streamed.head.starts_with(cmd.magic) {
+        if streamed.raw_bytes < MIN_RAW_BYTES || !streamed.head.starts_with(magic) {
             let _ = upload.abort().await;
             return failed(
                 FailureReason::Sanity,
@@ -417,7 +405,7 @@ impl Backups {
                     cmd.program,
                     streamed.raw_bytes,
                     hex::encode(&streamed.head[..streamed.head.len().min(8)]),
-                    hex::encode(cmd.magic)
+                    hex::encode(magic)
                 ),
             );
         }

@@ -16,9 +16,9 @@ use super::{Loop, LoopError, LoopName, PassContext};
 use crate::app::Deps;
 use crate::db::audit;
 use crate::domain::{FailureReason, ResourceType};
-use crate::engines;
+use crate::engines::{self, Failure, RestoreTarget};
 use crate::jobs::{self, FailureOutcome, JobTable, Lease};
-use crate::restore::{self, Failure};
+use crate::restore;
 use crate::secret::Secret;
 
 /// A claimed restore, its target and the backup it rewinds to.
@@ -34,6 +34,8 @@ pub struct Job {
     pub backup_status: String,
     pub backup_team_id: Uuid,
     pub backup_resource_type: String,
+    /// The connection of the resource the backup was taken of (a clone's source).
+    pub backup_connection_url: Secret,
     pub object_key: Option<String>,
     pub sha256: Option<String>,
 }
@@ -56,6 +58,7 @@ struct Context {
     backup_status: String,
     backup_team_id: Uuid,
     backup_resource_type: String,
+    backup_connection_url: String,
     object_key: Option<String>,
     sha256: Option<String>,
 }
@@ -111,7 +114,8 @@ impl Restores {
             let c: Context = sqlx::query_as(
                 "SELECT tr.team_id, tr.resource_type, tr.status AS resource_status, tr.connection_url,
                         b.status AS backup_status, br.team_id AS backup_team_id,
-                        br.resource_type AS backup_resource_type, b.object_key, b.sha256
+                        br.resource_type AS backup_resource_type, br.connection_url AS backup_connection_url,
+                        b.object_key, b.sha256
                    FROM resources tr, resource_backups b JOIN resources br ON br.id = b.resource_id
                   WHERE tr.id = $1 AND b.id = $2",
             )
@@ -136,6 +140,7 @@ impl Restores {
                 backup_status: c.backup_status,
                 backup_team_id: c.backup_team_id,
                 backup_resource_type: c.backup_resource_type,
+                backup_connection_url: Secret::new(c.backup_connection_url),
                 object_key: c.object_key,
                 sha256: c.sha256,
             }));
@@ -214,7 +219,7 @@ impl Restores {
             reason: FailureReason::Dump,
             detail: format!("cannot create a temporary directory: {e}"),
         })?;
-        let dump = restore::download_verified(
+        let backup = restore::download_verified(
             self.deps.store.as_ref(),
             key,
             sha,
@@ -222,15 +227,13 @@ impl Restores {
             temp.path(),
         )
         .await?;
-        let tools = &self.deps.tools;
-        let url = &job.connection_url;
-        match resource_type {
-            ResourceType::Postgres | ResourceType::Vector => {
-                restore::postgres(tools, url, &dump, temp.path()).await
-            }
-            ResourceType::Mongodb => restore::mongodb(tools, url, &dump, temp.path()).await,
-            ResourceType::Redis => restore::redis(tools, url, &dump, temp.path()).await,
-        }
+        let target = RestoreTarget {
+            tools: &self.deps.tools,
+            url: &job.connection_url,
+            source_url: &job.backup_connection_url,
+            temp: temp.path(),
+        };
+        engines::restore(resource_type, &target, &backup).await
     }
 
     async fn finish(
@@ -280,7 +283,13 @@ impl Restores {
                     seconds = elapsed.as_secs_f64(), "restore succeeded");
             }
             Attempt::Failed(Failure { reason, detail }) => {
-                let detail = crate::secret::redact_known(&detail, &[job.connection_url.expose()]);
+                let detail = crate::secret::redact_known(
+                    &detail,
+                    &[
+                        job.connection_url.expose(),
+                        job.backup_connection_url.expose(),
+                    ],
+                );
                 let detail: String = detail.chars().take(8192).collect();
                 let mut tx = self.pool().begin().await?;
                 let outcome = jobs::record_failure(&mut tx, lease, reason, &detail).await?;
