@@ -114,6 +114,8 @@ pub struct RunningTool {
     secrets: Vec<String>,
     /// Set once the group was sent SIGKILL by us.
     killed: bool,
+    /// Set once [`RunningTool::finish`] cleaned up: nothing left for Drop to do.
+    finished: bool,
 }
 
 pub fn spawn(
@@ -160,7 +162,7 @@ pub fn spawn(
         let status = match child.wait().await {
             Ok(s) => s,
             // Cannot happen for a child we spawned; report it as killed rather than hang.
-            Err(_) => ExitStatus::from_raw(libc_sigkill()),
+            Err(_) => ExitStatus::from_raw(KILLED_STATUS),
         };
         let _ = tx.send(Some(status));
     });
@@ -173,13 +175,14 @@ pub fn spawn(
         stderr,
         secrets: cmd.secrets.clone(),
         killed: false,
+        finished: false,
     })
 }
 
-/// SIGKILL as a raw wait status (terminated by signal 9).
-fn libc_sigkill() -> i32 {
-    9
-}
+/// A wait status meaning "terminated by SIGKILL", for a leader whose status could not be read.
+const KILLED_STATUS: i32 = 9;
+
+const SIGPIPE: i32 = 13;
 
 /// How a tool ended: exit status and its stderr tail, secrets redacted.
 #[derive(Debug)]
@@ -195,7 +198,8 @@ impl Finished {
     /// Died of a broken pipe rather than of its own failure: SIGPIPE, or the EPIPE message a
     /// tool prints when it ignores the signal.
     pub fn broken_pipe(&self) -> bool {
-        self.status.signal() == Some(13) || self.stderr.to_ascii_lowercase().contains("broken pipe")
+        self.status.signal() == Some(SIGPIPE)
+            || self.stderr.to_ascii_lowercase().contains("broken pipe")
     }
 
     /// One line for `internal_detail`.
@@ -226,9 +230,9 @@ impl RunningTool {
         let mut rx = self.exit.clone();
         async move {
             match rx.wait_for(Option::is_some).await {
-                Ok(s) => s.unwrap_or(ExitStatus::from_raw(libc_sigkill())),
+                Ok(s) => s.unwrap_or(ExitStatus::from_raw(KILLED_STATUS)),
                 // The reaper always sends before it ends.
-                Err(_) => ExitStatus::from_raw(libc_sigkill()),
+                Err(_) => ExitStatus::from_raw(KILLED_STATUS),
             }
         }
     }
@@ -259,15 +263,16 @@ impl RunningTool {
         drop(self.stdin.take());
         let status = tokio::time::timeout(REAP_AFTER_KILL, self.exit_watch())
             .await
-            .unwrap_or(ExitStatus::from_raw(libc_sigkill()));
+            .unwrap_or(ExitStatus::from_raw(KILLED_STATUS));
         let raw = self.stderr.collect(STDERR_AFTER_KILL).await;
         self.finish(status, &raw)
     }
 
     fn finish(mut self, status: ExitStatus, raw: &[u8]) -> Finished {
         // Descendants outliving the leader are ours to clean up (they may hold pipes or locks).
-        let killed_by_us = self.killed && status.signal() == Some(9);
+        let killed_by_us = self.killed && status.signal() == Some(KILLED_STATUS);
         self.kill_group();
+        self.finished = true;
         let start = raw.len().saturating_sub(STDERR_TAIL);
         let text = String::from_utf8_lossy(&raw[start..]);
         let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
@@ -283,7 +288,9 @@ impl RunningTool {
 impl Drop for RunningTool {
     fn drop(&mut self) {
         // A dropped job (timeout, shutdown, lost lease) takes its whole process group with it.
-        self.kill_group();
+        if !self.finished {
+            self.kill_group();
+        }
         self.stderr.task.abort();
     }
 }
