@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # backup-worker: multi-stage build. The runtime image carries the dump/restore tools of every
 # engine we back up, each from its vendor's repository so they are at least as new as the servers
-# the platform runs (pg_dump refuses to dump a newer server; redis-server must load newer RDBs).
+# the platform runs (pg_dump refuses to dump a newer server). Redis restores need no server: the
+# worker cuts the RDB into DUMP payloads itself.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN=bookworm
@@ -33,10 +34,10 @@ RUN set -eux; \
     echo "deb [signed-by=/usr/share/keyrings/redis.gpg] https://packages.redis.io/deb ${DEBIAN} main" > /etc/apt/sources.list.d/redis.list; \
     apt-get update; \
     apt-get install -y --no-install-recommends \
-        "postgresql-client-${PG_MAJOR}" mongodb-database-tools redis-tools redis-server; \
+        "postgresql-client-${PG_MAJOR}" mongodb-database-tools redis-tools; \
     apt-get purge -y curl gnupg; apt-get autoremove -y; rm -rf /var/lib/apt/lists/*; \
     pg_dump --version; pg_restore --version; mongodump --version; mongorestore --version; \
-    redis-cli --version; redis-server --version; \
+    redis-cli --version; \
     useradd --system --uid 10001 --home-dir /var/lib/backup-worker --create-home --shell /usr/sbin/nologin backup-worker
 
 COPY --from=build /usr/local/bin/backup-worker /usr/local/bin/backup-worker

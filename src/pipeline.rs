@@ -1,6 +1,7 @@
 //! The backup data path's middle: raw dump bytes → gzip → sha256 (of the gzip bytes) → upload,
-//! streamed with fixed buffers. It inspects the raw stream on the way (size, first bytes) for the
-//! sanity check, and neither commits nor aborts: the caller decides once the child has exited.
+//! streamed with fixed buffers. The raw stream passes through its engine's structural check on the
+//! way (no second read); the pipeline neither commits nor aborts: the caller decides once the
+//! source has finished and the check has spoken.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -12,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadBuf};
 
 use crate::storage::{StorageError, Upload};
 
-/// Raw bytes remembered from the start of the stream (magic checks).
+/// Raw bytes remembered from the start of the stream (for messages).
 const HEAD_LEN: usize = 16;
 const CHUNK: usize = 128 * 1024;
 
@@ -24,6 +25,13 @@ pub enum PipelineError {
     Storage(#[from] StorageError),
 }
 
+/// An engine's structural check of a raw dump stream (DESIGN §5 `sanity`), fed as it passes.
+pub trait StreamCheck: Send {
+    fn update(&mut self, bytes: &[u8]);
+    /// The stream ended: complete (a one-line summary) or not (why, as a sentence).
+    fn finish(self: Box<Self>) -> Result<String, String>;
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Streamed {
     pub raw_bytes: u64,
@@ -31,29 +39,33 @@ pub struct Streamed {
     /// Hex sha256 of the stored (gzip) bytes.
     pub sha256: String,
     pub head: Vec<u8>,
+    /// The structural check's verdict on the raw stream.
+    pub check: Result<String, String>,
 }
 
-/// Counts raw bytes and keeps the first few.
+/// Counts raw bytes, keeps the first few and feeds the structural check.
 struct Inspect<R> {
     inner: R,
     raw_bytes: u64,
     head: Vec<u8>,
+    check: Box<dyn StreamCheck>,
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Inspect<R> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &r {
             let new = &buf.filled()[before..];
-            let need = HEAD_LEN.saturating_sub(self.head.len()).min(new.len());
-            let take = new[..need].to_vec();
-            self.head.extend_from_slice(&take);
-            self.raw_bytes += new.len() as u64;
+            let need = HEAD_LEN.saturating_sub(this.head.len()).min(new.len());
+            this.head.extend_from_slice(&new[..need]);
+            this.raw_bytes += new.len() as u64;
+            this.check.update(new);
         }
         r
     }
@@ -62,6 +74,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Inspect<R> {
 /// Streams `source` through gzip at `level` into `upload`, hashing what is stored.
 pub async fn gzip_to_upload<R: AsyncRead + Unpin>(
     source: R,
+    check: Box<dyn StreamCheck>,
     upload: &mut dyn Upload,
     level: u32,
 ) -> Result<Streamed, PipelineError> {
@@ -69,6 +82,7 @@ pub async fn gzip_to_upload<R: AsyncRead + Unpin>(
         inner: source,
         raw_bytes: 0,
         head: Vec::with_capacity(HEAD_LEN),
+        check,
     };
     let mut gz = GzipEncoder::with_quality(
         BufReader::with_capacity(CHUNK, inspect),
@@ -92,6 +106,7 @@ pub async fn gzip_to_upload<R: AsyncRead + Unpin>(
         stored_bytes: stored,
         sha256: hex::encode(hasher.finalize()),
         head: inspect.head,
+        check: inspect.check.finish(),
     })
 }
 
@@ -110,7 +125,24 @@ mod tests {
             .chain((0..300_000u32).flat_map(|i| i.to_le_bytes()))
             .collect();
         let mut up = store.begin_upload("k", Metadata::new()).await.unwrap();
-        let s = gzip_to_upload(&raw[..], up.as_mut(), 6).await.unwrap();
+        struct Magic(Vec<u8>);
+        impl StreamCheck for Magic {
+            fn update(&mut self, bytes: &[u8]) {
+                if self.0.len() < 5 {
+                    self.0
+                        .extend_from_slice(&bytes[..bytes.len().min(5 - self.0.len())]);
+                }
+            }
+            fn finish(self: Box<Self>) -> Result<String, String> {
+                (self.0 == b"PGDMP")
+                    .then(String::new)
+                    .ok_or_else(String::new)
+            }
+        }
+        let s = gzip_to_upload(&raw[..], Box::new(Magic(Vec::new())), up.as_mut(), 6)
+            .await
+            .unwrap();
+        assert_eq!(s.check, Ok(String::new()));
         up.commit(Metadata::new()).await.unwrap();
         let stored = store.bytes("k").unwrap();
         assert_eq!(s.raw_bytes, raw.len() as u64);

@@ -116,6 +116,8 @@ pub struct RunningTool {
     killed: bool,
     /// Set once [`RunningTool::finish`] cleaned up: nothing left for Drop to do.
     finished: bool,
+    /// The command's credential files live as long as the tool.
+    command: Option<ToolCommand>,
 }
 
 pub fn spawn(
@@ -176,6 +178,7 @@ pub fn spawn(
         secrets: cmd.secrets.clone(),
         killed: false,
         finished: false,
+        command: None,
     })
 }
 
@@ -218,6 +221,12 @@ impl Finished {
 impl RunningTool {
     pub fn pid(&self) -> Option<u32> {
         self.pgid.and_then(|p| u32::try_from(p).ok())
+    }
+
+    /// Keeps `cmd` (and so its 0600 credential files) alive until the tool is gone.
+    pub fn keep(mut self, cmd: ToolCommand) -> Self {
+        self.command = Some(cmd);
+        self
     }
 
     /// True once the leader has exited.

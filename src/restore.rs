@@ -12,15 +12,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::domain::FailureReason;
 use crate::engines::{fail, BackupFile, Failure};
+use crate::pipeline::StreamCheck;
 use crate::storage::{ObjectStore, StorageError};
 
 /// Downloads `key` into `dir` while hashing it; refuses (integrity) unless the sha256 matches
-/// the row, the whole gzip stream decodes (its CRC checks out) and the dump starts with `magic`.
+/// the row, the whole gzip stream decodes (its CRC checks out) and the raw dump passes its
+/// engine's structural `check`.
 pub async fn download_verified(
     store: &dyn ObjectStore,
     key: &str,
     expected_sha256: &str,
-    magic: &[u8],
+    mut check: Box<dyn StreamCheck>,
     dir: &Path,
 ) -> Result<BackupFile, Failure> {
     let path = dir.join("backup.gz");
@@ -58,7 +60,6 @@ pub async fn download_verified(
     // Decode it all once before anything destructive: a truncated or corrupt stream fails here.
     let file = File::open(&path).await.map_err(io)?;
     let mut decoder = GzipDecoder::new(BufReader::with_capacity(128 * 1024, file));
-    let mut head = Vec::new();
     loop {
         let n = decoder.read(&mut buf).await.map_err(|e| {
             fail(
@@ -69,18 +70,12 @@ pub async fn download_verified(
         if n == 0 {
             break;
         }
-        if head.len() < magic.len() {
-            head.extend_from_slice(&buf[..n.min(magic.len() - head.len())]);
-        }
+        check.update(&buf[..n]);
     }
-    if !head.starts_with(magic) {
+    if let Err(why) = check.finish() {
         return Err(fail(
             FailureReason::Integrity,
-            format!(
-                "{key} does not start with {} (got {})",
-                hex::encode(magic),
-                hex::encode(&head)
-            ),
+            format!("{key} fails its structural check: {why}"),
         ));
     }
     Ok(BackupFile { path })

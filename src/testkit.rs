@@ -313,11 +313,17 @@ impl RedisServer {
         self.cli(&args).await.map(|_| ())
     }
 
+    /// The whole instance as a resource.
     pub fn url(&self) -> String {
         match &self.password {
-            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
-            None => format!("redis://127.0.0.1:{}/0", self.port),
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
         }
+    }
+
+    /// Logical database `db` only, as a resource.
+    pub fn url_db(&self, db: u32) -> String {
+        format!("{}/{db}", self.url())
     }
 }
 

@@ -347,6 +347,12 @@ fn fixture_dir() -> tempfile::TempDir {
     for f in ["fake-mongodump", "fake-pg_dump", "record-exec"] {
         std::fs::copy(Path::new(FIXTURES).join(f), dir.path().join(f)).unwrap();
     }
+    // The real archive fake-pg_dump writes (whole or cut).
+    std::fs::copy(
+        Path::new(FIXTURES).join("fake-pg_dump.pgdump"),
+        dir.path().join("dump.pgdump"),
+    )
+    .unwrap();
     dir
 }
 
@@ -419,7 +425,7 @@ async fn mongodb_through_the_fake_mongodump(pool: PgPool) {
 }
 
 #[sqlx::test]
-async fn failing_tiny_and_foreign_streams_leave_no_object(pool: PgPool) {
+async fn failing_truncated_and_foreign_streams_leave_no_object(pool: PgPool) {
     let s3 = S3Server::start().await.unwrap();
     let store = Arc::new(s3.store("backups").await.unwrap());
     let fx = fixture_dir();
@@ -434,7 +440,7 @@ async fn failing_tiny_and_foreign_streams_leave_no_object(pool: PgPool) {
 
     for (behaviour, status, reason) in [
         ("midway-fail", "pending", "dump"),
-        ("tiny", "failed", "sanity"),
+        ("truncated", "failed", "sanity"),
         ("wrong-magic", "failed", "sanity"),
     ] {
         std::fs::write(fx.path().join("behaviour"), behaviour).unwrap();

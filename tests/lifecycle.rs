@@ -36,6 +36,11 @@ impl FakeTools {
             dir.path().join("pg_dump"),
         )
         .unwrap();
+        std::fs::copy(
+            Path::new(FIXTURES).join("fake-pg_dump.pgdump"),
+            dir.path().join("dump.pgdump"),
+        )
+        .unwrap();
         let t = Self { dir };
         t.set(behaviour);
         t

@@ -431,21 +431,63 @@ async fn a_corrupt_object_is_refused_before_anything_is_touched(pool: PgPool) {
     assert_eq!(kinds, ["restore.failed"]);
 }
 
-/// Every key of every database: type, encoding, value and TTL presence. Values are read per type
-/// and sorted where Redis keeps no order: a hashtable's DUMP order depends on the per-process hash
-/// seed, so raw DUMP bytes differ between two servers holding the same set.
-async fn redis_snapshot(r: &RedisServer) -> BTreeMap<String, (String, String, bool)> {
+/// Every key of the given databases: type, encoding, value and TTL presence. Values are read per
+/// type and sorted where Redis keeps no order: a hashtable's DUMP order depends on the per-process
+/// hash seed, so raw DUMP bytes differ between two servers holding the same set.
+async fn redis_snapshot_of(
+    r: &RedisServer,
+    dbs: &[&str],
+) -> BTreeMap<String, (String, String, bool)> {
     let mut out = BTreeMap::new();
-    for db in ["0", "2", "3", "5"] {
+    for db in dbs {
         let keys = r.cli(&["-n", db, "--scan"]).await.unwrap();
         for key in keys.lines().filter(|k| !k.is_empty()) {
             let ty = cli_in(r, db, &["TYPE", key]).await;
             let encoding = cli_in(r, db, &["OBJECT", "ENCODING", key]).await;
             let value = match ty.as_str() {
-                "string" => cli_in(r, db, &["GET", key]).await,
+                "string" => {
+                    let len: usize = cli_in(r, db, &["STRLEN", key])
+                        .await
+                        .trim_start_matches("(integer) ")
+                        .parse()
+                        .unwrap();
+                    if len > 1 << 20 {
+                        // Big values: length and both ends (redis-cli prints them whole otherwise).
+                        let head = cli_in(r, db, &["GETRANGE", key, "0", "63"]).await;
+                        let from = (len - 64).to_string();
+                        let tail = cli_in(r, db, &["GETRANGE", key, &from, "-1"]).await;
+                        format!("len {len} {head} … {tail}")
+                    } else {
+                        cli_in(r, db, &["GET", key]).await
+                    }
+                }
                 "list" => cli_in(r, db, &["LRANGE", key, "0", "-1"]).await,
                 "zset" => cli_in(r, db, &["ZRANGE", key, "0", "-1", "WITHSCORES"]).await,
-                "stream" => cli_in(r, db, &["XRANGE", key, "-", "+"]).await,
+                "stream" => {
+                    let groups = cli_in(r, db, &["XINFO", "GROUPS", key]).await;
+                    let mut pending = String::new();
+                    for g in groups.lines().filter(|l| l.contains("group-")) {
+                        let name = g.rsplit(' ').next().unwrap().trim_matches('"');
+                        pending.push_str(
+                            &cli_in(r, db, &["XPENDING", key, name, "-", "+", "100"]).await,
+                        );
+                    }
+                    // Delivery times are not compared (XPENDING's idle time moves on).
+                    let pending: String = pending
+                        .lines()
+                        .filter(|l| !l.contains(") (integer)") || l.contains("4)"))
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    format!(
+                        "{}\n{}\n{pending}",
+                        cli_in(r, db, &["XRANGE", key, "-", "+"]).await,
+                        groups
+                            .lines()
+                            .filter(|l| !l.contains("lag") && !l.contains("entries-read"))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    )
+                }
                 "hash" => sorted_lines(cli_in(r, db, &["HGETALL", key]).await, 2),
                 "set" => sorted_lines(cli_in(r, db, &["SMEMBERS", key]).await, 1),
                 other => panic!("unexpected type {other}"),
@@ -462,6 +504,10 @@ async fn redis_snapshot(r: &RedisServer) -> BTreeMap<String, (String, String, bo
         }
     }
     out
+}
+
+async fn redis_snapshot(r: &RedisServer) -> BTreeMap<String, (String, String, bool)> {
+    redis_snapshot_of(r, &["0", "2", "3", "5"]).await
 }
 
 async fn cli_in(r: &RedisServer, db: &str, args: &[&str]) -> String {
@@ -482,38 +528,229 @@ fn sorted_lines(reply: String, group: usize) -> String {
     groups.join("\n")
 }
 
-#[sqlx::test]
-async fn redis_round_trip_keeps_types_values_and_ttls(pool: PgPool) {
-    let redis = RedisServer::start(Some("redis-restore-pw")).await.unwrap();
+/// Every type and encoding a Redis of this version writes, in three databases, with TTLs, big
+/// values and a stream with consumer groups and pending entries.
+async fn populate_every_type(redis: &RedisServer) {
     redis.populate(50).await.unwrap();
-    for cmd in [
-        vec!["RPUSH", "list", "a", "b", "c"],
-        vec!["HSET", "hash", "f1", "v1", "f2", "v2"],
-        vec!["SADD", "set", "x", "y", "z"],
-        vec!["ZADD", "zset", "1", "one", "2", "two"],
-        vec!["XADD", "stream", "1-1", "field", "value"],
-        vec!["SET", "ttl-key", "expires", "EX", "3600"],
-        vec!["SET", "unicode", "ünïcødé ✓"],
-        vec!["-n", "3", "SET", "db3-key", "in db 3"],
-        vec!["-n", "3", "HSET", "db3-hash", "a", "1"],
-        vec!["-n", "3", "EXPIRE", "db3-hash", "7200"],
-    ] {
-        redis.cli(&cmd).await.unwrap();
+    let big_list: Vec<String> = (0..5000).map(|i| format!("item-{i}")).collect();
+    let big_hash: Vec<String> = (0..1000)
+        .flat_map(|i| {
+            [
+                format!("field-{i}"),
+                format!("value {i} {}", "x".repeat(40)),
+            ]
+        })
+        .collect();
+    let big_set: Vec<String> = (0..1000).map(|i| format!("member-{i}")).collect();
+    let int_set: Vec<String> = (0..100).map(|i| (i * 7).to_string()).collect();
+    let big_zset: Vec<String> = (0..1000)
+        .flat_map(|i| [format!("{}.5", i), format!("z-{i}")])
+        .collect();
+    let mut cmds: Vec<Vec<String>> = vec![
+        vec![
+            "RPUSH".into(),
+            "list".into(),
+            "a".into(),
+            "b".into(),
+            "c".into(),
+        ],
+        vec![
+            "HSET".into(),
+            "hash".into(),
+            "f1".into(),
+            "v1".into(),
+            "f2".into(),
+            "v2".into(),
+        ],
+        vec![
+            "SADD".into(),
+            "set".into(),
+            "x".into(),
+            "y".into(),
+            "z".into(),
+        ],
+        vec![
+            "ZADD".into(),
+            "zset".into(),
+            "1".into(),
+            "one".into(),
+            "2.5".into(),
+            "two".into(),
+        ],
+        vec!["SET".into(), "int".into(), "12345".into()],
+        vec!["SET".into(), "negative".into(), "-9000000000".into()],
+        vec!["SET".into(), "compressible".into(), "abc".repeat(30_000)],
+        vec![
+            "SET".into(),
+            "ttl-key".into(),
+            "expires".into(),
+            "EX".into(),
+            "3600".into(),
+        ],
+        vec!["SET".into(), "unicode".into(), "ünïcødé ✓".into()],
+        // 50 MB: far beyond a pipe buffer and a batch.
+        vec![
+            "SETRANGE".into(),
+            "huge".into(),
+            "52428799".into(),
+            "!".into(),
+        ],
+        vec![
+            "-n".into(),
+            "3".into(),
+            "SET".into(),
+            "db3-key".into(),
+            "in db 3".into(),
+        ],
+        vec![
+            "-n".into(),
+            "3".into(),
+            "HSET".into(),
+            "db3-hash".into(),
+            "a".into(),
+            "1".into(),
+        ],
+        vec![
+            "-n".into(),
+            "3".into(),
+            "EXPIRE".into(),
+            "db3-hash".into(),
+            "7200".into(),
+        ],
+        vec![
+            "-n".into(),
+            "2".into(),
+            "SADD".into(),
+            "db2-set".into(),
+            "1".into(),
+            "2".into(),
+        ],
+        vec![
+            "XADD".into(),
+            "stream".into(),
+            "1-1".into(),
+            "field".into(),
+            "value".into(),
+        ],
+        vec![
+            "XADD".into(),
+            "stream".into(),
+            "2-1".into(),
+            "field".into(),
+            "second".into(),
+        ],
+        vec![
+            "XADD".into(),
+            "stream".into(),
+            "3-1".into(),
+            "field".into(),
+            "third".into(),
+        ],
+        vec![
+            "XGROUP".into(),
+            "CREATE".into(),
+            "stream".into(),
+            "group-a".into(),
+            "0".into(),
+        ],
+        vec![
+            "XGROUP".into(),
+            "CREATE".into(),
+            "stream".into(),
+            "group-b".into(),
+            "$".into(),
+        ],
+        vec![
+            "XREADGROUP".into(),
+            "GROUP".into(),
+            "group-a".into(),
+            "alice".into(),
+            "COUNT".into(),
+            "2".into(),
+            "STREAMS".into(),
+            "stream".into(),
+            ">".into(),
+        ],
+        vec![
+            "XREADGROUP".into(),
+            "GROUP".into(),
+            "group-a".into(),
+            "bob".into(),
+            "COUNT".into(),
+            "1".into(),
+            "STREAMS".into(),
+            "stream".into(),
+            ">".into(),
+        ],
+        vec![
+            "XACK".into(),
+            "stream".into(),
+            "group-a".into(),
+            "1-1".into(),
+        ],
+    ];
+    let mut push = |name: &str, mut items: Vec<String>| {
+        let mut c = vec![name.to_owned()];
+        c.append(&mut items);
+        cmds.push(c);
+    };
+    let mut l = vec!["big-list".to_owned()];
+    l.extend(big_list);
+    push("RPUSH", l);
+    let mut h = vec!["big-hash".to_owned()];
+    h.extend(big_hash);
+    push("HSET", h);
+    let mut st = vec!["big-set".to_owned()];
+    st.extend(big_set);
+    push("SADD", st);
+    let mut is = vec!["int-set".to_owned()];
+    is.extend(int_set);
+    push("SADD", is);
+    let mut z = vec!["big-zset".to_owned()];
+    z.extend(big_zset);
+    push("ZADD", z);
+    for c in &cmds {
+        let args: Vec<&str> = c.iter().map(String::as_str).collect();
+        redis.cli(&args).await.unwrap();
     }
-    let before = redis_snapshot(&redis).await;
-    assert!(before.len() > 55);
-    assert!(before["0/ttl-key"].2 && before["3/db3-hash"].2);
+}
 
-    let (dir, d) = local_deps(&pool, Tools::default()).await;
-    let t = team(&pool).await;
-    let res = resource(&pool, t, "redis", &redis.url()).await;
+/// Backup → damage → restore of a Redis of the given kind, compared per type.
+async fn redis_round_trip(pool: &PgPool, redis: &RedisServer) {
+    populate_every_type(redis).await;
+    let before = redis_snapshot(redis).await;
+    assert!(before.len() > 60);
+    assert!(before["0/ttl-key"].2 && before["3/db3-hash"].2);
+    for (key, enc) in [
+        ("0/big-list", "quicklist"),
+        ("0/big-hash", "hashtable"),
+        ("0/big-set", "hashtable"),
+        ("0/int-set", "intset"),
+        ("0/big-zset", "skiplist"),
+        ("0/int", "int"),
+    ] {
+        assert!(before[key].0.contains(enc), "{key}: {:?}", before[key].0);
+    }
+
+    let (_dir, d) = local_deps(pool, Tools::default()).await;
+    let t = team(pool).await;
+    let res = resource(pool, t, "redis", &redis.url()).await;
     let backup = back_up(&d, res).await;
+    let mode: Option<String> =
+        sqlx::query_scalar("SELECT dump_mode FROM resource_backups WHERE id = $1")
+            .bind(backup)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(mode.as_deref(), Some("instance"));
 
     for cmd in [
-        vec!["DEL", "list", "key:1"],
+        vec!["DEL", "list", "key:1", "huge"],
         vec!["SET", "unicode", "changed"],
         vec!["PERSIST", "ttl-key"],
         vec!["SET", "added-after", "1"],
+        vec!["LPOP", "big-list"],
+        vec!["XACK", "stream", "group-a", "2-1"],
         vec!["-n", "3", "SET", "db3-added", "1"],
         vec!["-n", "3", "DEL", "db3-key"],
         vec![
@@ -526,17 +763,350 @@ async fn redis_round_trip_keeps_types_values_and_ttls(pool: PgPool) {
     ] {
         redis.cli(&cmd).await.unwrap();
     }
-    assert_ne!(redis_snapshot(&redis).await, before);
+    assert_ne!(redis_snapshot(redis).await, before);
 
     let (_, status, reason, detail) = restore(&d, backup, res).await;
     assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
     assert_eq!(
-        redis_snapshot(&redis).await,
+        redis_snapshot(redis).await,
         before,
-        "same keys, types, values and TTLs"
+        "same keys, types, encodings, values, consumer groups and TTLs"
     );
-    // The private server is gone and had no TCP port: nothing listens beyond the target.
-    assert!(!dir.path().join("redis.sock").exists());
+}
+
+#[sqlx::test]
+async fn redis_round_trip_keeps_every_type_value_and_ttl(pool: PgPool) {
+    let redis = RedisServer::start(Some("redis-restore-pw")).await.unwrap();
+    redis_round_trip(&pool, &redis).await;
+}
+
+#[sqlx::test]
+async fn redis_6_2_round_trip_keeps_every_type_value_and_ttl(pool: PgPool) {
+    let redis = RedisServer::start_old(Some("redis-62-pw")).await.unwrap();
+    assert!(redis
+        .cli(&["INFO", "server"])
+        .await
+        .unwrap()
+        .contains("redis_version:6.2"));
+    redis_round_trip(&pool, &redis).await;
+}
+
+#[sqlx::test]
+async fn a_one_database_resource_is_that_database_only(pool: PgPool) {
+    let redis = RedisServer::start(Some("one-db-pw")).await.unwrap();
+    for (db, key) in [("0", "zero"), ("3", "three"), ("5", "five")] {
+        redis.cli(&["-n", db, "SET", key, "before"]).await.unwrap();
+        redis
+            .cli(&["-n", db, "HSET", &format!("{key}-h"), "f", "v"])
+            .await
+            .unwrap();
+    }
+    redis
+        .cli(&["-n", "3", "EXPIRE", "three-h", "900"])
+        .await
+        .unwrap();
+    let (_dir, d) = local_deps(&pool, Tools::default()).await;
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "redis", &redis.url_db(3)).await;
+    let backup = back_up(&d, res).await;
+    let mode: Option<String> =
+        sqlx::query_scalar("SELECT dump_mode FROM resource_backups WHERE id = $1")
+            .bind(backup)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        mode.as_deref(),
+        Some("keyspace"),
+        "one database: the worker's own dump"
+    );
+    let db3_at_backup = redis_snapshot_of(&redis, &["3"]).await;
+
+    for db in ["0", "3", "5"] {
+        redis
+            .cli(&["-n", db, "SET", "added", "after"])
+            .await
+            .unwrap();
+        redis
+            .cli(&[
+                "-n",
+                db,
+                "DEL",
+                &format!(
+                    "{}-h",
+                    match db {
+                        "0" => "zero",
+                        "3" => "three",
+                        _ => "five",
+                    }
+                ),
+            ])
+            .await
+            .unwrap();
+    }
+    let others = redis_snapshot_of(&redis, &["0", "5"]).await;
+
+    let (_, status, reason, detail) = restore(&d, backup, res).await;
+    assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    assert_eq!(redis_snapshot_of(&redis, &["3"]).await, db3_at_backup);
+    assert_eq!(
+        redis_snapshot_of(&redis, &["0", "5"]).await,
+        others,
+        "databases 0 and 5 exactly as they were"
+    );
+}
+
+#[sqlx::test]
+async fn a_pooled_tenant_without_sync_backs_up_and_restores_only_its_keys(pool: PgPool) {
+    let redis = RedisServer::start(Some("admin-pw")).await.unwrap();
+    // A pooled tenant: its own key pattern, no SYNC, no FLUSHDB, no INFO/CONFIG (admin and
+    // dangerous commands), but DUMP/RESTORE on its keys.
+    redis
+        .cli(&[
+            "ACL",
+            "SETUSER",
+            "tenant1",
+            "on",
+            ">tenant1-pw",
+            "~tenant1:*",
+            "+@all",
+            "-@admin",
+            "-@dangerous",
+            "+restore",
+        ])
+        .await
+        .unwrap();
+    for i in 0..300 {
+        redis
+            .cli(&["SET", &format!("tenant1:k{i}"), &format!("mine {i}")])
+            .await
+            .unwrap();
+    }
+    redis.cli(&["HSET", "tenant1:h", "a", "1"]).await.unwrap();
+    redis.cli(&["EXPIRE", "tenant1:h", "3600"]).await.unwrap();
+    redis
+        .cli(&["SET", "tenant2:secret", "not yours"])
+        .await
+        .unwrap();
+    redis
+        .cli(&["-n", "1", "SET", "tenant2:elsewhere", "not yours either"])
+        .await
+        .unwrap();
+    let url = format!("redis://tenant1:tenant1-pw@127.0.0.1:{}", redis.port);
+
+    let (dir, d) = local_deps(&pool, Tools::default()).await;
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "redis", &url).await;
+    let backup = back_up(&d, res).await;
+    let (mode, key): (Option<String>, String) =
+        sqlx::query_as("SELECT dump_mode, object_key FROM resource_backups WHERE id = $1")
+            .bind(backup)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        mode.as_deref(),
+        Some("keyspace"),
+        "SYNC refused: keyspace mode"
+    );
+    let audit: serde_json::Value = sqlx::query_scalar(
+        "SELECT detail FROM audit_log WHERE subject_id = $1 AND kind = 'backup.succeeded'",
+    )
+    .bind(backup)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(audit["dump_mode"], "keyspace");
+    // The stored RDB holds the tenant's keys and nothing else.
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(std::fs::File::open(dir.path().join(&key)).unwrap()),
+        &mut raw,
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with(b"REDIS") && text.contains("tenant1:k299"));
+    assert!(!text.contains("tenant2") && !text.contains("not yours"));
+
+    redis.cli(&["DEL", "tenant1:k7"]).await.unwrap();
+    redis.cli(&["SET", "tenant1:added", "after"]).await.unwrap();
+    redis
+        .cli(&["SET", "tenant2:secret", "changed by tenant 2"])
+        .await
+        .unwrap();
+    let (_, status, reason, detail) = restore(&d, backup, res).await;
+    assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    assert_eq!(
+        redis.cli(&["GET", "tenant1:k7"]).await.unwrap().trim(),
+        "mine 7"
+    );
+    assert_eq!(
+        redis
+            .cli(&["EXISTS", "tenant1:added"])
+            .await
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    assert_ne!(
+        redis.cli(&["PTTL", "tenant1:h"]).await.unwrap().trim(),
+        "-1"
+    );
+    assert_eq!(
+        redis.cli(&["GET", "tenant2:secret"]).await.unwrap().trim(),
+        "changed by tenant 2",
+        "another tenant's keys are untouched"
+    );
+    assert_eq!(
+        redis
+            .cli(&["-n", "1", "GET", "tenant2:elsewhere"])
+            .await
+            .unwrap()
+            .trim(),
+        "not yours either"
+    );
+}
+
+#[sqlx::test]
+async fn empty_redis_and_empty_postgres_back_up_and_restore(pool: PgPool) {
+    let redis = RedisServer::start(None).await.unwrap();
+    let pg = PgServer::start().await.unwrap();
+    let pg_url = owned_database(&pg, "empty", "app", "app-pw-51").await;
+    let (_dir, d) = local_deps(&pool, Tools::default()).await;
+    let t = team(&pool).await;
+    for (ty, url) in [
+        ("redis", redis.url()),
+        ("redis", redis.url_db(4)),
+        ("postgres", pg_url.clone()),
+    ] {
+        let res = resource(&pool, t, ty, &url).await;
+        let backup = back_up(&d, res).await;
+        let raw: i64 = sqlx::query_scalar("SELECT raw_bytes FROM resource_backups WHERE id = $1")
+            .bind(backup)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(raw < 1024, "{ty}: a tiny but complete dump ({raw} bytes)");
+        let (_, status, reason, detail) = restore(&d, backup, res).await;
+        assert_eq!(status, "succeeded", "{ty} {url}: {reason:?} {detail:?}");
+    }
+}
+
+/// Rewrites a stored backup's raw stream with `edit` and records the new object's sha256, as if
+/// the object had been written that way (a bug or a bad disk) and verified by its row.
+async fn tamper(d: &Deps, backup: Uuid, edit: impl Fn(&mut Vec<u8>)) {
+    let key: String = sqlx::query_scalar("SELECT object_key FROM resource_backups WHERE id = $1")
+        .bind(backup)
+        .fetch_one(&d.pool)
+        .await
+        .unwrap();
+    let mut gz = Vec::new();
+    d.store
+        .get(&key)
+        .await
+        .unwrap()
+        .read_to_end(&mut gz)
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw).unwrap();
+    edit(&mut raw);
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut enc, &raw).unwrap();
+    let gz = enc.finish().unwrap();
+    put_reader(d.store.as_ref(), &key, &gz[..], Metadata::new())
+        .await
+        .unwrap();
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&gz))
+    };
+    sqlx::query("UPDATE resource_backups SET sha256 = $2 WHERE id = $1")
+        .bind(backup)
+        .bind(sha)
+        .execute(&d.pool)
+        .await
+        .unwrap();
+}
+
+#[sqlx::test]
+async fn truncated_or_bit_flipped_rdbs_fail_their_structural_check_before_the_target_is_touched(
+    pool: PgPool,
+) {
+    let redis = RedisServer::start(None).await.unwrap();
+    redis.populate(500).await.unwrap();
+    let (_dir, d) = local_deps(&pool, Tools::default()).await;
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "redis", &redis.url()).await;
+    type Edit = fn(&mut Vec<u8>);
+    let edits: [(&str, Edit); 3] = [
+        ("truncated", |raw| raw.truncate(raw.len() - 100)),
+        ("bit-flipped", |raw| {
+            let mid = raw.len() / 2;
+            raw[mid] ^= 0x10;
+        }),
+        ("no checksum byte", |raw| {
+            raw.pop();
+        }),
+    ];
+    for (what, edit) in edits {
+        let backup = back_up(&d, res).await;
+        tamper(&d, backup, edit).await;
+        redis.cli(&["SET", "after-backup", what]).await.unwrap();
+        let (_, status, reason, detail) = restore(&d, backup, res).await;
+        assert_eq!(
+            (status.as_str(), reason.as_deref()),
+            ("failed", Some("integrity")),
+            "{what}: {detail:?}"
+        );
+        assert_eq!(
+            redis.cli(&["GET", "after-backup"]).await.unwrap().trim(),
+            what,
+            "{what}: target untouched"
+        );
+    }
+
+    // On the backup side: a redis-cli whose stream is cut short fails `sanity`, nothing stored.
+    let fx = tempfile::tempdir().unwrap();
+    let cut = fx.path().join("redis-cli");
+    std::fs::write(
+        &cut,
+        "#!/usr/bin/env bash\n# A tool that lies: exits 0 with its RDB cut short.\nredis-cli \"$@\" | head -c 3000\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&cut, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (store_dir, d) = local_deps(&pool, Tools::default().with_override("redis-cli", &cut)).await;
+    let id = backup_worker::commands::enqueue_backup(&d.pool, res)
+        .await
+        .unwrap();
+    Backups::new(d.clone()).pass(&ctx()).await.unwrap();
+    let (status, reason, detail): (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT status, failure_reason, internal_detail FROM resource_backups WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("sanity")),
+        "{detail:?}"
+    );
+    let stored: Vec<_> = walk(store_dir.path());
+    assert!(stored.is_empty(), "nothing committed: {stored:?}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if !p.file_name().unwrap().to_string_lossy().starts_with('.') {
+            out.push(p);
+        }
+    }
+    out
 }
 
 #[sqlx::test]

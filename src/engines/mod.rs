@@ -6,7 +6,9 @@
 
 pub(crate) mod mongodb;
 pub(crate) mod mongodb_archive;
+pub(crate) mod pg_archive;
 pub(crate) mod postgres;
+pub(crate) mod rdb;
 pub(crate) mod redis;
 
 use std::ffi::OsString;
@@ -16,10 +18,11 @@ use std::path::{Path, PathBuf};
 use async_compression::tokio::bufread::GzipDecoder;
 use tempfile::NamedTempFile;
 use tokio::fs::File;
-use tokio::io::BufReader;
+use tokio::io::{AsyncRead, BufReader};
 
 use crate::domain::{FailureReason, ResourceType};
-use crate::process::{SpawnError, Tools};
+use crate::pipeline::StreamCheck;
+use crate::process::{RunningTool, SpawnError, Tools};
 use crate::secret::Secret;
 
 pub use mongodb::mongo_database;
@@ -64,34 +67,185 @@ impl ToolCommand {
     }
 }
 
-/// A backup's dump: the command whose stdout is the raw stream, and the object key's extension.
-#[derive(Debug)]
-pub struct Dump {
-    pub command: ToolCommand,
-    pub extension: &'static str,
+/// How a backup's raw stream is produced.
+pub enum DumpPlan {
+    /// A tool whose stdout is the raw stream.
+    Tool(ToolCommand),
+    /// The worker writes the stream itself (Redis keyspace mode, DESIGN §5).
+    Keyspace(redis::KeyspaceDump),
 }
 
-/// The dump command for a resource, or the `config` problem that prevents it.
-pub fn dump_command(
-    resource_type: ResourceType,
-    connection_url: &Secret,
-    temp_dir: &Path,
-) -> Result<Dump, ConfigProblem> {
-    match resource_type {
-        ResourceType::Postgres | ResourceType::Vector => {
-            postgres::dump_command(connection_url, temp_dir)
+/// A backup's dump: how its raw stream is produced, the object key's extension, and the mode
+/// recorded on the row (`dump_mode`, Redis only).
+pub struct Dump {
+    pub plan: DumpPlan,
+    pub extension: &'static str,
+    pub mode: Option<&'static str>,
+    /// Redis: taken instead when the tool is refused SYNC (`NOPERM`) before it wrote a byte.
+    pub fallback: Option<redis::KeyspaceDump>,
+}
+
+#[cfg(test)]
+impl Dump {
+    /// The tool command of a tool dump (tests).
+    pub(crate) fn command(self) -> ToolCommand {
+        match self.plan {
+            DumpPlan::Tool(c) => c,
+            DumpPlan::Keyspace(_) => panic!("not a tool dump"),
         }
-        ResourceType::Mongodb => mongodb::dump_command(connection_url, temp_dir),
-        ResourceType::Redis => redis::dump_command(connection_url, temp_dir),
     }
 }
 
-/// First bytes of a raw (decompressed) dump of this type.
-pub fn magic(resource_type: ResourceType) -> &'static [u8] {
+/// Decides how to dump a resource (Redis asks the server whether its user may SYNC), or the
+/// failure that prevents it.
+pub async fn prepare_dump(
+    resource_type: ResourceType,
+    connection_url: &Secret,
+    temp_dir: &Path,
+) -> Result<Dump, Failure> {
+    Ok(match resource_type {
+        ResourceType::Postgres | ResourceType::Vector => {
+            postgres::dump_command(connection_url, temp_dir)?
+        }
+        ResourceType::Mongodb => mongodb::dump_command(connection_url, temp_dir)?,
+        ResourceType::Redis => redis::prepare_dump(connection_url, temp_dir).await?,
+    })
+}
+
+/// A running dump: a tool (its stdout is the stream) or the worker's own producer task.
+pub enum DumpSource {
+    Tool {
+        tool: Box<RunningTool>,
+        resource_type: ResourceType,
+    },
+    Producer(tokio::task::JoinHandle<Result<(), Failure>>),
+    /// The tool already ended (it wrote nothing).
+    Ended(Result<(), Failure>),
+}
+
+/// The raw stream of a [`DumpSource`].
+pub type RawStream = Box<dyn AsyncRead + Send + Unpin>;
+
+impl DumpSource {
+    /// Starts the dump; the stream is read by the pipeline. Returns the dump mode actually used.
+    pub async fn start(
+        dump: Dump,
+        tools: &Tools,
+        resource_type: ResourceType,
+    ) -> Result<(Self, RawStream, Option<&'static str>), Failure> {
+        let cmd = match dump.plan {
+            DumpPlan::Keyspace(k) => {
+                let (task, stream) = k.start();
+                return Ok((DumpSource::Producer(task), Box::new(stream), dump.mode));
+            }
+            DumpPlan::Tool(cmd) => cmd,
+        };
+        let mut tool = crate::process::spawn(tools, &cmd, false)?;
+        let Some(stdout) = tool.stdout.take() else {
+            return Err(fail(FailureReason::Dump, "the dump tool has no stdout"));
+        };
+        let stream: RawStream = match resource_type {
+            ResourceType::Redis => Box::new(redis::StripEofMark::new(stdout)),
+            _ => Box::new(stdout),
+        };
+        // The credential files live as long as the tool.
+        let tool = tool.keep(cmd);
+        let Some(fallback) = dump.fallback else {
+            return Ok((
+                DumpSource::Tool {
+                    tool: Box::new(tool),
+                    resource_type,
+                },
+                stream,
+                dump.mode,
+            ));
+        };
+        // A user the server refuses SYNC fails before the first byte: look at it before the
+        // pipeline does, and take the keyspace dump instead.
+        let mut stream = tokio::io::BufReader::new(stream);
+        let first = tokio::io::AsyncBufReadExt::fill_buf(&mut stream)
+            .await
+            .map(|b| b.is_empty());
+        if let Ok(true) = first {
+            let finished = tool.wait().await;
+            if !finished.status.success() && finished.stderr.contains("NOPERM") {
+                tracing::info!("the resource's user may not SYNC: taking a keyspace dump instead");
+                let (task, stream) = fallback.start();
+                return Ok((
+                    DumpSource::Producer(task),
+                    Box::new(stream),
+                    Some("keyspace"),
+                ));
+            }
+            let ended = if finished.status.success() {
+                Ok(())
+            } else {
+                Err(fail(
+                    classify(resource_type, &finished.stderr),
+                    finished.describe(),
+                ))
+            };
+            return Ok((DumpSource::Ended(ended), Box::new(stream), dump.mode));
+        }
+        Ok((
+            DumpSource::Tool {
+                tool: Box::new(tool),
+                resource_type,
+            },
+            Box::new(stream),
+            dump.mode,
+        ))
+    }
+
+    /// Waits for the dump to end (call after the stream is drained): a tool's non-zero exit is
+    /// classified in its engine's dialect.
+    pub async fn finish(self) -> Result<(), Failure> {
+        match self {
+            DumpSource::Tool {
+                tool,
+                resource_type,
+            } => {
+                let finished = tool.wait().await;
+                if finished.status.success() {
+                    Ok(())
+                } else {
+                    Err(fail(
+                        classify(resource_type, &finished.stderr),
+                        finished.describe(),
+                    ))
+                }
+            }
+            DumpSource::Ended(r) => r,
+            DumpSource::Producer(task) => match task.await {
+                Ok(r) => r,
+                Err(e) => Err(fail(
+                    FailureReason::Dump,
+                    format!("the keyspace dump stopped: {e}"),
+                )),
+            },
+        }
+    }
+
+    /// Stops the dump at once (timeout, shutdown, lost lease, failed upload).
+    pub async fn stop(self) {
+        match self {
+            DumpSource::Tool { tool, .. } => {
+                tool.kill().await;
+            }
+            DumpSource::Producer(task) => task.abort(),
+            DumpSource::Ended(_) => {}
+        }
+    }
+}
+
+/// The structural check of a raw (decompressed) dump of this type (DESIGN §5 `sanity`), fed the
+/// stream as it passes: on the backup path before the object is committed, on the restore path
+/// before anything is touched.
+pub fn stream_check(resource_type: ResourceType) -> Box<dyn StreamCheck> {
     match resource_type {
-        ResourceType::Postgres | ResourceType::Vector => postgres::MAGIC,
-        ResourceType::Mongodb => mongodb::MAGIC,
-        ResourceType::Redis => redis::MAGIC,
+        ResourceType::Postgres | ResourceType::Vector => Box::new(postgres::DumpCheck::default()),
+        ResourceType::Mongodb => Box::new(mongodb::ArchiveCheck::default()),
+        ResourceType::Redis => Box::new(redis::RdbStreamCheck::default()),
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::io::AsyncReadExt;
 use super::mongodb_archive::{ArchiveReader, ArchiveSummary};
 use super::{
     base_env, credential_file, fail, percent_decode, problem, run_failure, split_url, BackupFile,
-    ConfigProblem, Dump, Failure, RestoreTarget, ToolCommand,
+    ConfigProblem, Dump, DumpPlan, Failure, RestoreTarget, ToolCommand,
 };
 use crate::classify::Dialect;
 use crate::domain::FailureReason;
@@ -43,8 +43,35 @@ pub fn classify(stderr: &str) -> FailureReason {
     crate::classify::classify(stderr, &DIALECT)
 }
 
-/// mongodump archive magic number (0x8199e26d, little-endian).
-pub const MAGIC: &[u8] = &[0x6d, 0xe2, 0x99, 0x81];
+/// The archive's header, every collection's metadata, the metadata terminator, and one
+/// namespace-EOF per namespace ([`mongodb_archive`](super::mongodb_archive)).
+#[derive(Default)]
+pub(crate) struct ArchiveCheck {
+    reader: ArchiveReader,
+    error: Option<String>,
+}
+
+impl crate::pipeline::StreamCheck for ArchiveCheck {
+    fn update(&mut self, bytes: &[u8]) {
+        if self.error.is_none() {
+            if let Err(e) = self.reader.feed(bytes) {
+                self.error = Some(e.to_string());
+            }
+        }
+    }
+
+    fn finish(self: Box<Self>) -> Result<String, String> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let s = self.reader.finish().map_err(|e| e.to_string())?;
+        Ok(format!(
+            "mongodump archive: {} namespaces, {} documents",
+            s.namespaces.len(),
+            s.total_documents
+        ))
+    }
+}
 
 /// Validates a MongoDB URI and returns its database (empty when it names none).
 pub fn mongo_database(url: &Secret) -> Result<String, ConfigProblem> {
@@ -105,8 +132,15 @@ fn tool_command(
 pub(super) fn dump_command(url: &Secret, temp_dir: &Path) -> Result<Dump, ConfigProblem> {
     mongo_database(url)?;
     Ok(Dump {
-        command: tool_command("mongodump", vec!["--archive".into()], url, temp_dir)?,
+        plan: DumpPlan::Tool(tool_command(
+            "mongodump",
+            vec!["--archive".into()],
+            url,
+            temp_dir,
+        )?),
         extension: "archive",
+        mode: None,
+        fallback: None,
     })
 }
 
@@ -231,10 +265,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn mongorestore_counts() {
+        let tail = "2026-11-22T10:00:00.000+0000\tfinished restoring shop.orders (2000 documents, 0 failures)\n\
+                    2026-11-22T10:00:00.000+0000\t2010 document(s) restored successfully. 0 document(s) failed to restore.";
+        assert_eq!(documents_restored(tail), Some(2010));
+        assert_eq!(
+            documents_restored(
+                "0 document(s) restored successfully. 5 document(s) failed to restore."
+            ),
+            Some(0)
+        );
+        assert_eq!(documents_restored("Failed: connection refused"), None);
+    }
+
+    #[test]
+    fn clones_rename_and_same_name_restores_include() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = Secret::new("mongodb://u:p@h:27017/shop_copy");
+        let argv = |cmd: ToolCommand| -> Vec<String> {
+            cmd.args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .filter(|a| !a.starts_with("--config="))
+                .collect()
+        };
+        assert_eq!(
+            argv(restore_command(&url, "shop", dir.path()).unwrap()),
+            [
+                "--archive",
+                "--drop",
+                "--nsInclude=shop.*",
+                "--nsFrom=shop.*",
+                "--nsTo=shop_copy.*"
+            ]
+        );
+        assert_eq!(
+            argv(restore_command(&url, "shop_copy", dir.path()).unwrap()),
+            ["--archive", "--drop", "--nsInclude=shop_copy.*"]
+        );
+        assert!(restore_command(&url, "admin", dir.path()).is_err());
+        assert!(restore_command(&Secret::new("mongodb://h/admin"), "admin", dir.path()).is_err());
+    }
+
+    #[test]
     fn uri_goes_to_a_0600_config_file() {
         let dir = tempfile::tempdir().unwrap();
         let url = Secret::new("mongodb+srv://app:s3cr%3At@cluster0.example.net/shop?authSource=admin&retryWrites=true");
-        let cmd = dump_command(&url, dir.path()).unwrap().command;
+        let cmd = dump_command(&url, dir.path()).unwrap().command();
         assert_eq!(cmd.program, "mongodump");
         let argv: Vec<String> = cmd
             .args

@@ -16,14 +16,47 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
     base_env, credential_file, fail, host_port, percent_decode, pipeline_failure, problem,
-    run_failure, split_url, BackupFile, ConfigProblem, Dump, Failure, RestoreTarget, ToolCommand,
+    run_failure, split_url, BackupFile, ConfigProblem, Dump, DumpPlan, Failure, RestoreTarget,
+    ToolCommand,
 };
 use crate::classify::Dialect;
 use crate::domain::FailureReason;
 use crate::process::{self, spawn, supervise};
 use crate::secret::Secret;
 
-pub const MAGIC: &[u8] = b"PGDMP";
+/// The custom-format archive's header and table of contents parse, and every entry's data block
+/// arrives whole ([`pg_archive`](super::pg_archive)).
+#[derive(Default)]
+pub(crate) struct DumpCheck {
+    check: super::pg_archive::PgDumpCheck,
+    error: Option<String>,
+}
+
+impl crate::pipeline::StreamCheck for DumpCheck {
+    fn update(&mut self, bytes: &[u8]) {
+        if self.error.is_none() {
+            if let Err(e) = self.check.update(bytes) {
+                self.error = Some(e.to_string());
+            }
+        }
+    }
+
+    fn finish(self: Box<Self>) -> Result<String, String> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let s = self.check.finish().map_err(|e| e.to_string())?;
+        Ok(format!(
+            "pg_dump archive {}.{}.{} of {:?}: {} entries, {} with data",
+            s.archive_version.0,
+            s.archive_version.1,
+            s.archive_version.2,
+            s.dbname,
+            s.toc_entries,
+            s.data_entries
+        ))
+    }
+}
 
 /// libpq URL query parameters we pass through, and their environment variables.
 const PARAMS: &[(&str, &str)] = &[
@@ -181,8 +214,10 @@ pub(super) fn dump_command(url: &Secret, temp_dir: &Path) -> Result<Dump, Config
     cmd.secrets.push(url.expose().to_owned());
     tool_env(&conn, temp_dir, &mut cmd)?;
     Ok(Dump {
-        command: cmd,
+        plan: DumpPlan::Tool(cmd),
         extension: "pgdump",
+        mode: None,
+        fallback: None,
     })
 }
 
@@ -664,7 +699,7 @@ mod tests {
     fn parses_into_libpq_environment_with_a_passfile() {
         let dir = tempfile::tempdir().unwrap();
         let url = Secret::new("postgresql://app:p%40ss%3Aw0rd@[2001:db8::5]:6543/my%20db?sslmode=require&application_name=x");
-        let cmd = dump_command(&url, dir.path()).unwrap().command;
+        let cmd = dump_command(&url, dir.path()).unwrap().command();
         assert_eq!(env_of(&cmd, "PGHOST").as_deref(), Some("2001:db8::5"));
         assert_eq!(env_of(&cmd, "PGPORT").as_deref(), Some("6543"));
         assert_eq!(env_of(&cmd, "PGUSER").as_deref(), Some("app"));
@@ -706,7 +741,9 @@ mod tests {
             "postgres://u:p%zz@h/db",
             "garbage",
         ] {
-            let err = dump_command(&Secret::new(bad), dir.path()).unwrap_err();
+            let Err(err) = dump_command(&Secret::new(bad), dir.path()) else {
+                panic!("{bad} must be refused")
+            };
             assert!(!err.0.contains("p%zz") && !err.0.contains(":p@"), "{err}");
         }
     }
@@ -719,7 +756,7 @@ mod tests {
             dir.path(),
         )
         .unwrap()
-        .command;
+        .command();
         assert_eq!(
             env_of(&cmd, "PGHOST").as_deref(),
             Some("/var/run/postgresql")

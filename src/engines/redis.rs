@@ -1,21 +1,34 @@
-//! Redis: the dump (`redis-cli --rdb -` streams the server's RDB), the restore (every key
-//! DUMPed from a private copy of the backup and RESTOREd into the target), and redis-cli's error
-//! dialect. The password travels in REDISCLI_AUTH, the (non-secret) ACL user in `--user`,
-//! `--tls` for rediss://.
+//! Redis: the dump in its two modes, the restore, and the error dialect (DESIGN §5, §6).
+//!
+//! - **Instance mode**: `redis-cli --rdb -` streams the server's point-in-time RDB of the whole
+//!   instance, when the resource's user may run SYNC (asked up front: `MULTI`, `SYNC`, `DISCARD`
+//!   — a refused SYNC answers `NOPERM` at queue time and nothing is ever synced).
+//! - **Keyspace mode**: for pooled tenants whose ACL user may not SYNC, and for one-database
+//!   resources (`redis://…/N`), the worker SCANs the keys it may see, DUMPs each with its PTTL and
+//!   writes an RDB stream itself ([`rdb::RdbWriter`](super::rdb::RdbWriter)): one stored format.
+//! - **Restore**: the RDB is read as a stream ([`rdb::RdbReader`](super::rdb::RdbReader)) and
+//!   every key's value is cut out as a DUMP payload and `RESTORE … ABSTTL REPLACE`d, pipelined in
+//!   batches bounded in bytes. No private server, no decompressed copy on disk; memory is bounded
+//!   by one batch, whatever the dataset's size.
+//!
+//! The password travels in REDISCLI_AUTH (or the client's AUTH), the (non-secret) ACL user in
+//! `--user`, `--tls` for rediss://.
 
+use std::collections::BTreeMap;
+use std::io::BufReader;
 use std::path::Path;
-use std::time::Duration;
 
-use tokio::fs::File;
+use redis::aio::ConnectionLike;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
 
+use super::rdb::{payload_version, Entry, RdbError, RdbItem, RdbReader, RdbWriter};
 use super::{
     base_env, fail, host_port, percent_decode, problem, split_url, BackupFile, ConfigProblem, Dump,
-    Failure, RestoreTarget, ToolCommand,
+    DumpPlan, Failure, RestoreTarget, ToolCommand,
 };
 use crate::classify::Dialect;
 use crate::domain::FailureReason;
-use crate::process::{spawn, RunningTool};
 use crate::secret::Secret;
 
 /// redis-cli and the server's replies.
@@ -35,7 +48,162 @@ pub fn classify(stderr: &str) -> FailureReason {
     crate::classify::classify(stderr, &DIALECT)
 }
 
-pub const MAGIC: &[u8] = b"REDIS";
+/// `REDIS` + version, the EOF opcode, and the CRC64 of the whole stream ([`rdb`](super::rdb)).
+#[derive(Default)]
+pub(crate) struct RdbStreamCheck {
+    check: super::rdb::RdbCheck,
+    mark: EofMark,
+}
+
+impl crate::pipeline::StreamCheck for RdbStreamCheck {
+    fn update(&mut self, bytes: &[u8]) {
+        let mut out = Vec::with_capacity(bytes.len() + EOF_MARK_LEN);
+        self.mark.push(bytes, &mut out);
+        self.check.update(&out);
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<String, String> {
+        let tail = std::mem::take(&mut self.mark).finish();
+        self.check.update(&tail);
+        let s = self.check.finish().map_err(|e| e.to_string())?;
+        Ok(format!(
+            "RDB version {}, {} bytes",
+            s.version, s.total_bytes
+        ))
+    }
+}
+
+/// Length of the EOF mark of a diskless replication transfer.
+const EOF_MARK_LEN: usize = 40;
+
+/// Drops the 40-hex-character EOF mark a diskless SYNC ends with. `redis-cli --rdb -` cannot
+/// truncate stdout as it truncates a file, so its stream is the RDB followed by that mark (Redis
+/// 7 replicates diskless by default). A real RDB ends with a binary CRC64, which is never 40 hex
+/// characters in a row. Holds back the last 40 bytes until the end.
+#[derive(Default)]
+pub(crate) struct EofMark {
+    tail: Vec<u8>,
+}
+
+impl EofMark {
+    /// Appends to `out` everything but the last 40 bytes seen so far.
+    pub(crate) fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        self.tail.extend_from_slice(input);
+        if self.tail.len() > EOF_MARK_LEN {
+            let cut = self.tail.len() - EOF_MARK_LEN;
+            out.extend_from_slice(&self.tail[..cut]);
+            self.tail.drain(..cut);
+        }
+    }
+
+    /// The held-back bytes, unless they are the mark.
+    pub(crate) fn finish(self) -> Vec<u8> {
+        let is_mark = self.tail.len() == EOF_MARK_LEN
+            && self
+                .tail
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
+        if is_mark {
+            Vec::new()
+        } else {
+            self.tail
+        }
+    }
+}
+
+/// [`EofMark`] over an async stream (the backup's raw stream from redis-cli).
+pub(crate) struct StripEofMark<R> {
+    inner: R,
+    mark: Option<EofMark>,
+    ready: Vec<u8>,
+    at: usize,
+}
+
+impl<R> StripEofMark<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        Self {
+            inner,
+            mark: Some(EofMark::default()),
+            ready: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StripEofMark<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if this.at < this.ready.len() {
+                let n = buf.remaining().min(this.ready.len() - this.at);
+                buf.put_slice(&this.ready[this.at..this.at + n]);
+                this.at += n;
+                return Poll::Ready(Ok(()));
+            }
+            let Some(mark) = this.mark.as_mut() else {
+                return Poll::Ready(Ok(())); // EOF
+            };
+            let mut chunk = [0u8; 64 * 1024];
+            let mut rb = tokio::io::ReadBuf::new(&mut chunk);
+            match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    this.ready.clear();
+                    this.at = 0;
+                    if rb.filled().is_empty() {
+                        if let Some(m) = this.mark.take() {
+                            this.ready = m.finish();
+                        }
+                    } else {
+                        mark.push(rb.filled(), &mut this.ready);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`EofMark`] over a blocking reader (the restore's second look at backups taken before the
+/// mark was stripped).
+struct StripEofMarkSync<R> {
+    inner: R,
+    mark: Option<EofMark>,
+    ready: Vec<u8>,
+    at: usize,
+}
+
+impl<R: std::io::Read> std::io::Read for StripEofMarkSync<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if self.at < self.ready.len() {
+                let n = buf.len().min(self.ready.len() - self.at);
+                buf[..n].copy_from_slice(&self.ready[self.at..self.at + n]);
+                self.at += n;
+                return Ok(n);
+            }
+            let Some(mark) = self.mark.as_mut() else {
+                return Ok(0);
+            };
+            let mut chunk = [0u8; 64 * 1024];
+            let n = self.inner.read(&mut chunk)?;
+            self.ready.clear();
+            self.at = 0;
+            if n == 0 {
+                if let Some(m) = self.mark.take() {
+                    self.ready = m.finish();
+                }
+            } else {
+                mark.push(&chunk[..n], &mut self.ready);
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RedisConnection {
@@ -44,7 +212,8 @@ pub(crate) struct RedisConnection {
     pub user: Option<String>,
     pub password: Option<String>,
     pub tls: bool,
-    pub db: u32,
+    /// The one logical database the resource is (`redis://…/N`); `None`: the whole instance.
+    pub db: Option<u32>,
 }
 
 pub(crate) fn parse(url: &Secret) -> Result<RedisConnection, ConfigProblem> {
@@ -68,10 +237,11 @@ pub(crate) fn parse(url: &Secret) -> Result<RedisConnection, ConfigProblem> {
     }
     let (host, port) = host_port(parts.hosts, 6379)?;
     let db = match parts.path {
-        "" => 0,
-        p => p
-            .parse::<u32>()
-            .map_err(|_| problem("redis connection URL database must be a number"))?,
+        "" => None,
+        p => Some(
+            p.parse::<u32>()
+                .map_err(|_| problem("redis connection URL database must be a number"))?,
+        ),
     };
     Ok(RedisConnection {
         host: percent_decode(&host)?,
@@ -108,6 +278,7 @@ pub(crate) fn cli_connection(conn: &RedisConnection, cmd: &mut ToolCommand) {
     cmd.args.push("--no-auth-warning".into());
 }
 
+/// `redis-cli --rdb -`: the instance's RDB on stdout.
 pub(super) fn dump_command(url: &Secret, temp_dir: &Path) -> Result<Dump, ConfigProblem> {
     let conn = parse(url)?;
     let mut cmd = ToolCommand::new("redis-cli", base_env(temp_dir));
@@ -115,100 +286,523 @@ pub(super) fn dump_command(url: &Secret, temp_dir: &Path) -> Result<Dump, Config
     cli_connection(&conn, &mut cmd);
     cmd.args.extend(["--rdb".into(), "-".into()]);
     Ok(Dump {
-        command: cmd,
+        plan: DumpPlan::Tool(cmd),
         extension: "rdb",
+        mode: Some("instance"),
+        fallback: None,
     })
 }
 
-/// Keys moved per pipelined batch.
-const REDIS_BATCH: usize = 500;
-
-/// Redis: the RDB is loaded into a private redis-server (unix socket, no TCP port); a probe
-/// RESTORE checks the target accepts its payloads; then, per logical database in the backup,
-/// FLUSHDB on the target and DUMP/RESTORE every key with its remaining TTL.
-pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Result<(), Failure> {
-    let (tools, temp) = (t.tools, t.temp);
-    let target = parse(t.url)?;
-    let io = |e: std::io::Error| fail(FailureReason::Dump, format!("preparing the RDB: {e}"));
-    let rdb = temp.join("dump.rdb");
-    let mut decoder = backup.open().await?;
-    let mut out = File::create(&rdb).await.map_err(io)?;
-    tokio::io::copy(&mut decoder, &mut out).await.map_err(io)?;
-    out.flush().await.map_err(io)?;
-    drop(out);
-
-    let sock = temp.join("redis.sock");
-    let log = temp.join("redis.log");
-    let mut cmd = ToolCommand::new("redis-server", Vec::new());
-    cmd.args = vec![
-        "--port".into(),
-        "0".into(),
-        "--unixsocket".into(),
-        sock.clone().into(),
-        "--unixsocketperm".into(),
-        "700".into(),
-        "--dir".into(),
-        temp.into(),
-        "--dbfilename".into(),
-        "dump.rdb".into(),
-        "--save".into(),
-        "".into(),
-        "--appendonly".into(),
-        "no".into(),
-        "--logfile".into(),
-        log.clone().into(),
-    ];
-    let mut server = spawn(tools, &cmd, false)?;
-    let local = redis::ConnectionInfo {
-        addr: redis::ConnectionAddr::Unix(sock.clone()),
-        redis: redis::RedisConnectionInfo::default(),
-    };
-    let loaded = wait_loaded(&local, &mut server).await;
-    let result = match loaded {
-        Ok(dbs) => copy_databases(&local, &target, &dbs).await,
-        Err(why) => {
-            let tail = tokio::fs::read_to_string(&log).await.unwrap_or_default();
-            let tail: String = tail.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-            Err(fail(
-                FailureReason::Config,
-                format!(
-                    "the worker's redis-server could not load this backup ({why}); log: {tail}"
-                ),
-            ))
-        }
-    };
-    server.kill().await;
-    result
+/// Instance mode when the resource is the whole instance; keyspace mode for one database, and
+/// for a user the server refuses SYNC. That refusal is seen on the first attempt: `NOPERM` before
+/// redis-cli writes a byte (no cheaper probe exists for users without ACL rights: 7.x checks
+/// SYNC's no-MULTI flag before its ACL, and `ACL DRYRUN` is itself an admin command).
+pub(super) async fn prepare_dump(url: &Secret, temp_dir: &Path) -> Result<Dump, Failure> {
+    let conn = parse(url)?;
+    if conn.db.is_some() {
+        return Ok(Dump {
+            plan: DumpPlan::Keyspace(KeyspaceDump { conn }),
+            extension: "rdb",
+            mode: Some("keyspace"),
+            fallback: None,
+        });
+    }
+    let mut dump = dump_command(url, temp_dir)?;
+    dump.fallback = Some(KeyspaceDump { conn });
+    Ok(dump)
 }
 
-/// Waits until the private server answers PING (it refuses with LOADING until the RDB is in) and
-/// returns the logical databases that hold keys.
-async fn wait_loaded(
-    local: &redis::ConnectionInfo,
-    server: &mut RunningTool,
-) -> Result<Vec<i64>, String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-    loop {
-        if server.has_exited() {
-            return Err("it exited".into());
-        }
-        if let Ok(client) = redis::Client::open(local.clone()) {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                let ping: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut c).await;
-                if ping.is_ok() {
-                    let info: String = redis::cmd("INFO")
-                        .arg("keyspace")
-                        .query_async(&mut c)
+fn is_noperm(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOPERM") || e.to_string().contains("NOPERM")
+}
+
+/// RDB version written when a keyspace dump finds no key to take it from (Redis 6.2's, which
+/// every supported server reads).
+const EMPTY_KEYSPACE_RDB_VERSION: u16 = 9;
+/// Keys per SCAN/DUMP round trip.
+const SCAN_COUNT: usize = 500;
+/// Bytes of RDB stream gathered before they are handed to the pipeline.
+const WRITE_CHUNK: usize = 256 * 1024;
+
+/// The worker's own dump of the keys the resource's user may see (DESIGN §5 keyspace mode).
+pub struct KeyspaceDump {
+    conn: RedisConnection,
+}
+
+impl KeyspaceDump {
+    /// Starts writing the RDB stream; the returned reader is the raw dump.
+    pub(super) fn start(
+        self,
+    ) -> (
+        tokio::task::JoinHandle<Result<(), Failure>>,
+        tokio::io::DuplexStream,
+    ) {
+        let (reader, writer) = tokio::io::duplex(WRITE_CHUNK);
+        (tokio::spawn(self.write(writer)), reader)
+    }
+
+    async fn write(self, mut out: tokio::io::DuplexStream) -> Result<(), Failure> {
+        let dbs = match self.conn.db {
+            Some(db) => vec![i64::from(db)],
+            None => {
+                let mut c = connect(&self.conn, 0, "connecting to the resource").await?;
+                let info: redis::RedisResult<String> =
+                    redis::cmd("INFO").arg("keyspace").query_async(&mut c).await;
+                // A user without INFO rights sees its default database.
+                info.map(|i| keyspace_dbs(&i)).unwrap_or_else(|_| vec![0])
+            }
+        };
+        let pipe_io =
+            |e: std::io::Error| fail(FailureReason::Dump, format!("writing the RDB stream: {e}"));
+        let mut buf = Vec::with_capacity(2 * WRITE_CHUNK);
+        let mut writer: Option<RdbWriter> = None;
+        let mut keys = 0u64;
+        for db in dbs {
+            let mut c = connect(&self.conn, db, "connecting to the resource").await?;
+            let mut selected = false;
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| redis_failure("SCAN", e))?;
+                if !batch.is_empty() {
+                    let mut read = redis::pipe();
+                    for k in &batch {
+                        read.cmd("DUMP").arg(k).cmd("PTTL").arg(k);
+                    }
+                    // Replies one by one: on a shared instance SCAN also returns other
+                    // tenants' keys, whose DUMP answers NOPERM — not ours, skipped.
+                    let values = c
+                        .req_packed_commands(&read, 0, 2 * batch.len())
                         .await
-                        .map_err(|e| e.to_string())?;
-                    return Ok(keyspace_dbs(&info));
+                        .map_err(|e| redis_failure("DUMP", e))?;
+                    let now = now_ms();
+                    for (k, pair) in batch.iter().zip(values.chunks(2)) {
+                        let (redis::Value::BulkString(payload), redis::Value::Int(pttl)) =
+                            (&pair[0], &pair[1])
+                        else {
+                            if let redis::Value::ServerError(e) = &pair[0] {
+                                if e.code() != "NOPERM" {
+                                    return Err(fail(
+                                        FailureReason::Dump,
+                                        format!("DUMP: {} {}", e.code(), e.details().unwrap_or("")),
+                                    ));
+                                }
+                            }
+                            // Not ours (NOPERM), or it vanished between SCAN and DUMP.
+                            continue;
+                        };
+                        let expire_at_ms = match *pttl {
+                            -1 => None,
+                            t if t >= 0 => Some(now + t),
+                            _ => continue,
+                        };
+                        let w = writer.get_or_insert_with(|| {
+                            let version =
+                                payload_version(payload).unwrap_or(EMPTY_KEYSPACE_RDB_VERSION);
+                            let mut w = RdbWriter::new(version);
+                            w.header(&mut buf);
+                            w
+                        });
+                        if !selected {
+                            w.select_db(db as u64, &mut buf);
+                            selected = true;
+                        }
+                        w.key(k, expire_at_ms, payload, &mut buf).map_err(|e| {
+                            fail(
+                                FailureReason::Dump,
+                                format!("a DUMP payload is unusable: {e}"),
+                            )
+                        })?;
+                        keys += 1;
+                    }
+                    if buf.len() >= WRITE_CHUNK {
+                        out.write_all(&buf).await.map_err(pipe_io)?;
+                        buf.clear();
+                    }
                 }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Err("it did not finish loading within 10 minutes".into());
+        let w = match writer {
+            Some(w) => w,
+            None => {
+                let mut w = RdbWriter::new(EMPTY_KEYSPACE_RDB_VERSION);
+                w.header(&mut buf);
+                w
+            }
+        };
+        w.finish(&mut buf);
+        out.write_all(&buf).await.map_err(pipe_io)?;
+        out.shutdown().await.map_err(pipe_io)?;
+        tracing::debug!(keys, "keyspace dump written");
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// What the first read of a backup's RDB found, before anything is touched.
+#[derive(Debug, Default)]
+struct RdbPlan {
+    version: u16,
+    /// Keys per logical database.
+    keys: BTreeMap<u64, u64>,
+    /// The first key (its payload probes the target).
+    first: Option<Entry>,
+    /// The largest payload: (key, bytes).
+    largest: Option<(Vec<u8>, usize)>,
+    functions: u64,
+}
+
+fn rdb_failure(e: RdbError) -> Failure {
+    match e {
+        RdbError::Module { name } => fail(
+            FailureReason::Config,
+            format!("the backup holds keys of the Redis module {name:?}, which the worker cannot restore"),
+        ),
+        e => fail(
+            FailureReason::Integrity,
+            format!("the backup is not a readable RDB stream: {e}"),
+        ),
+    }
+}
+
+/// Opens the backup's RDB for a blocking reader (the gzip file decompressed as it is read).
+fn open_rdb(backup: &BackupFile) -> Result<RdbReader<impl std::io::Read>, Failure> {
+    let file = std::fs::File::open(&backup.path)
+        .map_err(|e| fail(FailureReason::Dump, format!("opening the backup: {e}")))?;
+    let gz = flate2::read::GzDecoder::new(BufReader::with_capacity(128 * 1024, file));
+    let stripped = StripEofMarkSync {
+        inner: gz,
+        mark: Some(EofMark::default()),
+        ready: Vec::new(),
+        at: 0,
+    };
+    RdbReader::new(BufReader::with_capacity(128 * 1024, stripped)).map_err(rdb_failure)
+}
+
+/// Reads the whole RDB once: databases, key counts, module types, the probe key, the largest key.
+async fn plan(backup: &BackupFile) -> Result<RdbPlan, Failure> {
+    let backup = backup.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut reader = open_rdb(&backup)?;
+        let mut plan = RdbPlan {
+            version: reader.version(),
+            ..RdbPlan::default()
+        };
+        while let Some(item) = reader.next_item().map_err(rdb_failure)? {
+            match item {
+                RdbItem::Key(e) => {
+                    *plan.keys.entry(e.db).or_default() += 1;
+                    if plan
+                        .largest
+                        .as_ref()
+                        .is_none_or(|(_, n)| e.payload.len() > *n)
+                    {
+                        plan.largest = Some((e.key.clone(), e.payload.len()));
+                    }
+                    if plan.first.is_none() {
+                        plan.first = Some(e);
+                    }
+                }
+                RdbItem::Function { .. } => plan.functions += 1,
+                _ => {}
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(plan)
+    })
+    .await
+    .map_err(|e| {
+        fail(
+            FailureReason::Dump,
+            format!("reading the backup stopped: {e}"),
+        )
+    })?
+}
+
+/// Bytes of RESTORE commands sent per pipelined batch (and a cap on keys per batch).
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
+const BATCH_KEYS: usize = 1000;
+/// Redis' default `proto-max-bulk-len`, assumed when the target will not say.
+const DEFAULT_PROTO_MAX_BULK_LEN: u64 = 512 * 1024 * 1024;
+
+/// Rewinds the target to the backup. Per logical database of the resource (one named database,
+/// or every database of the instance): after a probe RESTORE shows the target accepts the
+/// backup's payloads, FLUSHDB, then `RESTORE key <expire> payload ABSTTL REPLACE` for every key.
+pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Result<(), Failure> {
+    let target = parse(t.url)?;
+    let plan = plan(backup).await?;
+    // Which backup database goes where: a one-database resource takes the backup's only
+    // database (or its namesake); an instance takes every database as numbered.
+    let mapping: BTreeMap<u64, i64> = match target.db {
+        Some(n) => {
+            let from = if plan.keys.len() <= 1 {
+                plan.keys.keys().next().copied().unwrap_or(u64::from(n))
+            } else if plan.keys.contains_key(&u64::from(n)) {
+                u64::from(n)
+            } else {
+                return Err(fail(
+                    FailureReason::Config,
+                    format!(
+                        "the backup holds databases {:?} of an instance; the target is database {n} only",
+                        plan.keys.keys().collect::<Vec<_>>()
+                    ),
+                ));
+            };
+            BTreeMap::from([(from, i64::from(n))])
+        }
+        None => plan.keys.keys().map(|d| (*d, *d as i64)).collect(),
+    };
+    let home = i64::from(target.db.unwrap_or(0));
+    let mut admin = connect(&target, home, "connecting to the target").await?;
+
+    // Checks before anything is flushed: payload size, payload version.
+    let limit: u64 = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("proto-max-bulk-len")
+        .query_async::<Vec<String>>(&mut admin)
+        .await
+        .ok()
+        .and_then(|v| v.get(1)?.parse().ok())
+        .unwrap_or(DEFAULT_PROTO_MAX_BULK_LEN);
+    if let Some((key, size)) = &plan.largest {
+        if *size as u64 > limit {
+            return Err(fail(
+                FailureReason::Config,
+                format!(
+                    "key {:?} is {size} bytes, more than the target's proto-max-bulk-len ({limit})",
+                    String::from_utf8_lossy(key)
+                ),
+            ));
+        }
+    }
+    if plan.functions > 0 && target.db.is_some() {
+        tracing::info!(
+            "function libraries in the backup are not restored into a one-database resource"
+        );
+    }
+    if let Some(first) = plan.first.as_ref().filter(|f| mapping.contains_key(&f.db)) {
+        probe(&target, mapping[&first.db], first, plan.version).await?;
+    }
+
+    // The rewind: flush the resource's databases, then stream every key in.
+    let flush: Vec<i64> = match target.db {
+        Some(n) => vec![i64::from(n)],
+        None => {
+            // Databases holding keys now but none in the backup are emptied too.
+            let info: String = redis::cmd("INFO")
+                .arg("keyspace")
+                .query_async(&mut admin)
+                .await
+                .unwrap_or_default();
+            let mut dbs: Vec<i64> = keyspace_dbs(&info);
+            dbs.extend(mapping.values());
+            dbs.sort_unstable();
+            dbs.dedup();
+            dbs
+        }
+    };
+    for db in flush {
+        let mut c = connect(&target, db, "connecting to the target").await?;
+        flush_db(&mut c).await?;
+    }
+    stream_keys(&target, backup, &mapping, target.db.is_none()).await
+}
+
+/// RESTOREs the first key under a throwaway name (beside it, so a tenant's key pattern allows
+/// it): a target that refuses the backup's RDB version fails here, untouched.
+async fn probe(
+    target: &RedisConnection,
+    db: i64,
+    first: &Entry,
+    version: u16,
+) -> Result<(), Failure> {
+    let mut c = connect(target, db, "connecting to the target").await?;
+    let mut key = first.key.clone();
+    key.extend_from_slice(format!(".backup-worker-probe-{}", uuid::Uuid::new_v4()).as_bytes());
+    let r: redis::RedisResult<()> = redis::cmd("RESTORE")
+        .arg(&key)
+        .arg(10_000)
+        .arg(first.payload.as_slice())
+        .query_async(&mut c)
+        .await;
+    let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&key).query_async(&mut c).await;
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_io_error() || is_noperm(&e) || classify(&e.to_string()) == FailureReason::Auth => {
+            Err(redis_failure("probing the target", e))
+        }
+        Err(e) => Err(fail(
+            FailureReason::Config,
+            format!(
+                "the target Redis cannot accept this backup (RDB version {version}; is it older than the source?): {e}"
+            ),
+        )),
+    }
+}
+
+/// FLUSHDB, or for a user that may not (a pooled tenant on a shared instance) UNLINK of every key
+/// it may touch: other tenants' keys in the same database answer NOPERM and stay.
+async fn flush_db(c: &mut redis::aio::MultiplexedConnection) -> Result<(), Failure> {
+    match redis::cmd("FLUSHDB").query_async::<()>(c).await {
+        Ok(()) => return Ok(()),
+        Err(e) if is_noperm(&e) => {}
+        Err(e) => return Err(redis_failure("FLUSHDB on the target", e)),
+    }
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(c)
+            .await
+            .map_err(|e| redis_failure("SCAN on the target", e))?;
+        for k in keys {
+            match redis::cmd("UNLINK").arg(&k).query_async::<i64>(c).await {
+                Ok(_) => {}
+                Err(e) if is_noperm(&e) => {}
+                Err(e) => return Err(redis_failure("UNLINK on the target", e)),
+            }
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// One pipelined batch of RESTOREs for one database.
+struct Batch {
+    db: i64,
+    pipe: redis::Pipeline,
+    bytes: usize,
+    keys: usize,
+}
+
+async fn send(
+    target: &RedisConnection,
+    conns: &mut BTreeMap<i64, redis::aio::MultiplexedConnection>,
+    batch: Batch,
+) -> Result<(), Failure> {
+    if batch.keys == 0 {
+        return Ok(());
+    }
+    let c = match conns.entry(batch.db) {
+        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::btree_map::Entry::Vacant(e) => {
+            e.insert(connect(target, batch.db, "connecting to the target").await?)
+        }
+    };
+    batch
+        .pipe
+        .query_async::<()>(c)
+        .await
+        .map_err(|e| redis_failure("RESTORE on the target", e))
+}
+
+/// Streams the RDB a second time (a blocking reader feeding a bounded channel) and RESTOREs every
+/// key of a mapped database, in batches bounded in bytes.
+async fn stream_keys(
+    target: &RedisConnection,
+    backup: &BackupFile,
+    mapping: &BTreeMap<u64, i64>,
+    functions: bool,
+) -> Result<(), Failure> {
+    enum Item {
+        Key(Entry),
+        Function(Vec<u8>),
+    }
+    let (tx, mut rx) = mpsc::channel::<Result<Item, Failure>>(64);
+    let backup = backup.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut reader = match open_rdb(&backup) {
+            Ok(r) => r,
+            Err(f) => return tx.blocking_send(Err(f)).map_err(drop),
+        };
+        loop {
+            let item = match reader.next_item() {
+                Ok(Some(RdbItem::Key(e))) => Item::Key(e),
+                Ok(Some(RdbItem::Function { payload })) => Item::Function(payload),
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(e) => return tx.blocking_send(Err(rdb_failure(e))).map_err(drop),
+            };
+            // The receiver gone means the restore stopped: stop reading.
+            tx.blocking_send(Ok(item)).map_err(drop)?;
+        }
+    });
+    let mut conns = BTreeMap::new();
+    let mut batch: Option<Batch> = None;
+    let now = now_ms();
+    while let Some(item) = rx.recv().await {
+        match item? {
+            Item::Function(payload) if functions => {
+                let mut c = connect(target, 0, "connecting to the target").await?;
+                let _: () = redis::cmd("FUNCTION")
+                    .arg("RESTORE")
+                    .arg(payload)
+                    .arg("REPLACE")
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| redis_failure("FUNCTION RESTORE on the target", e))?;
+            }
+            Item::Function(_) => {}
+            Item::Key(e) => {
+                let Some(&db) = mapping.get(&e.db) else {
+                    continue;
+                };
+                let expire = match e.expire_at_ms {
+                    Some(at) if at <= now => continue, // expired since the backup
+                    Some(at) => at,
+                    None => 0,
+                };
+                if batch
+                    .as_ref()
+                    .is_some_and(|b| b.db != db || b.bytes >= BATCH_BYTES || b.keys >= BATCH_KEYS)
+                {
+                    if let Some(full) = batch.take() {
+                        send(target, &mut conns, full).await?;
+                    }
+                }
+                let b = batch.get_or_insert_with(|| Batch {
+                    db,
+                    pipe: redis::pipe(),
+                    bytes: 0,
+                    keys: 0,
+                });
+                b.bytes += e.key.len() + e.payload.len();
+                b.keys += 1;
+                b.pipe
+                    .cmd("RESTORE")
+                    .arg(e.key)
+                    .arg(expire)
+                    .arg(e.payload)
+                    .arg("ABSTTL")
+                    .arg("REPLACE")
+                    .ignore();
+            }
+        }
+    }
+    if let Some(last) = batch.take() {
+        send(target, &mut conns, last).await?;
+    }
+    match reader.await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(fail(
+            FailureReason::Dump,
+            format!("reading the backup stopped: {e}"),
+        )),
     }
 }
 
@@ -246,129 +840,15 @@ fn redis_failure(stage: &str, e: redis::RedisError) -> Failure {
 }
 
 async fn connect(
-    info: redis::ConnectionInfo,
+    t: &RedisConnection,
+    db: i64,
     stage: &str,
 ) -> Result<redis::aio::MultiplexedConnection, Failure> {
-    let client = redis::Client::open(info).map_err(|e| redis_failure(stage, e))?;
+    let client = redis::Client::open(target_info(t, db)).map_err(|e| redis_failure(stage, e))?;
     client
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| redis_failure(stage, e))
-}
-
-async fn copy_databases(
-    local: &redis::ConnectionInfo,
-    target: &RedisConnection,
-    dbs: &[i64],
-) -> Result<(), Failure> {
-    // Probe: can the target RESTORE this backup's payloads? Checked before anything is flushed.
-    for db in dbs {
-        let mut src = connect(with_db(local, *db), "connecting to the loaded backup").await?;
-        let keys: (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(0)
-            .arg("COUNT")
-            .arg(10)
-            .query_async(&mut src)
-            .await
-            .map_err(|e| redis_failure("scanning the backup", e))?;
-        if let Some(key) = keys.1.first() {
-            let payload: Vec<u8> = redis::cmd("DUMP")
-                .arg(key)
-                .query_async(&mut src)
-                .await
-                .map_err(|e| redis_failure("reading the backup", e))?;
-            let mut dst = connect(target_info(target, *db), "connecting to the target").await?;
-            let probe = format!("__backup_worker_restore_probe:{}", uuid::Uuid::new_v4());
-            let r: redis::RedisResult<()> = redis::cmd("RESTORE")
-                .arg(&probe)
-                .arg(10_000)
-                .arg(payload)
-                .query_async(&mut dst)
-                .await;
-            if let Err(e) = r {
-                return Err(fail(
-                    FailureReason::Config,
-                    format!("the target Redis cannot accept this backup (is it older than the source?): {e}"),
-                ));
-            }
-            let _: redis::RedisResult<()> =
-                redis::cmd("DEL").arg(&probe).query_async(&mut dst).await;
-            break;
-        }
-    }
-    // A rewind also empties the target's databases the backup has no keys in (keys written there
-    // since the backup are "objects created since").
-    let mut dst = connect(target_info(target, 0), "connecting to the target").await?;
-    let info: String = redis::cmd("INFO")
-        .arg("keyspace")
-        .query_async(&mut dst)
-        .await
-        .map_err(|e| redis_failure("reading the target's keyspace", e))?;
-    for db in keyspace_dbs(&info)
-        .into_iter()
-        .filter(|db| !dbs.contains(db))
-    {
-        let mut dst = connect(target_info(target, db), "connecting to the target").await?;
-        let _: () = redis::cmd("FLUSHDB")
-            .query_async(&mut dst)
-            .await
-            .map_err(|e| redis_failure("FLUSHDB on the target", e))?;
-    }
-    for db in dbs {
-        let mut src = connect(with_db(local, *db), "connecting to the loaded backup").await?;
-        let mut dst = connect(target_info(target, *db), "connecting to the target").await?;
-        let _: () = redis::cmd("FLUSHDB")
-            .query_async(&mut dst)
-            .await
-            .map_err(|e| redis_failure("FLUSHDB on the target", e))?;
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(REDIS_BATCH)
-                .query_async(&mut src)
-                .await
-                .map_err(|e| redis_failure("scanning the backup", e))?;
-            if !keys.is_empty() {
-                let mut read = redis::pipe();
-                for k in &keys {
-                    read.cmd("DUMP").arg(k).cmd("PTTL").arg(k);
-                }
-                let values: Vec<redis::Value> = read
-                    .query_async(&mut src)
-                    .await
-                    .map_err(|e| redis_failure("reading the backup", e))?;
-                let mut write = redis::pipe();
-                for (k, pair) in keys.iter().zip(values.chunks(2)) {
-                    let (redis::Value::BulkString(payload), ttl) = (&pair[0], &pair[1]) else {
-                        continue;
-                    };
-                    let ttl = match ttl {
-                        redis::Value::Int(t) if *t > 0 => *t,
-                        redis::Value::Int(-1) => 0,
-                        _ => continue, // expired while we copied
-                    };
-                    write
-                        .cmd("RESTORE")
-                        .arg(k)
-                        .arg(ttl)
-                        .arg(payload.as_slice())
-                        .arg("REPLACE")
-                        .ignore();
-                }
-                let _: () = write
-                    .query_async(&mut dst)
-                    .await
-                    .map_err(|e| redis_failure("RESTORE on the target", e))?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-    }
-    Ok(())
 }
 
 /// The logical databases that hold keys, from `INFO keyspace` ("db3:keys=2,expires=1,…").
@@ -378,15 +858,49 @@ fn keyspace_dbs(info: &str) -> Vec<i64> {
         .collect()
 }
 
-fn with_db(info: &redis::ConnectionInfo, db: i64) -> redis::ConnectionInfo {
-    let mut i = info.clone();
-    i.redis.db = db;
-    i
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_diskless_eof_mark_is_stripped_and_nothing_else() {
+        use tokio::io::AsyncReadExt;
+        let rdb: Vec<u8> = b"REDIS0010"
+            .iter()
+            .copied()
+            .chain((0..100_000u32).map(|i| (i % 251) as u8))
+            .collect();
+        let mark = b"aefe34ff85e53b35359a8e69cc2ed6a9b0dc7944";
+        let mut with_mark = rdb.clone();
+        with_mark.extend_from_slice(mark);
+        for (input, want) in [(&with_mark, &rdb), (&rdb, &rdb)] {
+            let mut out = Vec::new();
+            StripEofMark::new(&input[..])
+                .read_to_end(&mut out)
+                .await
+                .unwrap();
+            assert_eq!(&out, want);
+            let mut sync_out = Vec::new();
+            std::io::Read::read_to_end(
+                &mut StripEofMarkSync {
+                    inner: &input[..],
+                    mark: Some(EofMark::default()),
+                    ready: Vec::new(),
+                    at: 0,
+                },
+                &mut sync_out,
+            )
+            .unwrap();
+            assert_eq!(&sync_out, want);
+        }
+        // A stream shorter than a mark passes through whole.
+        let mut out = Vec::new();
+        StripEofMark::new(&b"REDIS"[..])
+            .read_to_end(&mut out)
+            .await
+            .unwrap();
+        assert_eq!(out, b"REDIS");
+    }
 
     #[test]
     fn parses_users_tls_ipv6_and_db() {
@@ -399,11 +913,11 @@ mod tests {
                 user: Some("admin".into()),
                 password: Some("p@ss".into()),
                 tls: true,
-                db: 3
+                db: Some(3)
             }
         );
         let c = parse(&Secret::new("redis://:pw@cache")).unwrap();
-        assert_eq!((c.user, c.port, c.db), (None, 6379, 0));
+        assert_eq!((c.user, c.port, c.db), (None, 6379, None));
         assert!(parse(&Secret::new("redis://h/x")).is_err());
         assert!(parse(&Secret::new("redis://h?ssl=true")).is_err());
         assert!(parse(&Secret::new("memcached://h")).is_err());
@@ -414,7 +928,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cmd = dump_command(&Secret::new("rediss://u:topsecret@h:1/0"), dir.path())
             .unwrap()
-            .command;
+            .command();
         let argv: Vec<String> = cmd
             .args
             .iter()

@@ -16,16 +16,13 @@ use super::{Loop, LoopError, LoopName, PassContext};
 use crate::app::Deps;
 use crate::db::audit;
 use crate::domain::{FailureReason, ResourceType};
-use crate::engines::{self, dump_command};
+use crate::engines::{self, DumpSource};
 use crate::jobs::{self, FailureOutcome, JobTable, Lease};
 use crate::pipeline::{gzip_to_upload, PipelineError, Streamed};
-use crate::process::{spawn, SpawnError};
 use crate::retention;
 use crate::secret::Secret;
 use crate::storage::Metadata;
 
-/// Raw dumps shorter than this are incomplete (DESIGN §5 sanity).
-pub const MIN_RAW_BYTES: u64 = 1024;
 /// Claim attempts when a concurrent claimer wins the same resource (a unique violation).
 const CLAIM_RETRIES: usize = 5;
 
@@ -48,6 +45,8 @@ enum Attempt {
     Succeeded {
         key: String,
         streamed: Streamed,
+        /// `dump_mode` (Redis: instance | keyspace).
+        mode: Option<&'static str>,
     },
     Failed {
         reason: FailureReason,
@@ -292,12 +291,11 @@ impl Backups {
                 )
             }
         };
-        let dump = match dump_command(resource_type, &job.connection_url, temp.path()) {
-            Ok(d) => d,
-            Err(problem) => return failed(FailureReason::Config, problem.0),
-        };
-        let cmd = &dump.command;
-        let magic = engines::magic(resource_type);
+        let dump =
+            match engines::prepare_dump(resource_type, &job.connection_url, temp.path()).await {
+                Ok(d) => d,
+                Err(f) => return failed(f.reason, f.detail),
+            };
         let key = object_key(
             cfg.storage_url.prefix(),
             job.team_id,
@@ -306,12 +304,14 @@ impl Backups {
             job.lease.id,
             dump.extension,
         );
-        let mut tool = match spawn(&self.deps.tools, cmd, false) {
-            Ok(t) => t,
-            Err(e @ SpawnError::Missing { .. }) => {
-                return failed(FailureReason::Config, e.to_string())
-            }
-            Err(e) => return failed(FailureReason::Dump, e.to_string()),
+        let started = tokio::select! {
+            r = DumpSource::start(dump, &self.deps.tools, resource_type) => r,
+            _ = abort.cancelled() => return Attempt::Cancelled,
+            _ = lease_lost.cancelled() => return Attempt::LeaseLost,
+        };
+        let (source, stream, mode) = match started {
+            Ok(s) => s,
+            Err(f) => return failed(f.reason, f.detail),
         };
         let metadata = Metadata::from([
             ("backup-id".to_owned(), job.lease.id.to_string()),
@@ -324,14 +324,9 @@ impl Backups {
         let mut upload = match self.deps.store.begin_upload(&key, metadata).await {
             Ok(u) => u,
             Err(e) => {
-                tool.kill().await;
+                source.stop().await;
                 return failed(FailureReason::Upload, e.to_string());
             }
-        };
-        let Some(stdout) = tool.stdout.take() else {
-            tool.kill().await;
-            let _ = upload.abort().await;
-            return failed(FailureReason::Dump, "the dump tool has no stdout");
         };
 
         enum Stop {
@@ -341,8 +336,9 @@ impl Backups {
         }
         let deadline = tokio::time::sleep(cfg.backup_timeout);
         tokio::pin!(deadline);
+        let check = engines::stream_check(resource_type);
         let streamed = tokio::select! {
-            r = gzip_to_upload(stdout, upload.as_mut(), cfg.gzip_level) => Ok(r),
+            r = gzip_to_upload(stream, check, upload.as_mut(), cfg.gzip_level) => Ok(r),
             _ = &mut deadline => Err(Stop::Timeout),
             _ = abort.cancelled() => Err(Stop::Abort),
             _ = lease_lost.cancelled() => Err(Stop::LeaseLost),
@@ -358,32 +354,31 @@ impl Backups {
         let streamed = match streamed {
             Ok(s) => s,
             Err(stop) => {
-                tool.kill().await;
+                source.stop().await;
                 let _ = upload.abort().await;
                 return stopped(stop);
             }
         };
-        // stdout is drained: only now is the exit status meaningful. (Dropping the wait on a
-        // stop kills the child: kill_on_drop.)
-        let exit = tokio::select! {
-            r = tool.wait() => Ok(r),
+        // The stream is drained: only now is the source's outcome meaningful. (Dropping the wait
+        // on a stop kills the tool's group.)
+        let ended = tokio::select! {
+            r = source.finish() => Ok(r),
             _ = &mut deadline => Err(Stop::Timeout),
             _ = abort.cancelled() => Err(Stop::Abort),
             _ = lease_lost.cancelled() => Err(Stop::LeaseLost),
         };
-        let finished = match exit {
-            Ok(f) => f,
+        let ended = match ended {
+            Ok(r) => r,
             Err(stop) => {
                 let _ = upload.abort().await;
                 return stopped(stop);
             }
         };
 
-        // A non-zero exit always discards the output, whatever was streamed.
-        if !finished.status.success() {
+        // A failed dump always discards the output, whatever was streamed.
+        if let Err(f) = ended {
             let _ = upload.abort().await;
-            let reason = engines::classify(resource_type, &finished.stderr);
-            return failed(reason, finished.describe());
+            return failed(f.reason, f.detail);
         }
         let streamed = match streamed {
             Ok(s) => s,
@@ -396,16 +391,15 @@ impl Backups {
                 return failed(FailureReason::Dump, e.to_string());
             }
         };
-        if streamed.raw_bytes < MIN_RAW_BYTES || !streamed.head.starts_with(magic) {
+        if let Err(why) = &streamed.check {
             let _ = upload.abort().await;
             return failed(
                 FailureReason::Sanity,
                 format!(
-                    "{} produced {} bytes starting with {} (expected at least {MIN_RAW_BYTES} bytes starting with {})",
-                    cmd.program,
+                    "the {} dump is incomplete ({} bytes, starting with {}): {why}",
+                    resource_type.as_str(),
                     streamed.raw_bytes,
                     hex::encode(&streamed.head[..streamed.head.len().min(8)]),
-                    hex::encode(magic)
                 ),
             );
         }
@@ -414,10 +408,14 @@ impl Backups {
             ("raw-bytes".to_owned(), streamed.raw_bytes.to_string()),
         ]);
         match upload.commit(final_meta).await {
-            Ok(_) => Attempt::Succeeded { key, streamed },
+            Ok(_) => Attempt::Succeeded {
+                key,
+                streamed,
+                mode,
+            },
             Err(e) => failed(FailureReason::Upload, e.to_string()),
         }
-        // `cmd` (and its credential files) and `temp` are dropped here: removed either way.
+        // `temp` (and with it any credential file) is removed here either way.
     }
 
     /// Writes the attempt's result to the row (fenced), the audit log and the metrics.
@@ -432,12 +430,17 @@ impl Backups {
             ResourceType::parse(&job.resource_type).map_or("unsupported", ResourceType::as_str);
         let lease = &job.lease;
         match attempt {
-            Attempt::Succeeded { key, streamed } => {
+            Attempt::Succeeded {
+                key,
+                streamed,
+                mode,
+            } => {
                 let mut tx = self.pool().begin().await?;
                 let done = sqlx::query(
                     "UPDATE resource_backups
                         SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL,
                             object_key = $4, size_bytes = $5, raw_bytes = $6, sha256 = $7,
+                            dump_mode = $8,
                             failure_reason = NULL, error_summary = NULL, internal_detail = NULL
                       WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
                 )
@@ -448,6 +451,7 @@ impl Backups {
                 .bind(streamed.stored_bytes as i64)
                 .bind(streamed.raw_bytes as i64)
                 .bind(&streamed.sha256)
+                .bind(mode)
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 0 {
@@ -462,7 +466,8 @@ impl Backups {
                     Some(job.resource_id),
                     Some(lease.id),
                     json!({ "resource_type": job.resource_type, "object_key": key,
-                            "size_bytes": streamed.stored_bytes, "sha256": streamed.sha256 }),
+                            "size_bytes": streamed.stored_bytes, "sha256": streamed.sha256,
+                            "dump_mode": mode }),
                 )
                 .await?;
                 tx.commit().await?;

@@ -223,7 +223,7 @@ impl Restores {
             self.deps.store.as_ref(),
             key,
             sha,
-            engines::magic(resource_type),
+            engines::stream_check(resource_type),
             temp.path(),
         )
         .await?;
