@@ -716,7 +716,7 @@ async fn populate_every_type(redis: &RedisServer) {
 }
 
 /// Backup → damage → restore of a Redis of the given kind, compared per type.
-async fn redis_round_trip(pool: &PgPool, redis: &RedisServer) {
+async fn redis_round_trip(pool: &PgPool, redis: &RedisServer, also_damage: &[&str]) {
     populate_every_type(redis).await;
     let before = redis_snapshot(redis).await;
     assert!(before.len() > 60);
@@ -777,7 +777,70 @@ async fn redis_round_trip(pool: &PgPool, redis: &RedisServer) {
 #[sqlx::test]
 async fn redis_round_trip_keeps_every_type_value_and_ttl(pool: PgPool) {
     let redis = RedisServer::start(Some("redis-restore-pw")).await.unwrap();
-    redis_round_trip(&pool, &redis).await;
+    // A function library (Redis 7): restored with FUNCTION RESTORE into instance resources.
+    redis
+        .cli(&[
+            "FUNCTION",
+            "LOAD",
+            "#!lua name=mylib\nredis.register_function('myfunc', function(keys, args) return 'from backup' end)",
+        ])
+        .await
+        .unwrap();
+    redis_round_trip(&pool, &redis, &["FUNCTION", "DELETE", "mylib"]).await;
+    assert_eq!(
+        redis.cli(&["FCALL", "myfunc", "0"]).await.unwrap().trim(),
+        "from backup",
+        "the function library is back"
+    );
+}
+
+#[sqlx::test]
+async fn a_key_larger_than_the_targets_proto_max_bulk_len_fails_config_before_flushing(
+    pool: PgPool,
+) {
+    let source = RedisServer::start(None).await.unwrap();
+    source.populate(10).await.unwrap();
+    // 3 MB that LZF cannot shrink (the payload, not the value, is what travels).
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..30 {
+        let mut chunk = String::with_capacity(100_000);
+        while chunk.len() < 100_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.push_str(&format!("{state:016x}"));
+        }
+        source.cli(&["APPEND", "too-big", &chunk]).await.unwrap();
+    }
+    let target = RedisServer::start(None).await.unwrap();
+    target
+        .cli(&["CONFIG", "SET", "proto-max-bulk-len", "1mb"])
+        .await
+        .unwrap();
+    target
+        .cli(&["SET", "precious", "still here"])
+        .await
+        .unwrap();
+    let (_dir, d) = local_deps(&pool, Tools::default()).await;
+    let t = team(&pool).await;
+    let from = resource(&pool, t, "redis", &source.url()).await;
+    let into = resource(&pool, t, "redis", &target.url()).await;
+    let backup = back_up(&d, from).await;
+    let (_, status, reason, detail) = restore(&d, backup, into).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("config")),
+        "{detail:?}"
+    );
+    let detail = detail.unwrap();
+    assert!(
+        detail.contains("too-big") && detail.contains("proto-max-bulk-len"),
+        "{detail}"
+    );
+    assert_eq!(
+        target.cli(&["GET", "precious"]).await.unwrap().trim(),
+        "still here"
+    );
 }
 
 #[sqlx::test]
@@ -788,7 +851,7 @@ async fn redis_6_2_round_trip_keeps_every_type_value_and_ttl(pool: PgPool) {
         .await
         .unwrap()
         .contains("redis_version:6.2"));
-    redis_round_trip(&pool, &redis).await;
+    redis_round_trip(&pool, &redis, &[]).await;
 }
 
 #[sqlx::test]
