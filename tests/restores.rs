@@ -763,6 +763,9 @@ async fn redis_round_trip(pool: &PgPool, redis: &RedisServer, also_damage: &[&st
     ] {
         redis.cli(&cmd).await.unwrap();
     }
+    if !also_damage.is_empty() {
+        redis.cli(also_damage).await.unwrap();
+    }
     assert_ne!(redis_snapshot(redis).await, before);
 
     let (_, status, reason, detail) = restore(&d, backup, res).await;
