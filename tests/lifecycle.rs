@@ -96,6 +96,23 @@ impl Drop for FakeTools {
     }
 }
 
+/// SIGTERM to the daemon; it must exit 0 within SHUTDOWN_GRACE + 1 s.
+async fn sigterm_and_wait(daemon: &mut tokio::process::Child, grace: Duration) {
+    let sent = Instant::now();
+    let pid = daemon.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(grace + Duration::from_secs(1), daemon.wait())
+        .await
+        .expect("exit within SHUTDOWN_GRACE + 1 s")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    println!("exited {:?} after SIGTERM", sent.elapsed());
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie has exited; only a live process counts.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -290,19 +307,7 @@ async fn sigterm_releases_running_backups_at_once(pool: PgPool) {
     let child_pid = fake.pids()[0];
     assert!(alive(child_pid));
 
-    let sent = Instant::now();
-    let pid = a.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = tokio::time::timeout(grace + Duration::from_secs(1), a.wait())
-        .await
-        .expect("exit within SHUTDOWN_GRACE + 1 s")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
-    println!("exited {:?} after SIGTERM", sent.elapsed());
+    sigterm_and_wait(&mut a, grace).await;
     let r = row(&pool, id).await;
     assert_eq!(
         (r.status.as_str(), r.attempts, r.leased_by.as_deref()),
@@ -382,17 +387,7 @@ async fn sigterm_releases_a_backup_whose_tool_has_a_child_holding_its_pipes(pool
         "the tool runs in its own group"
     );
 
-    let pid = a.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = tokio::time::timeout(grace + Duration::from_secs(1), a.wait())
-        .await
-        .expect("exit within SHUTDOWN_GRACE + 1 s")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    sigterm_and_wait(&mut a, grace).await;
     let r = row(&pool, id).await;
     assert_eq!(
         (r.status.as_str(), r.attempts, r.leased_by.as_deref()),

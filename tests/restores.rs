@@ -1225,6 +1225,16 @@ async fn redis_backup_an_older_target_cannot_accept_fails_before_flushing(pool: 
     );
 }
 
+/// Deps whose mongodump and mongorestore are the fakes, copied into `fx` (their calls.log too).
+async fn fake_mongo_deps(pool: &PgPool) -> (tempfile::TempDir, tempfile::TempDir, Deps) {
+    let fx = tempfile::tempdir().unwrap();
+    let tools = Tools::default()
+        .with_override("mongodump", fixture("fake-mongodump", fx.path()))
+        .with_override("mongorestore", fixture("fake-mongorestore", fx.path()));
+    let (dir, d) = local_deps(pool, tools).await;
+    (fx, dir, d)
+}
+
 fn fixture(name: &str, dir: &Path) -> std::path::PathBuf {
     let dest = dir.join(name);
     std::fs::copy(Path::new(FIXTURES).join(name), &dest).unwrap();
@@ -1233,11 +1243,7 @@ fn fixture(name: &str, dir: &Path) -> std::path::PathBuf {
 
 #[sqlx::test]
 async fn mongodb_restores_through_the_fake_mongorestore(pool: PgPool) {
-    let fx = tempfile::tempdir().unwrap();
-    let tools = Tools::default()
-        .with_override("mongodump", fixture("fake-mongodump", fx.path()))
-        .with_override("mongorestore", fixture("fake-mongorestore", fx.path()));
-    let (_dir, d) = local_deps(&pool, tools).await;
+    let (fx, _dir, d) = fake_mongo_deps(&pool).await;
     let t = team(&pool).await;
     let res = resource(
         &pool,
@@ -1658,11 +1664,7 @@ async fn a_customer_lock_makes_the_rewind_fail_unreachable_within_lock_timeout(p
 
 #[sqlx::test]
 async fn mongodb_clones_across_database_names_and_refuses_a_restore_of_nothing(pool: PgPool) {
-    let fx = tempfile::tempdir().unwrap();
-    let tools = Tools::default()
-        .with_override("mongodump", fixture("fake-mongodump", fx.path()))
-        .with_override("mongorestore", fixture("fake-mongorestore", fx.path()));
-    let (_dir, d) = local_deps(&pool, tools).await;
+    let (fx, _dir, d) = fake_mongo_deps(&pool).await;
     let t = team(&pool).await;
     let shop = resource(
         &pool,
