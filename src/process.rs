@@ -282,7 +282,15 @@ impl RunningTool {
         let killed_by_us = self.killed && status.signal() == Some(KILLED_STATUS);
         self.kill_group();
         self.finished = true;
-        let start = raw.len().saturating_sub(STDERR_TAIL);
+        // Cut at a line boundary: a cut inside a secret would leave a fragment no redaction
+        // recognises.
+        let mut start = raw.len().saturating_sub(STDERR_TAIL);
+        if start > 0 {
+            start = raw[start..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(raw.len(), |nl| start + nl + 1);
+        }
         let text = String::from_utf8_lossy(&raw[start..]);
         let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
         Finished {
@@ -407,7 +415,10 @@ where
     match io_result {
         Some(Err(error)) => {
             // Every tool exited 0 but our plumbing failed: a stage stopped reading early.
-            if let Some(i) = finished.iter().position(|f| !f.status.success()) {
+            if let Some(i) = finished
+                .iter()
+                .position(|f| !f.status.success() && !f.killed)
+            {
                 return Err(pick_cause(finished, i));
             }
             Err(PipelineFailure::Io {

@@ -25,8 +25,9 @@ use std::fmt;
 /// Archive versions pg_dump 12–18 write: 1.12 (separate large-object entries) … 1.16.
 const MIN_VERSION: (u8, u8) = (1, 12);
 const MAX_VERSION: (u8, u8) = (1, 16);
-/// No string in a TOC entry is larger than this (a function body, a view definition).
-const MAX_STRING: usize = 64 * 1024 * 1024;
+/// No string in a TOC entry is larger than this (a function body, a view definition: Postgres'
+/// own limit on a value is 1 GiB); the buffer only grows to what the stream really holds.
+const MAX_STRING: usize = 1024 * 1024 * 1024;
 const BLK_DATA: u8 = 1;
 const BLK_BLOBS: u8 = 3;
 const OFFSET_NO_DATA: u8 = 3;

@@ -447,6 +447,13 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
     )
     .await
     .map_err(|e| run_failure(e, classify, "listing the backup's contents"))?;
+    if listing.len() >= LISTING_LIMIT {
+        // A cut listing would silently restore only its head: refuse instead.
+        return Err(fail(
+            FailureReason::Config,
+            format!("the backup's table of contents lists more than {LISTING_LIMIT} bytes of entries; too large to filter"),
+        ));
+    }
     let toc = Toc::parse(&String::from_utf8_lossy(&listing));
     let probe_cmd = psql(&conn, t.url, t.temp)?.args([
         "--no-align",
@@ -484,7 +491,12 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
     let io = async move {
         let feed = async {
             match pgr_in {
-                Some(w) => process::pump(source, w).await.map(drop),
+                // pg_restore stops reading once it has the last entry it needs (the tail may be
+                // left out by the use-list): its exit status says whether that was fine.
+                Some(w) => match process::pump(source, w).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                    r => r.map(drop),
+                },
                 None => Ok(()),
             }
         };

@@ -319,8 +319,9 @@ fn is_noperm(e: &redis::RedisError) -> bool {
 /// RDB version written when a keyspace dump finds no key to take it from (Redis 6.2's, which
 /// every supported server reads).
 const EMPTY_KEYSPACE_RDB_VERSION: u16 = 9;
-/// Keys per SCAN/DUMP round trip.
+/// Keys per SCAN round trip, and per pipelined DUMP group.
 const SCAN_COUNT: usize = 500;
+const DUMP_GROUP: usize = 32;
 /// Bytes of RDB stream gathered before they are handed to the pipeline.
 const WRITE_CHUNK: usize = 256 * 1024;
 
@@ -369,19 +370,21 @@ impl KeyspaceDump {
                     .query_async(&mut c)
                     .await
                     .map_err(|e| redis_failure("SCAN", e))?;
-                if !batch.is_empty() {
+                // DUMPs in small groups, the stream written out as it grows: memory is a few
+                // values, not a SCAN batch of them.
+                for group in batch.chunks(DUMP_GROUP) {
                     let mut read = redis::pipe();
-                    for k in &batch {
+                    for k in group {
                         read.cmd("DUMP").arg(k).cmd("PTTL").arg(k);
                     }
                     // Replies one by one: on a shared instance SCAN also returns other
                     // tenants' keys, whose DUMP answers NOPERM — not ours, skipped.
                     let values = c
-                        .req_packed_commands(&read, 0, 2 * batch.len())
+                        .req_packed_commands(&read, 0, 2 * group.len())
                         .await
                         .map_err(|e| redis_failure("DUMP", e))?;
                     let now = now_ms();
-                    for (k, pair) in batch.iter().zip(values.chunks(2)) {
+                    for (k, pair) in group.iter().zip(values.chunks(2)) {
                         let (redis::Value::BulkString(payload), redis::Value::Int(pttl)) =
                             (&pair[0], &pair[1])
                         else {
@@ -412,17 +415,19 @@ impl KeyspaceDump {
                             w.select_db(db as u64, &mut buf);
                             selected = true;
                         }
-                        w.key(k, expire_at_ms, payload, &mut buf).map_err(|e| {
-                            fail(
-                                FailureReason::Dump,
-                                format!("a DUMP payload is unusable: {e}"),
-                            )
-                        })?;
+                        w.key(k, expire_at_ms, payload, &mut buf)
+                            .map_err(|e| match e {
+                                RdbError::Module { .. } => rdb_failure(e),
+                                e => fail(
+                                    FailureReason::Dump,
+                                    format!("a DUMP payload is unusable: {e}"),
+                                ),
+                            })?;
                         keys += 1;
-                    }
-                    if buf.len() >= WRITE_CHUNK {
-                        out.write_all(&buf).await.map_err(pipe_io)?;
-                        buf.clear();
+                        if buf.len() >= WRITE_CHUNK {
+                            out.write_all(&buf).await.map_err(pipe_io)?;
+                            buf.clear();
+                        }
                     }
                 }
                 if next == 0 {
@@ -607,6 +612,9 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
                 .unwrap_or_default();
             let mut dbs: Vec<i64> = keyspace_dbs(&info);
             dbs.extend(mapping.values());
+            // Without INFO rights (a pooled tenant) the keyspace is unknown: its default
+            // database is still the resource's.
+            dbs.push(home);
             dbs.sort_unstable();
             dbs.dedup();
             dbs

@@ -304,8 +304,20 @@ impl Backups {
             job.lease.id,
             dump.extension,
         );
+        enum Stop {
+            Timeout,
+            Abort,
+            LeaseLost,
+        }
+        // BACKUP_TIMEOUT bounds everything from here, the wait for a tool's first byte included.
+        let deadline = tokio::time::sleep(cfg.backup_timeout);
+        tokio::pin!(deadline);
         let started = tokio::select! {
             r = DumpSource::start(dump, &self.deps.tools, resource_type) => r,
+            _ = &mut deadline => return failed(
+                FailureReason::Timeout,
+                format!("BACKUP_TIMEOUT of {:?} exceeded", cfg.backup_timeout),
+            ),
             _ = abort.cancelled() => return Attempt::Cancelled,
             _ = lease_lost.cancelled() => return Attempt::LeaseLost,
         };
@@ -329,13 +341,6 @@ impl Backups {
             }
         };
 
-        enum Stop {
-            Timeout,
-            Abort,
-            LeaseLost,
-        }
-        let deadline = tokio::time::sleep(cfg.backup_timeout);
-        tokio::pin!(deadline);
         let check = engines::stream_check(resource_type);
         let streamed = tokio::select! {
             r = gzip_to_upload(stream, check, upload.as_mut(), cfg.gzip_level) => Ok(r),
@@ -359,6 +364,14 @@ impl Backups {
                 return stopped(stop);
             }
         };
+        // Our storage failing first kills the source with a broken pipe: the storage error is
+        // the cause, not the tool's exit.
+        if let Err(PipelineError::Storage(e)) = &streamed {
+            let detail = e.to_string();
+            source.stop().await;
+            let _ = upload.abort().await;
+            return failed(FailureReason::Upload, detail);
+        }
         // The stream is drained: only now is the source's outcome meaningful. (Dropping the wait
         // on a stop kills the tool's group.)
         let ended = tokio::select! {
