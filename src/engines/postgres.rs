@@ -321,7 +321,8 @@ pub(crate) struct Target {
     members: BTreeSet<(String, String)>,
 }
 
-/// One query, answered as `kind<US>a<US>b` lines (US = 0x1f, which no name contains).
+/// One query, answered as `kind<US>a<US>b` lines (US = 0x1f, which no name contains). `trusted`
+/// is read through to_jsonb: the column exists from Postgres 13, and 12 has no trusted extensions.
 const PROBE_SQL: &str = "\
 SELECT 'super', (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)::text, ''
 UNION ALL
@@ -330,7 +331,8 @@ UNION ALL
 SELECT 'creatable', a.name, '' FROM pg_available_extensions a
   JOIN pg_available_extension_versions v ON v.name = a.name AND v.version = a.default_version
  WHERE (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-    OR (v.trusted AND has_database_privilege(current_database(), 'CREATE'))
+    OR (coalesce((to_jsonb(v) ->> 'trusted')::boolean, false)
+        AND has_database_privilege(current_database(), 'CREATE'))
 UNION ALL
 SELECT 'member', e.extname, n.nspname || ' ' || c.relname FROM pg_depend d
   JOIN pg_class c ON d.classid = 'pg_class'::regclass AND d.objid = c.oid
