@@ -303,7 +303,7 @@ impl RedisServer {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Writes `n` string keys `key:<i>` with 64-byte values (enough for a > 1 KiB RDB).
+    /// Writes `n` string keys `key:<i>` with 64-byte values.
     pub async fn populate(&self, n: usize) -> Result<(), TestError> {
         let pairs: Vec<String> = (0..n)
             .flat_map(|i| [format!("key:{i}"), format!("{i:064}")])
