@@ -17,6 +17,7 @@ use crate::loops::backups::Backups;
 use crate::loops::propagations::Propagations;
 use crate::loops::restores::Restores;
 use crate::loops::scheduler::Scheduler;
+use crate::loops::verifier::Verifier;
 use crate::loops::{Loop, LoopError, LoopName, PassContext};
 use crate::metrics::Metrics;
 use crate::plans::Plans;
@@ -89,6 +90,7 @@ pub fn build_loops(deps: &Deps, names: &[LoopName]) -> Vec<Arc<dyn Loop>> {
                 )),
                 LoopName::Backups => Arc::new(Backups::new(deps.clone())),
                 LoopName::Restores => Arc::new(Restores::new(deps.clone())),
+                LoopName::Verifier => Arc::new(Verifier::new(deps.clone())),
                 LoopName::Propagations => Arc::new(Propagations::new(
                     deps.pool.clone(),
                     deps.plans.clone(),

@@ -96,6 +96,8 @@ pub async fn status(pool: &PgPool) -> Result<String, CommandError> {
          UNION ALL
          SELECT 'restores', status, count(*) FROM resource_restores GROUP BY status
          UNION ALL
+         SELECT 'verifications', status, count(*) FROM backup_verifications GROUP BY status
+         UNION ALL
          SELECT 'propagations',
                 CASE WHEN applied_at IS NOT NULL THEN 'applied'
                      WHEN failed_at IS NOT NULL THEN 'dead_lettered'
@@ -114,6 +116,11 @@ pub async fn status(pool: &PgPool) -> Result<String, CommandError> {
              (SELECT 'restore', id, resource_id, failure_reason, error_summary, finished_at
                 FROM resource_restores WHERE status = 'failed'
                ORDER BY finished_at DESC NULLS LAST LIMIT 10)
+             UNION ALL
+             (SELECT 'verify', backup_id, resource_id, failure_reason,
+                     replace(left(internal_detail, 200), E'\n', ' '), finished_at
+                FROM backup_verifications WHERE status = 'failed'
+               ORDER BY finished_at DESC NULLS LAST LIMIT 10)
              ORDER BY 6 DESC NULLS LAST LIMIT 10",
     )
     .fetch_all(pool)
@@ -126,6 +133,19 @@ pub async fn status(pool: &PgPool) -> Result<String, CommandError> {
     for (table, status, n) in depths {
         let _ = writeln!(out, "  {table:<13} {status:<14} {n}");
     }
+    let (verified, failed, never): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM backup_verifications
+                  WHERE status = 'verified' AND finished_at > now() - interval '1 day'),
+                (SELECT count(*) FROM backup_verifications
+                  WHERE status = 'failed' AND finished_at > now() - interval '1 day'),
+                (SELECT count(*) FROM resource_backups WHERE status = 'succeeded' AND verify_status IS NULL)",
+    )
+    .fetch_one(pool)
+    .await?;
+    let _ = writeln!(
+        out,
+        "verifications (last 24 h): {verified} verified, {failed} failed; {never} succeeded backups never verified"
+    );
     out.push_str("recent failures:\n");
     if failures.is_empty() {
         out.push_str("  (none)\n");
@@ -141,4 +161,92 @@ pub async fn status(pool: &PgPool) -> Result<String, CommandError> {
         );
     }
     Ok(out)
+}
+
+/// `backup-worker verify`'s output: the verdict, how long each step took, and the counts.
+pub fn format_verification(r: &crate::loops::verifier::Report) -> String {
+    use std::fmt::Write as _;
+    let d = &r.detail;
+    let secs = |k: &str| d[k].as_f64().map(|s| format!("{s:.2} s"));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "backup {} ({}, resource {})",
+        r.backup_id, r.resource_type, r.resource_id
+    );
+    let mut timing = secs("seconds").unwrap_or_else(|| "-".into());
+    let steps: Vec<String> = [
+        ("download", "download_seconds"),
+        ("restore", "restore_seconds"),
+    ]
+    .iter()
+    .filter_map(|(name, k)| secs(k).map(|s| format!("{name} {s}")))
+    .collect();
+    if !steps.is_empty() {
+        let _ = write!(timing, " ({})", steps.join(", "));
+    }
+    match r.status.as_str() {
+        "verified" => {
+            let level = d["level"].as_str().unwrap_or("?");
+            let how = match level {
+                "integrity" => "integrity only: checksum, full decode and structural check (no VERIFY_DATABASE_URL for a test restore)",
+                _ => "test restore",
+            };
+            let _ = writeln!(out, "result: VERIFIED in {timing} — {how}");
+        }
+        status => {
+            let reason = r.failure_reason.as_deref().unwrap_or("?");
+            let whose = if d["backup_at_fault"].as_bool() == Some(true) {
+                "the backup does not restore"
+            } else {
+                "the verifier's environment failed, not the backup"
+            };
+            let again = if status == "pending" {
+                "; the verifier retries it"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "result: FAILED ({reason}) in {timing} at step {} — {whose}{again}",
+                d["failed_step"].as_str().unwrap_or("?")
+            );
+            if let Some(why) = &r.internal_detail {
+                let _ = writeln!(out, "  {}", why.trim().replace('\n', "\n  "));
+            }
+        }
+    }
+    let counts = [
+        ("tables", "rows", "rows_total"),
+        ("namespaces", "documents", "documents_total"),
+        ("databases", "keys", "keys_total"),
+    ];
+    for (field, unit, total) in counts {
+        let Some(map) = d[field].as_object() else {
+            continue;
+        };
+        let _ = writeln!(out, "{unit} per {}:", field.trim_end_matches('s'));
+        let width = map.keys().map(|k| k.len()).max().unwrap_or(0).max(5);
+        for (name, n) in map {
+            let label = if field == "databases" {
+                format!("db {name}")
+            } else {
+                name.clone()
+            };
+            let n = n.as_u64().map_or_else(|| n.to_string(), |n| n.to_string());
+            let _ = writeln!(out, "  {label:<width$}  {n:>12}", width = width + 3);
+        }
+        let _ = writeln!(
+            out,
+            "  {:<width$}  {:>12}",
+            "total",
+            d[total].as_u64().unwrap_or(0),
+            width = width + 3
+        );
+    }
+    if let Some(f) = d["functions"].as_u64().filter(|f| *f > 0) {
+        let _ = writeln!(out, "function libraries: {f}");
+    }
+    let _ = writeln!(out, "verification {}", r.verification_id);
+    out
 }

@@ -27,6 +27,10 @@ pub const ENV_VARS: &[&str] = &[
     "BACKUP_TIMEOUT",
     "SHUTDOWN_GRACE",
     "GZIP_LEVEL",
+    "VERIFY_INTERVAL",
+    "VERIFY_EVERY",
+    "VERIFY_CONCURRENCY",
+    "VERIFY_DATABASE_URL",
 ];
 
 pub const DEFAULT_STORAGE_URL: &str = "file://./var/backups";
@@ -76,6 +80,13 @@ pub struct Config {
     pub backup_timeout: Duration,
     pub shutdown_grace: Duration,
     pub gzip_level: u32,
+    /// Pause between verifier passes.
+    pub verify_interval: Duration,
+    /// How often each resource's newest backup is proven restorable.
+    pub verify_every: Duration,
+    pub verify_concurrency: usize,
+    /// Where Postgres test restores create their scratch databases; `None`: integrity only.
+    pub verify_database_url: Option<Secret>,
 }
 
 impl Config {
@@ -164,6 +175,19 @@ impl Config {
             }
         };
 
+        let verify_database_url = get("VERIFY_DATABASE_URL");
+        if let Some(url) = &verify_database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(bad(
+                    "VERIFY_DATABASE_URL",
+                    "must start with postgres:// or postgresql:// (a role that may CREATE DATABASE)",
+                ));
+            }
+            if url.parse::<sqlx::postgres::PgConnectOptions>().is_err() {
+                return Err(bad("VERIFY_DATABASE_URL", "is not a valid postgres URL"));
+            }
+        }
+
         Ok(Config {
             database_url: Secret::new(database_url),
             storage_url,
@@ -184,6 +208,10 @@ impl Config {
             backup_timeout: duration_in(&get, "BACKUP_TIMEOUT", 6 * 3600, 1, 7 * 24 * 3600)?,
             shutdown_grace: duration_in(&get, "SHUTDOWN_GRACE", 30, 0, 3600)?,
             gzip_level: int_in(&get, "GZIP_LEVEL", 6, 1, 9)? as u32,
+            verify_interval: duration_in(&get, "VERIFY_INTERVAL", 300, 1, 24 * 3600)?,
+            verify_every: duration_in(&get, "VERIFY_EVERY", 7 * 24 * 3600, 1, 365 * 24 * 3600)?,
+            verify_concurrency: int_in(&get, "VERIFY_CONCURRENCY", 1, 1, 16)? as usize,
+            verify_database_url: verify_database_url.map(Secret::new),
         })
     }
 }
@@ -230,7 +258,7 @@ fn duration_in(
         bad(
             var,
             format!(
-                "expected a duration from {min_secs}s to {max_secs}s such as 60, 60s, 5m or 1h, got {raw:?}"
+                "expected a duration from {min_secs}s to {max_secs}s such as 60, 60s, 5m, 1h or 7d, got {raw:?}"
             ),
         )
     };
@@ -250,6 +278,7 @@ pub fn parse_duration(raw: &str) -> Option<Duration> {
         "ms" => n,
         "m" => n.checked_mul(60_000)?,
         "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
         _ => return None,
     };
     Some(Duration::from_millis(ms))
@@ -321,6 +350,10 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(matches!(c.storage_url, StorageUrl::File { .. }));
         assert!(!c.worker_id.is_empty());
+        assert_eq!(c.verify_interval, Duration::from_secs(300));
+        assert_eq!(c.verify_every, Duration::from_secs(7 * 86400));
+        assert_eq!(c.verify_concurrency, 1);
+        assert!(c.verify_database_url.is_none());
     }
 
     #[test]
@@ -332,7 +365,11 @@ mod tests {
             ("SCHEDULER_INTERVAL", "soon"),
             ("LEASE_SECONDS", "1"),
             ("SHUTDOWN_GRACE", "-1"),
-            ("BACKUP_TIMEOUT", "3d"),
+            ("BACKUP_TIMEOUT", "8d"),
+            ("VERIFY_EVERY", "1w"),
+            ("VERIFY_INTERVAL", "0"),
+            ("VERIFY_CONCURRENCY", "17"),
+            ("VERIFY_DATABASE_URL", "mysql://root@x/db"),
             ("METRICS_ADDR", "9090"),
             ("LOG_FORMAT", "xml"),
             ("STORAGE_URL", "ftp://x"),
@@ -410,6 +447,7 @@ mod tests {
         assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
         assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86400)));
         assert_eq!(parse_duration("1.5s"), None);
         let c = cfg(&[("SCHEDULER_INTERVAL", "5m"), ("SHUTDOWN_GRACE", "0")]).unwrap();
         assert_eq!(c.scheduler_interval, Duration::from_secs(300));

@@ -25,6 +25,7 @@ pub const RETRY_BACKOFF_MINUTES: [i64; 3] = [1, 5, 15];
 pub enum JobTable {
     Backups,
     Restores,
+    Verifications,
 }
 
 impl JobTable {
@@ -32,6 +33,7 @@ impl JobTable {
         match self {
             JobTable::Backups => "resource_backups",
             JobTable::Restores => "resource_restores",
+            JobTable::Verifications => "backup_verifications",
         }
     }
 }

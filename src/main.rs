@@ -30,7 +30,7 @@ struct Cli {
 enum Command {
     /// Run the daemon (all loops, HTTP on METRICS_ADDR).
     Run {
-        /// Comma-separated loops to run: scheduler,backups,restores,propagations.
+        /// Comma-separated loops to run: scheduler,backups,restores,verifier,propagations.
         #[arg(long, value_delimiter = ',')]
         only: Option<Vec<LoopName>>,
         /// One pass of each selected loop (claiming until nothing is due), no HTTP, then exit.
@@ -48,8 +48,11 @@ enum Command {
         #[arg(long)]
         into: Option<Uuid>,
     },
-    /// Print queue depths and recent failures.
+    /// Print queue depths, verification figures and recent failures.
     Status,
+    /// Verify one backup now (download, checksum, test restore) and print what it holds;
+    /// exits non-zero unless it verified.
+    Verify { backup_id: Uuid },
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -97,6 +100,7 @@ async fn main() -> ExitCode {
             Ok(pool) => print_result(commands::enqueue_restore(&pool, backup_id, into).await),
             Err(code) => code,
         },
+        Command::Verify { backup_id } => verify(config, backup_id).await,
         Command::Status => match connect(&config, 2).await {
             Ok(pool) => match commands::status(&pool).await {
                 Ok(text) => {
@@ -124,24 +128,51 @@ async fn connect(config: &Config, max: u32) -> Result<sqlx::PgPool, ExitCode> {
     db::connect(&config.database_url, max).await.map_err(fail)
 }
 
-async fn run(config: Config, options: RunOptions) -> ExitCode {
+/// Everything the loops share, from the configuration.
+async fn deps(config: Config, pool_size: u32) -> Result<Deps, ExitCode> {
     let plans = match Plans::load(config.plans_path.as_deref()) {
         Ok(p) => p,
-        Err(e) => return fail(format!("invalid configuration: PLANS_PATH: {e}")),
+        Err(e) => return Err(fail(format!("invalid configuration: PLANS_PATH: {e}"))),
     };
     let metrics = match Metrics::new() {
         Ok(m) => m,
-        Err(e) => return fail(format!("metrics registry: {e}")),
+        Err(e) => return Err(fail(format!("metrics registry: {e}"))),
     };
     let store = match storage::open(&config.storage_url, &config.s3).await {
         Ok(s) => s,
-        Err(e) => return fail(format!("STORAGE_URL: {e}")),
+        Err(e) => return Err(fail(format!("STORAGE_URL: {e}"))),
     };
-    let pool_size = (config.backup_concurrency + config.restore_concurrency + 4) as u32;
-    let pool = match connect(&config, pool_size).await {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
+    let pool = connect(&config, pool_size).await?;
+    let provisioner: Option<Arc<dyn backup_worker::provisioner::Provisioner>> =
+        match config.provisioner_addr.as_deref() {
+            None => None,
+            Some(addr) => match backup_worker::provisioner::GrpcProvisioner::new(
+                addr,
+                backup_worker::provisioner::CALL_DEADLINE,
+            ) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    return Err(fail(format!(
+                        "invalid configuration: PROVISIONER_ADDR: {e}"
+                    )))
+                }
+            },
+        };
+    Ok(Deps {
+        config: Arc::new(config),
+        pool,
+        store,
+        plans: Arc::new(plans),
+        metrics,
+        tools: backup_worker::process::Tools::default(),
+        provisioner,
+    })
+}
+
+async fn run(config: Config, options: RunOptions) -> ExitCode {
+    let pool_size =
+        (config.backup_concurrency + config.restore_concurrency + config.verify_concurrency + 4)
+            as u32;
     let listener = if options.once {
         None
     } else {
@@ -151,31 +182,34 @@ async fn run(config: Config, options: RunOptions) -> ExitCode {
             Err(e) => return fail(format!("METRICS_ADDR: cannot listen on {addr}: {e}")),
         }
     };
-
-    let provisioner: Option<Arc<dyn backup_worker::provisioner::Provisioner>> =
-        match config.provisioner_addr.as_deref() {
-            None => None,
-            Some(addr) => match backup_worker::provisioner::GrpcProvisioner::new(
-                addr,
-                backup_worker::provisioner::CALL_DEADLINE,
-            ) {
-                Ok(p) => Some(Arc::new(p)),
-                Err(e) => return fail(format!("invalid configuration: PROVISIONER_ADDR: {e}")),
-            },
-        };
+    let deps = match deps(config, pool_size).await {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
-    let deps = Deps {
-        config: Arc::new(config),
-        pool,
-        store,
-        plans: Arc::new(plans),
-        metrics,
-        tools: backup_worker::process::Tools::default(),
-        provisioner,
-    };
     match app::run(deps, options, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// `verify <backup_id>`: prints the result; exit 0 only when the backup verified.
+async fn verify(config: Config, backup_id: Uuid) -> ExitCode {
+    let deps = match deps(config, 3).await {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let verifier = backup_worker::loops::verifier::Verifier::new(deps);
+    match verifier.verify_now(backup_id).await {
+        Ok(report) => {
+            print!("{}", commands::format_verification(&report));
+            if report.status == "verified" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Err(e) => fail(e),
     }
 }

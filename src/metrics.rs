@@ -40,6 +40,8 @@ pub struct Metrics {
     pub backup_stuck_recovered: IntCounter,
     pub backup_rpo_breached: IntGauge,
     pub restore_by_type: IntCounterVec,
+    pub backup_verified: IntCounterVec,
+    pub unverified_backups: IntGauge,
     pub propagation_applied: IntCounterVec,
     pub propagation_unexpected_skip: IntCounterVec,
     pub propagation_dead_lettered: IntCounterVec,
@@ -147,6 +149,20 @@ impl Metrics {
                 "Restore outcomes by resource type; result is ok or a failure reason.",
                 &["resource_type", "result"],
             )?,
+            backup_verified: counter_vec(
+                &r,
+                "instant_customer_backup_verified_total",
+                "Finished verifications by resource type; result is ok or a failure reason.",
+                &["resource_type", "result"],
+            )?,
+            unverified_backups: {
+                let g = IntGauge::new(
+                    "backup_worker_unverified_backups",
+                    "Resources whose newest succeeded backup failed verification, or that have no passing verification within VERIFY_EVERY (refreshed by the verifier).",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             propagation_applied: counter_vec(
                 &r,
                 "instant_propagation_applied_total",
@@ -236,6 +252,10 @@ impl Metrics {
             self.restore_by_type.with_label_values(&[t, "ok"]);
             for r in FailureReason::RESTORE {
                 self.restore_by_type.with_label_values(&[t, r.as_str()]);
+            }
+            self.backup_verified.with_label_values(&[t, "ok"]);
+            for r in FailureReason::RESTORE {
+                self.backup_verified.with_label_values(&[t, r.as_str()]);
             }
             self.backup_duration.with_label_values(&[t]);
             self.backup_bytes.with_label_values(&[t]);

@@ -26,6 +26,7 @@ use crate::process::{RunningTool, SpawnError, Tools};
 use crate::secret::Secret;
 
 pub use mongodb::mongo_database;
+pub use postgres::{parse_scratch_name, scratch_name, ScratchServer, SCRATCH_PREFIX};
 
 /// Why a resource's configuration cannot be used (failure reason `config`). Messages name the
 /// problem, never the value.
@@ -326,6 +327,53 @@ pub async fn restore(
         ResourceType::Mongodb => mongodb::restore(target, backup).await,
         ResourceType::Redis => redis::restore(target, backup).await,
     }
+}
+
+/// What a test restore found in a backup (DESIGN §11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Census {
+    /// Postgres/vector, restored into a scratch database: rows per `schema.table`.
+    Tables(std::collections::BTreeMap<String, i64>),
+    /// MongoDB, the whole archive read: documents per `db.collection`.
+    Namespaces(std::collections::BTreeMap<String, u64>),
+    /// Redis, every key cut out of the RDB: keys per logical database, and function libraries.
+    Databases {
+        keys: std::collections::BTreeMap<u64, u64>,
+        functions: u64,
+    },
+}
+
+/// The test restore of a downloaded, verified backup, touching no customer: Redis and MongoDB
+/// backups are read whole; a Postgres backup is rewound into `scratch` (an empty database the
+/// caller created and drops) and its rows counted. `None` when Postgres has no scratch server.
+pub async fn test_restore(
+    resource_type: ResourceType,
+    backup: &BackupFile,
+    scratch: Option<(&postgres::ScratchServer, &str, &RestoreTarget<'_>)>,
+) -> Result<Option<Census>, Failure> {
+    Ok(Some(match resource_type {
+        ResourceType::Postgres | ResourceType::Vector => {
+            let Some((server, name, target)) = scratch else {
+                return Ok(None);
+            };
+            postgres::restore(target, backup).await?;
+            Census::Tables(server.count_rows(name).await?)
+        }
+        ResourceType::Mongodb => {
+            let summary = mongodb::read_archive(backup).await?;
+            let mut counts = std::collections::BTreeMap::new();
+            for ns in summary.namespaces {
+                *counts
+                    .entry(format!("{}.{}", ns.db, ns.collection))
+                    .or_default() += ns.documents;
+            }
+            Census::Namespaces(counts)
+        }
+        ResourceType::Redis => {
+            let (keys, functions) = redis::count_keys(backup).await?;
+            Census::Databases { keys, functions }
+        }
+    }))
 }
 
 /// The environment every tool starts from: a PATH, a private TMPDIR and the C locale, so tool

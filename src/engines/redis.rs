@@ -535,6 +535,14 @@ async fn plan(backup: &BackupFile) -> Result<RdbPlan, Failure> {
     })?
 }
 
+/// The verifier's test restore of a Redis backup (DESIGN §11): every key cut out as a DUMP
+/// payload, exactly as a restore would, without a server. Keys per logical database, and the
+/// function libraries the RDB carries.
+pub(crate) async fn count_keys(backup: &BackupFile) -> Result<(BTreeMap<u64, u64>, u64), Failure> {
+    let plan = plan(backup).await?;
+    Ok((plan.keys, plan.functions))
+}
+
 /// Bytes of RESTORE commands sent per pipelined batch (and a cap on keys per batch).
 const BATCH_BYTES: usize = 8 * 1024 * 1024;
 const BATCH_KEYS: usize = 1000;

@@ -1,4 +1,4 @@
-//! The four loops (DESIGN §1). Each is one room: it implements [`Loop`], and the supervisor drives
+//! The five loops (DESIGN §1). Each is one room: it implements [`Loop`], and the supervisor drives
 //! it — passes on an interval in the daemon, a single pass with `--once`.
 
 use std::fmt;
@@ -14,6 +14,7 @@ pub mod backups;
 pub mod propagations;
 pub mod restores;
 pub mod scheduler;
+pub mod verifier;
 
 pub type LoopError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -22,15 +23,17 @@ pub enum LoopName {
     Scheduler,
     Backups,
     Restores,
+    Verifier,
     Propagations,
 }
 
 impl LoopName {
     /// Also the order of a `--once` run: the scheduler's rows are claimed in the same run.
-    pub const ALL: [LoopName; 4] = [
+    pub const ALL: [LoopName; 5] = [
         LoopName::Scheduler,
         LoopName::Backups,
         LoopName::Restores,
+        LoopName::Verifier,
         LoopName::Propagations,
     ];
 
@@ -39,6 +42,7 @@ impl LoopName {
             LoopName::Scheduler => "scheduler",
             LoopName::Backups => "backups",
             LoopName::Restores => "restores",
+            LoopName::Verifier => "verifier",
             LoopName::Propagations => "propagations",
         }
     }
@@ -57,7 +61,7 @@ impl FromStr for LoopName {
             .into_iter()
             .find(|l| l.as_str() == s.trim())
             .ok_or_else(|| {
-                format!("unknown loop {s:?}: expected scheduler, backups, restores or propagations")
+                format!("unknown loop {s:?}: expected scheduler, backups, restores, verifier or propagations")
             })
     }
 }

@@ -1,0 +1,854 @@
+//! The verifier (DESIGN §11): proves, continuously, that stored backups restore — without
+//! touching the customer. Each pass enqueues the newest succeeded backup of every resource that
+//! is due (no verification within VERIFY_EVERY, fairest first), then claims rows like the other
+//! queues (`FOR UPDATE SKIP LOCKED` + a lease) and, per row — [`Verifier::attempt`] reads top to
+//! bottom — downloads the object (sha256, full decode, structural check), test-restores it
+//! (Postgres into a scratch database that is always dropped; Redis and MongoDB read whole), and
+//! records the counts it found. A backup that fails is no longer a good backup: its row says so,
+//! the RPO gauge stops counting it, an audit row is written and a fresh backup is enqueued.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Loop, LoopError, LoopName, PassContext};
+use crate::app::Deps;
+use crate::db::audit;
+use crate::domain::{FailureReason, ResourceType, SUPPORTED_RESOURCE_TYPES};
+use crate::engines::{self, fail, Census, Failure, RestoreTarget, ScratchServer};
+use crate::jobs::{self, FailureOutcome, JobTable, Lease};
+use crate::restore;
+
+/// A verification that failed for the verifier's own environment (its scratch server, the
+/// object store) is tried again after this long rather than at the next pass.
+const ENVIRONMENT_RETRY: &str = "1 hour";
+/// A resource's newest backup younger than this is not yet counted as unverified.
+const UNVERIFIED_GRACE: &str = "1 hour";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("backup {0} not found")]
+    BackupNotFound(Uuid),
+    #[error("backup {id} is {status}, not succeeded: there is nothing to verify")]
+    NotSucceeded { id: Uuid, status: String },
+    #[error("a verification of resource {0} is already running; try again when it has finished")]
+    Busy(Uuid),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// A claimed verification and what it needs to know about its backup.
+#[derive(Debug)]
+pub struct Job {
+    pub lease: Lease,
+    pub backup_id: Uuid,
+    pub resource_id: Uuid,
+    pub team_id: Uuid,
+    pub resource_type: String,
+    pub object_key: Option<String>,
+    pub sha256: Option<String>,
+    pub size_bytes: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Context {
+    team_id: Uuid,
+    resource_type: String,
+    backup_status: String,
+    object_key: Option<String>,
+    sha256: Option<String>,
+    size_bytes: Option<i64>,
+}
+
+/// How a verification failed: its class, and whether the backup is to blame (it does not
+/// restore) or the verifier's environment is (scratch server, store, tools).
+#[derive(Debug)]
+pub struct Failed {
+    pub failure: Failure,
+    pub backup_at_fault: bool,
+    /// The step it failed in: `download` or `restore`.
+    pub step: &'static str,
+}
+
+enum Attempt {
+    Verified(Value),
+    Failed(Failed, Value),
+    Cancelled,
+    LeaseLost,
+}
+
+/// What `backup-worker verify` prints.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub verification_id: Uuid,
+    pub backup_id: Uuid,
+    pub resource_id: Uuid,
+    pub resource_type: String,
+    pub status: String,
+    pub failure_reason: Option<String>,
+    pub internal_detail: Option<String>,
+    pub detail: Value,
+}
+
+type ClaimedRow = (Uuid, Uuid, Uuid, i32, DateTime<Utc>);
+
+pub struct Verifier {
+    deps: Deps,
+    scratch: Option<ScratchServer>,
+    last_recovery: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Verifier {
+    pub fn new(deps: Deps) -> Arc<Self> {
+        let scratch = deps.config.verify_database_url.as_ref().and_then(|url| {
+            match ScratchServer::new(url) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    // Config validation parses the URL first; this is belt and braces.
+                    tracing::error!(error = %e, "Postgres test restores disabled");
+                    None
+                }
+            }
+        });
+        Arc::new(Self {
+            deps,
+            scratch,
+            last_recovery: std::sync::Mutex::default(),
+        })
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.deps.pool
+    }
+
+    /// Enqueues the newest succeeded backup of every due resource; idempotent across replicas
+    /// (one open verification per resource, enforced by a unique index). A resource is due when
+    /// its newest verification passed more than VERIFY_EVERY ago, or failed for a newer backup
+    /// than its newest, or failed for the environment over an hour ago — or it has none. A
+    /// resource whose newest backup failed verification waits for the fresh backup that failure
+    /// enqueued. Each team's resources are ranked so claims take every team's first before any
+    /// team's second.
+    pub async fn enqueue(&self) -> Result<u64, sqlx::Error> {
+        // Rows whose backup expired (or was deleted) while they waited are gone stale.
+        sqlx::query(
+            "DELETE FROM backup_verifications v USING resource_backups b
+              WHERE v.status = 'pending' AND b.id = v.backup_id AND b.status <> 'succeeded'",
+        )
+        .execute(self.pool())
+        .await?;
+        let done = sqlx::query(&format!(
+            "WITH due AS (
+                SELECT r.id AS resource_id, r.team_id, n.id AS backup_id, v.started_at AS previous_at
+                  FROM resources r
+                  CROSS JOIN LATERAL (
+                        SELECT b.id, b.verify_status FROM resource_backups b
+                         WHERE b.resource_id = r.id AND b.status = 'succeeded'
+                         ORDER BY b.finished_at DESC NULLS LAST LIMIT 1) n
+                  LEFT JOIN LATERAL (
+                        SELECT x.status, x.started_at, x.finished_at, x.backup_id
+                          FROM backup_verifications x
+                         WHERE x.resource_id = r.id
+                         ORDER BY x.started_at DESC LIMIT 1) v ON true
+                 WHERE r.status <> 'deleted'
+                   AND r.resource_type = ANY($1::text[])
+                   AND n.verify_status IS DISTINCT FROM 'failed'
+                   AND (v.status IS NULL
+                        OR (v.status = 'verified'
+                            AND v.started_at <= now() - make_interval(secs => $2))
+                        OR (v.status = 'failed'
+                            AND (v.backup_id <> n.id
+                                 OR v.finished_at <= now() - interval '{ENVIRONMENT_RETRY}')))
+             )
+             INSERT INTO backup_verifications (backup_id, resource_id, team_rank, previous_at)
+             SELECT backup_id, resource_id,
+                    row_number() OVER (PARTITION BY team_id
+                                       ORDER BY previous_at NULLS FIRST, resource_id),
+                    previous_at
+               FROM due
+             ON CONFLICT (resource_id) WHERE status IN ('pending', 'running') DO NOTHING"
+        ))
+        .bind(SUPPORTED_RESOURCE_TYPES)
+        .bind(self.deps.config.verify_every.as_secs_f64())
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// `backup_worker_unverified_backups`: resources whose newest succeeded backup failed
+    /// verification, or that have had no passing verification within VERIFY_EVERY (a backup
+    /// taken within the last hour is not yet counted: the verifier has not had its turn).
+    pub async fn refresh_unverified(&self) -> Result<i64, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*)
+               FROM resources r
+               CROSS JOIN LATERAL (
+                     SELECT b.verify_status, b.finished_at FROM resource_backups b
+                      WHERE b.resource_id = r.id AND b.status = 'succeeded'
+                      ORDER BY b.finished_at DESC NULLS LAST LIMIT 1) n
+              WHERE r.status <> 'deleted'
+                AND r.resource_type = ANY($1::text[])
+                AND (n.verify_status = 'failed'
+                     OR (n.finished_at < now() - interval '{UNVERIFIED_GRACE}'
+                         AND NOT EXISTS (
+                               SELECT 1 FROM backup_verifications v
+                                WHERE v.resource_id = r.id AND v.status = 'verified'
+                                  AND v.started_at > now() - make_interval(secs => $2))))"
+        ))
+        .bind(SUPPORTED_RESOURCE_TYPES)
+        .bind(self.deps.config.verify_every.as_secs_f64())
+        .fetch_one(self.pool())
+        .await?;
+        self.deps.metrics.unverified_backups.set(n);
+        Ok(n)
+    }
+
+    /// One statement, `FOR UPDATE SKIP LOCKED`, with a lease; never beside a running backup or
+    /// restore of the same resource; fair across teams (see [`Verifier::enqueue`]).
+    pub async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
+        let worker = &self.deps.config.worker_id;
+        loop {
+            let claimed: Option<ClaimedRow> = sqlx::query_as(
+                "UPDATE backup_verifications
+                    SET status = 'running', attempts = attempts + 1, started_at = now(),
+                        leased_by = $1, lease_expires_at = now() + make_interval(secs => $2)
+                  WHERE id = (
+                        SELECT v.id FROM backup_verifications v
+                         WHERE v.status = 'pending' AND v.run_after <= now()
+                           AND NOT EXISTS (SELECT 1 FROM resource_backups x
+                                            WHERE x.resource_id = v.resource_id AND x.status = 'running')
+                           AND NOT EXISTS (SELECT 1 FROM resource_restores x
+                                            WHERE x.resource_id = v.resource_id AND x.status = 'running')
+                         ORDER BY v.team_rank, v.previous_at NULLS FIRST, v.created_at
+                         LIMIT 1
+                         FOR UPDATE SKIP LOCKED)
+                  RETURNING id, backup_id, resource_id, attempts, started_at",
+            )
+            .bind(worker)
+            .bind(self.deps.config.lease.as_secs_f64())
+            .fetch_optional(self.pool())
+            .await?;
+            let Some((id, backup_id, resource_id, attempts, started_at)) = claimed else {
+                return Ok(None);
+            };
+            let lease = Lease {
+                table: JobTable::Verifications,
+                id,
+                attempts,
+                worker: worker.clone(),
+                started_at,
+            };
+            match self.job(lease, backup_id, resource_id).await? {
+                Some(job) => return Ok(Some(job)),
+                None => continue,
+            }
+        }
+    }
+
+    /// The job for a claimed row, or `None` (row deleted) when its backup is no longer there
+    /// to verify (expired by retention after it was enqueued).
+    async fn job(
+        &self,
+        lease: Lease,
+        backup_id: Uuid,
+        resource_id: Uuid,
+    ) -> Result<Option<Job>, sqlx::Error> {
+        let c: Option<Context> = sqlx::query_as(
+            "SELECT r.team_id, r.resource_type, b.status AS backup_status, b.object_key, b.sha256,
+                    b.size_bytes
+               FROM resource_backups b JOIN resources r ON r.id = b.resource_id
+              WHERE b.id = $1",
+        )
+        .bind(backup_id)
+        .fetch_optional(self.pool())
+        .await?;
+        let c = match c {
+            Some(c) if c.backup_status == "succeeded" => c,
+            _ => {
+                sqlx::query(
+                    "DELETE FROM backup_verifications
+                      WHERE id = $1 AND leased_by = $2 AND attempts = $3 AND status = 'running'",
+                )
+                .bind(lease.id)
+                .bind(&lease.worker)
+                .bind(lease.attempts)
+                .execute(self.pool())
+                .await?;
+                return Ok(None);
+            }
+        };
+        Ok(Some(Job {
+            lease,
+            backup_id,
+            resource_id,
+            team_id: c.team_id,
+            resource_type: c.resource_type,
+            object_key: c.object_key,
+            sha256: c.sha256,
+            size_bytes: c.size_bytes,
+        }))
+    }
+
+    /// Runs a claimed verification to a recorded result (or a released row on shutdown).
+    pub async fn run_job(self: Arc<Self>, job: Job, abort: CancellationToken) {
+        let started = Instant::now();
+        let lease_lost = CancellationToken::new();
+        let renewer = tokio::spawn(jobs::renew_lease(
+            self.pool().clone(),
+            job.lease.clone(),
+            self.deps.config.lease,
+            lease_lost.clone(),
+        ));
+        let scratch =
+            engines::scratch_name(job.lease.id, job.lease.attempts, Utc::now().timestamp());
+        let timeout = self.deps.config.backup_timeout;
+        let attempt = tokio::select! {
+            r = self.attempt(&job, &scratch) => match r {
+                (Ok(detail), _) => Attempt::Verified(detail),
+                (Err(f), detail) => Attempt::Failed(f, detail),
+            },
+            _ = tokio::time::sleep(timeout) => Attempt::Failed(Failed {
+                failure: fail(FailureReason::Timeout, format!("verification exceeded BACKUP_TIMEOUT of {timeout:?}")),
+                backup_at_fault: false,
+                step: "restore",
+            }, json!({})),
+            _ = abort.cancelled() => Attempt::Cancelled,
+            _ = lease_lost.cancelled() => Attempt::LeaseLost,
+        };
+        renewer.abort();
+        // Whatever happened (a dropped attempt cannot clean up after itself), the scratch
+        // database does not outlive its attempt.
+        if let (Some(server), true) = (&self.scratch, is_postgres(&job.resource_type)) {
+            if let Err(e) = server.drop_database(&scratch).await {
+                tracing::warn!(verification_id = %job.lease.id, error = %e.detail,
+                    "dropping the scratch database failed; a later pass drops it");
+            }
+        }
+        if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
+            tracing::error!(verification_id = %job.lease.id, error = %e, "recording the verification result failed");
+        }
+    }
+
+    /// The verified download (sha256, full decode, structural check), then the test restore.
+    /// Returns the detail to record, also on failure (how far it got).
+    async fn attempt(&self, job: &Job, scratch: &str) -> (Result<Value, Failed>, Value) {
+        let started = Instant::now();
+        let mut detail = json!({ "level": "integrity", "object_key": job.object_key, "stored_bytes": job.size_bytes });
+        let result = self.steps(job, scratch, &mut detail, started).await;
+        detail["seconds"] = json!(round(started.elapsed().as_secs_f64()));
+        match result {
+            Ok(()) => (Ok(detail.clone()), detail),
+            Err(f) => {
+                detail["failed_step"] = json!(f.step);
+                (Err(f), detail)
+            }
+        }
+    }
+
+    async fn steps(
+        &self,
+        job: &Job,
+        scratch: &str,
+        detail: &mut Value,
+        started: Instant,
+    ) -> Result<(), Failed> {
+        let download = |failure: Failure| Failed {
+            // A store that fails to answer is ours; an object that is missing, altered or
+            // undecodable is the backup's.
+            backup_at_fault: failure.reason != FailureReason::Upload,
+            failure,
+            step: "download",
+        };
+        let environment = |failure: Failure| Failed {
+            failure,
+            backup_at_fault: false,
+            step: "restore",
+        };
+        let Some(resource_type) = ResourceType::parse(&job.resource_type) else {
+            return Err(environment(fail(
+                FailureReason::Config,
+                format!("unsupported resource type {:?}", job.resource_type),
+            )));
+        };
+        let (Some(key), Some(sha)) = (&job.object_key, &job.sha256) else {
+            return Err(download(fail(
+                FailureReason::Integrity,
+                "the backup row has no object",
+            )));
+        };
+        let temp = tempfile::tempdir().map_err(|e| {
+            environment(fail(
+                FailureReason::Dump,
+                format!("cannot create a temporary directory: {e}"),
+            ))
+        })?;
+
+        // 1. Download: sha256 against the row, the whole gzip stream, the engine's check.
+        let backup = restore::download_verified(
+            self.deps.store.as_ref(),
+            key,
+            sha,
+            engines::stream_check(resource_type),
+            temp.path(),
+        )
+        .await
+        .map_err(download)?;
+        detail["download_seconds"] = json!(round(started.elapsed().as_secs_f64()));
+
+        // 2. The test restore, touching no customer.
+        let restore_started = Instant::now();
+        let census = match (resource_type, &self.scratch) {
+            (ResourceType::Postgres | ResourceType::Vector, Some(server)) => {
+                let url = server.create(scratch).await.map_err(environment)?;
+                let target = RestoreTarget {
+                    tools: &self.deps.tools,
+                    url: &url,
+                    source_url: &url,
+                    temp: temp.path(),
+                };
+                let result =
+                    engines::test_restore(resource_type, &backup, Some((server, scratch, &target)))
+                        .await;
+                if let Err(e) = server.drop_database(scratch).await {
+                    tracing::warn!(error = %e.detail, "dropping the scratch database failed; retried after the attempt");
+                }
+                result.map_err(|failure| Failed {
+                    // pg_restore or psql refusing the dump's contents is the backup's fault;
+                    // a login, a connection, a missing extension or tool is the verifier's.
+                    backup_at_fault: failure.reason == FailureReason::Dump,
+                    failure,
+                    step: "restore",
+                })?
+            }
+            _ => engines::test_restore(resource_type, &backup, None)
+                .await
+                .map_err(|failure| Failed {
+                    // Reading the file needs nothing but the file.
+                    backup_at_fault: true,
+                    failure,
+                    step: "restore",
+                })?,
+        };
+        if let Some(census) = census {
+            detail["level"] = json!("restore");
+            detail["restore_seconds"] = json!(round(restore_started.elapsed().as_secs_f64()));
+            census_detail(&census, detail);
+        }
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        job: &Job,
+        attempt: Attempt,
+        elapsed: Duration,
+    ) -> Result<(), sqlx::Error> {
+        let lease = &job.lease;
+        let type_label =
+            ResourceType::parse(&job.resource_type).map_or("unsupported", ResourceType::as_str);
+        let m = &self.deps.metrics;
+        match attempt {
+            Attempt::Verified(detail) => {
+                let mut tx = self.pool().begin().await?;
+                let done = sqlx::query(
+                    "UPDATE backup_verifications
+                        SET status = 'verified', finished_at = now(), lease_expires_at = NULL,
+                            detail = $4, failure_reason = NULL, error_summary = NULL,
+                            internal_detail = NULL
+                      WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
+                )
+                .bind(lease.id)
+                .bind(&lease.worker)
+                .bind(lease.attempts)
+                .bind(&detail)
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() == 0 {
+                    tracing::warn!(verification_id = %lease.id, "lease taken over before the verification was recorded");
+                    return Ok(());
+                }
+                sqlx::query(
+                    "UPDATE resource_backups SET verified_at = now(), verify_status = 'verified'
+                      WHERE id = $1",
+                )
+                .bind(job.backup_id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                m.backup_verified
+                    .with_label_values(&[type_label, "ok"])
+                    .inc();
+                tracing::info!(verification_id = %lease.id, backup_id = %job.backup_id, resource_id = %job.resource_id,
+                    level = %detail["level"], seconds = elapsed.as_secs_f64(), "backup verified");
+            }
+            Attempt::Failed(f, detail) => {
+                let reason = f.failure.reason;
+                let internal = crate::secret::redact_credentials(&f.failure.detail);
+                let internal: String = internal.chars().take(8192).collect();
+                let mut tx = self.pool().begin().await?;
+                let outcome = jobs::record_failure(&mut tx, lease, reason, &internal).await?;
+                if outcome != FailureOutcome::Stale {
+                    let mut detail = detail;
+                    detail["backup_at_fault"] = json!(f.backup_at_fault);
+                    sqlx::query("UPDATE backup_verifications SET detail = $2 WHERE id = $1")
+                        .bind(lease.id)
+                        .bind(&detail)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let mut fresh = None;
+                if outcome == FailureOutcome::Failed && f.backup_at_fault {
+                    sqlx::query(
+                        "UPDATE resource_backups SET verified_at = now(), verify_status = 'failed'
+                          WHERE id = $1",
+                    )
+                    .bind(job.backup_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    audit(
+                        &mut *tx,
+                        "backup.verification_failed",
+                        Some(job.team_id),
+                        Some(job.resource_id),
+                        Some(lease.id),
+                        json!({
+                            "resource_type": job.resource_type,
+                            "failure_reason": reason.as_str(),
+                            "backup_id": job.backup_id,
+                            "verification_id": lease.id,
+                        }),
+                    )
+                    .await?;
+                    fresh = self.enqueue_fresh_backup(&mut tx, job).await?;
+                }
+                tx.commit().await?;
+                if outcome == FailureOutcome::Failed {
+                    m.backup_verified
+                        .with_label_values(&[type_label, reason.as_str()])
+                        .inc();
+                }
+                if fresh.is_some() {
+                    m.backup_scheduled.with_label_values(&[type_label]).inc();
+                }
+                tracing::warn!(verification_id = %lease.id, backup_id = %job.backup_id, resource_id = %job.resource_id,
+                    failure_reason = reason.as_str(), backup_at_fault = f.backup_at_fault, step = f.step,
+                    outcome = ?outcome, fresh_backup = ?fresh, detail = %internal, "verification failed");
+            }
+            Attempt::Cancelled => {
+                let released = jobs::release(self.pool(), lease).await?;
+                tracing::info!(verification_id = %lease.id, released, "verification cancelled by shutdown; row released");
+            }
+            Attempt::LeaseLost => {
+                tracing::warn!(verification_id = %lease.id, "lease lost mid-verification: job stopped, nothing recorded");
+            }
+        }
+        Ok(())
+    }
+
+    /// A fresh `scheduled` backup of a resource whose backup failed verification, at once —
+    /// when the resource is active and its plan backs up, and nothing is already queued
+    /// (the usual uniqueness).
+    async fn enqueue_fresh_backup(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        job: &Job,
+    ) -> Result<Option<Uuid>, sqlx::Error> {
+        let tier: Option<String> = sqlx::query_scalar(
+            "SELECT t.plan_tier FROM resources r JOIN teams t ON t.id = r.team_id
+              WHERE r.id = $1 AND r.status = 'active'",
+        )
+        .bind(job.resource_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(tier) = tier else {
+            return Ok(None);
+        };
+        if !self.deps.plans.resolve(&tier).0.backs_up() {
+            return Ok(None);
+        }
+        sqlx::query_scalar(
+            "INSERT INTO resource_backups (resource_id, kind)
+             SELECT $1, 'scheduled'
+              WHERE NOT EXISTS (SELECT 1 FROM resource_backups
+                                 WHERE resource_id = $1 AND status IN ('pending', 'running'))
+             ON CONFLICT (resource_id) WHERE status = 'pending' AND kind = 'scheduled' DO NOTHING
+             RETURNING id",
+        )
+        .bind(job.resource_id)
+        .fetch_optional(&mut **tx)
+        .await
+    }
+
+    /// Expired leases back to pending (or failed after the last attempt), then scratch
+    /// databases no running attempt owns (a verifier killed mid-restore) dropped.
+    async fn recover(&self) {
+        let recovered = async {
+            let mut tx = self.pool().begin().await?;
+            let rows = jobs::recover_expired(&mut tx, JobTable::Verifications).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(rows)
+        }
+        .await;
+        match recovered {
+            Ok(rows) => {
+                for r in rows {
+                    tracing::warn!(verification_id = %r.id, resource_id = %r.resource_id, failed = r.failed,
+                        "recovered a verification whose lease expired");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "stuck-verification recovery failed"),
+        }
+        if let Err(e) = self.drop_leftovers().await {
+            tracing::warn!(error = %e, "dropping leftover scratch databases failed");
+        }
+    }
+
+    /// Drops scratch databases older than a lease whose attempt is not running any more.
+    pub async fn drop_leftovers(&self) -> Result<usize, LoopError> {
+        let Some(server) = &self.scratch else {
+            return Ok(0);
+        };
+        let names = server.list().await.map_err(|f| f.detail)?;
+        let now = Utc::now().timestamp();
+        let lease = self.deps.config.lease.as_secs() as i64;
+        let mut dropped = 0;
+        for name in names {
+            let Some((id, attempt, created)) = engines::parse_scratch_name(&name) else {
+                continue;
+            };
+            if now - created < lease {
+                continue;
+            }
+            let live: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM backup_verifications
+                                 WHERE id = $1 AND attempts = $2 AND status = 'running')",
+            )
+            .bind(id)
+            .bind(attempt)
+            .fetch_one(self.pool())
+            .await?;
+            if !live {
+                server.drop_database(&name).await.map_err(|f| f.detail)?;
+                tracing::info!(database = %name, "dropped a scratch database left by an earlier attempt");
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// `backup-worker verify <backup_id>`: the same steps as the loop, now, recorded like any
+    /// verification. A pending verification of the resource is replaced by this one.
+    pub async fn verify_now(self: &Arc<Self>, backup_id: Uuid) -> Result<Report, VerifyError> {
+        let row: Option<(Uuid, String)> =
+            sqlx::query_as("SELECT resource_id, status FROM resource_backups WHERE id = $1")
+                .bind(backup_id)
+                .fetch_optional(self.pool())
+                .await?;
+        let (resource_id, status) = row.ok_or(VerifyError::BackupNotFound(backup_id))?;
+        if status != "succeeded" {
+            return Err(VerifyError::NotSucceeded {
+                id: backup_id,
+                status,
+            });
+        }
+        let worker = &self.deps.config.worker_id;
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(
+            "DELETE FROM backup_verifications WHERE resource_id = $1 AND status = 'pending'",
+        )
+        .bind(resource_id)
+        .execute(&mut *tx)
+        .await?;
+        let claimed: Option<ClaimedRow> = sqlx::query_as(
+            "INSERT INTO backup_verifications
+                    (backup_id, resource_id, status, attempts, started_at, leased_by, lease_expires_at)
+             VALUES ($1, $2, 'running', 1, now(), $3, now() + make_interval(secs => $4))
+             ON CONFLICT (resource_id) WHERE status IN ('pending', 'running') DO NOTHING
+             RETURNING id, backup_id, resource_id, attempts, started_at",
+        )
+        .bind(backup_id)
+        .bind(resource_id)
+        .bind(worker)
+        .bind(self.deps.config.lease.as_secs_f64())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((id, _, _, attempts, started_at)) = claimed else {
+            return Err(VerifyError::Busy(resource_id));
+        };
+        tx.commit().await?;
+        let lease = Lease {
+            table: JobTable::Verifications,
+            id,
+            attempts,
+            worker: worker.clone(),
+            started_at,
+        };
+        let Some(job) = self.job(lease, backup_id, resource_id).await? else {
+            return Err(VerifyError::NotSucceeded {
+                id: backup_id,
+                status: "gone".into(),
+            });
+        };
+        let resource_type = job.resource_type.clone();
+        Arc::clone(self)
+            .run_job(job, CancellationToken::new())
+            .await;
+        let (status, failure_reason, internal_detail, detail): (
+            String,
+            Option<String>,
+            Option<String>,
+            Value,
+        ) = sqlx::query_as(
+            "SELECT status, failure_reason, internal_detail, detail
+                   FROM backup_verifications WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Report {
+            verification_id: id,
+            backup_id,
+            resource_id,
+            resource_type,
+            status,
+            failure_reason,
+            internal_detail,
+            detail,
+        })
+    }
+}
+
+fn is_postgres(resource_type: &str) -> bool {
+    matches!(
+        ResourceType::parse(resource_type),
+        Some(ResourceType::Postgres | ResourceType::Vector)
+    )
+}
+
+fn round(secs: f64) -> f64 {
+    (secs * 1000.0).round() / 1000.0
+}
+
+/// The counts of a census, as recorded in `detail`.
+fn census_detail(census: &Census, detail: &mut Value) {
+    match census {
+        Census::Tables(tables) => {
+            detail["method"] = json!("scratch_database");
+            detail["tables"] = json!(tables);
+            detail["rows_total"] = json!(tables.values().sum::<i64>());
+        }
+        Census::Namespaces(namespaces) => {
+            detail["method"] = json!("archive_read");
+            detail["namespaces"] = json!(namespaces);
+            detail["documents_total"] = json!(namespaces.values().sum::<u64>());
+        }
+        Census::Databases { keys, functions } => {
+            detail["method"] = json!("rdb_cut");
+            let dbs: serde_json::Map<String, Value> = keys
+                .iter()
+                .map(|(db, n)| (db.to_string(), json!(n)))
+                .collect();
+            detail["databases"] = Value::Object(dbs);
+            detail["keys_total"] = json!(keys.values().sum::<u64>());
+            detail["functions"] = json!(functions);
+        }
+    }
+}
+
+#[async_trait]
+impl Loop for Arc<Verifier> {
+    fn name(&self) -> LoopName {
+        LoopName::Verifier
+    }
+
+    fn interval(&self) -> Duration {
+        self.deps.config.verify_interval
+    }
+
+    async fn pass(&self, ctx: &PassContext) -> Result<(), LoopError> {
+        // Recovery and leftover scratch databases are housekeeping, before every claim round.
+        let enqueued = self.enqueue().await?;
+        if enqueued > 0 {
+            tracing::info!(enqueued, "verifications enqueued");
+        }
+        jobs::drive(self, ctx).await?;
+        self.refresh_unverified().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl jobs::Queue for Verifier {
+    type Job = Job;
+
+    fn concurrency(&self) -> usize {
+        self.deps.config.verify_concurrency
+    }
+
+    async fn housekeeping(&self) {
+        let due = {
+            let mut last = self.last_recovery.lock().unwrap_or_else(|p| p.into_inner());
+            jobs::due(
+                &mut last,
+                self.deps.config.lease.min(Duration::from_secs(10)),
+            )
+        };
+        if due {
+            self.recover().await;
+        }
+    }
+
+    async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
+        Verifier::claim(self).await
+    }
+
+    async fn run(self: Arc<Self>, job: Job, abort: CancellationToken) {
+        tracing::info!(verification_id = %job.lease.id, backup_id = %job.backup_id, resource_id = %job.resource_id,
+            attempt = job.lease.attempts, "verification claimed");
+        self.run_job(job, abort).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn census_details_name_their_counts() {
+        let mut d = json!({});
+        census_detail(
+            &Census::Databases {
+                keys: [(0, 5), (3, 2)].into(),
+                functions: 1,
+            },
+            &mut d,
+        );
+        assert_eq!(d["databases"]["3"], 2);
+        assert_eq!(d["keys_total"], 7);
+        let mut d = json!({});
+        census_detail(
+            &Census::Tables([("public.a".to_owned(), 3), ("s.b".to_owned(), 4)].into()),
+            &mut d,
+        );
+        assert_eq!(d["rows_total"], 7);
+        assert_eq!(d["tables"]["s.b"], 4);
+    }
+
+    #[test]
+    fn scratch_names_round_trip() {
+        let id = Uuid::new_v4();
+        let name = engines::scratch_name(id, 2, 1_790_000_000);
+        assert!(name.len() <= 63, "{name}");
+        assert_eq!(
+            engines::parse_scratch_name(&name),
+            Some((id, 2, 1_790_000_000))
+        );
+        assert_eq!(engines::parse_scratch_name("bw_verify_nope"), None);
+        assert_eq!(engines::parse_scratch_name("postgres"), None);
+    }
+}
