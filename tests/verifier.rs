@@ -93,7 +93,6 @@ async fn back_up(d: &Deps, resource: Uuid) -> Uuid {
 
 #[derive(Debug, sqlx::FromRow)]
 struct Verification {
-    id: Uuid,
     backup_id: Uuid,
     status: String,
     failure_reason: Option<String>,
@@ -104,7 +103,7 @@ struct Verification {
 
 async fn verifications(pool: &PgPool) -> Vec<Verification> {
     sqlx::query_as(
-        "SELECT id, backup_id, status, failure_reason, internal_detail, detail, attempts
+        "SELECT backup_id, status, failure_reason, internal_detail, detail, attempts
            FROM backup_verifications ORDER BY created_at, id",
     )
     .fetch_all(pool)
