@@ -79,7 +79,9 @@ pub async fn apply_retention(
             "UPDATE resource_backups SET status = 'expired'
               WHERE id = $1 AND status = 'succeeded'
                 AND NOT EXISTS (SELECT 1 FROM resource_restores rr
-                                 WHERE rr.backup_id = $1 AND rr.status IN ('pending', 'running'))",
+                                 WHERE rr.backup_id = $1 AND rr.status IN ('pending', 'running'))
+                AND NOT EXISTS (SELECT 1 FROM backup_verifications v
+                                 WHERE v.backup_id = $1 AND v.status = 'running')",
         )
         .bind(id)
         .execute(pool)

@@ -59,7 +59,7 @@ fn every_alert_has_a_unit_test_and_a_runbook_section() {
             n += 1;
         }
     }
-    assert_eq!(n, 8);
+    assert_eq!(n, 11);
 }
 
 #[test]

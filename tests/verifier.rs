@@ -720,3 +720,73 @@ async fn claims_are_fair_across_teams_and_never_beside_a_running_backup(pool: Pg
     .unwrap();
     assert!(verifier.claim().await.unwrap().is_none());
 }
+
+#[sqlx::test]
+async fn a_broken_scratch_server_is_not_blamed_on_the_backup(pool: PgPool) {
+    let pg = PgServer::start().await.unwrap();
+    let src = tenant_database(&pg, "shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = format!(
+        "postgres://postgres:not-the-password@127.0.0.1:{}/postgres",
+        pg.port
+    );
+    let d = deps(&pool, dir.path(), Some(&wrong), &[], Tools::default()).await;
+    let res = resource(&pool, team(&pool).await, "postgres", &src).await;
+    let backup = back_up(&d, res).await;
+    Verifier::new(d.clone()).pass(&ctx()).await.unwrap();
+    let v = verifications(&pool).await;
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(
+        (v[0].status.as_str(), v[0].failure_reason.as_deref()),
+        ("failed", Some("auth")),
+        "{v:?}"
+    );
+    assert_eq!(v[0].detail["backup_at_fault"], false);
+    assert!(!v[0]
+        .internal_detail
+        .as_deref()
+        .unwrap_or("")
+        .contains("not-the-password"));
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT verify_status FROM resource_backups WHERE id = $1")
+            .bind(backup)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(status, None, "the backup was never tested: no verdict");
+    let (audits, backups): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM audit_log WHERE kind = 'backup.verification_failed'),
+                (SELECT count(*) FROM resource_backups)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((audits, backups), (0, 1), "no audit, no fresh backup");
+    let text = d.metrics.render();
+    assert_eq!(
+        metric(
+            &text,
+            "instant_customer_backup_verified_total{resource_type=\"postgres\",result=\"auth\"}"
+        ),
+        Some(1.0)
+    );
+    // Tried again an hour later, not at every pass.
+    Verifier::new(d.clone()).pass(&ctx()).await.unwrap();
+    assert_eq!(verifications(&pool).await.len(), 1);
+    sqlx::query("UPDATE backup_verifications SET finished_at = now() - interval '61 minutes'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let fixed = deps(
+        &pool,
+        dir.path(),
+        Some(&pg.url("postgres")),
+        &[],
+        Tools::default(),
+    )
+    .await;
+    Verifier::new(fixed).pass(&ctx()).await.unwrap();
+    let v = verifications(&pool).await;
+    assert_eq!(v.len(), 2);
+    assert_eq!(v[1].status, "verified", "{v:?}");
+}

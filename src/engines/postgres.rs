@@ -594,21 +594,21 @@ pub(crate) fn with_database(url: &Secret, database: &str) -> Result<Secret, Conf
     Ok(Secret::new(out))
 }
 
-/// A failure talking to the verifier's Postgres: rejected logins are `auth`, a role that may not
-/// create databases `config`, anything on the wire `unreachable`, the rest `dump`.
+/// A failure talking to the verifier's Postgres: rejected logins are `auth`, anything on the wire
+/// `unreachable`, the rest (a role that may not create databases, …) `config`.
 fn sql_failure(what: &str, e: sqlx::Error) -> Failure {
     let reason = match &e {
         sqlx::Error::Database(d) => match d.code().as_deref() {
             Some("28P01" | "28000") => FailureReason::Auth,
-            Some("42501") => FailureReason::Config,
             Some(c) if c.starts_with("08") || c.starts_with("57P") => FailureReason::Unreachable,
-            _ => FailureReason::Dump,
+            _ => FailureReason::Config,
         },
         sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => {
             FailureReason::Unreachable
         }
-        sqlx::Error::Configuration(_) => FailureReason::Config,
-        _ => FailureReason::Dump,
+        // Anything else on the verifier's own server is the server's problem, never the
+        // backup's (`dump` is reserved for the tools refusing the backup's contents).
+        _ => FailureReason::Config,
     };
     fail(
         reason,

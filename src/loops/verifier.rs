@@ -28,7 +28,8 @@ use crate::restore;
 /// A verification that failed for the verifier's own environment (its scratch server, the
 /// object store) is tried again after this long rather than at the next pass.
 const ENVIRONMENT_RETRY: &str = "1 hour";
-/// A resource's newest backup younger than this is not yet counted as unverified.
+/// The verifier's turn: a resource's newest backup younger than this, or a verification that
+/// fell out of VERIFY_EVERY less than this ago, is not yet counted as unverified.
 const UNVERIFIED_GRACE: &str = "1 hour";
 
 #[derive(Debug, thiserror::Error)]
@@ -181,8 +182,8 @@ impl Verifier {
     }
 
     /// `backup_worker_unverified_backups`: resources whose newest succeeded backup failed
-    /// verification, or that have had no passing verification within VERIFY_EVERY (a backup
-    /// taken within the last hour is not yet counted: the verifier has not had its turn).
+    /// verification, or that have had no passing verification within VERIFY_EVERY (plus an hour:
+    /// the verifier's turn; a backup taken within the last hour is not counted either).
     pub async fn refresh_unverified(&self) -> Result<i64, sqlx::Error> {
         let n: i64 = sqlx::query_scalar(&format!(
             "SELECT count(*)
@@ -198,7 +199,8 @@ impl Verifier {
                          AND NOT EXISTS (
                                SELECT 1 FROM backup_verifications v
                                 WHERE v.resource_id = r.id AND v.status = 'verified'
-                                  AND v.started_at > now() - make_interval(secs => $2))))"
+                                  AND v.started_at > now() - make_interval(secs => $2)
+                                                    - interval '{UNVERIFIED_GRACE}')))"
         ))
         .bind(SUPPORTED_RESOURCE_TYPES)
         .bind(self.deps.config.verify_every.as_secs_f64())
@@ -383,7 +385,7 @@ impl Verifier {
         };
         let temp = tempfile::tempdir().map_err(|e| {
             environment(fail(
-                FailureReason::Dump,
+                FailureReason::Config,
                 format!("cannot create a temporary directory: {e}"),
             ))
         })?;
@@ -417,12 +419,19 @@ impl Verifier {
                 if let Err(e) = server.drop_database(scratch).await {
                     tracing::warn!(error = %e.detail, "dropping the scratch database failed; retried after the attempt");
                 }
-                result.map_err(|failure| Failed {
-                    // pg_restore or psql refusing the dump's contents is the backup's fault;
-                    // a login, a connection, a missing extension or tool is the verifier's.
-                    backup_at_fault: failure.reason == FailureReason::Dump,
-                    failure,
-                    step: "restore",
+                result.map_err(|mut failure| {
+                    // A dump format newer than the scratch server's pg_restore reads is the
+                    // verifier's to fix (run a newer Postgres there), not the backup's.
+                    if failure.detail.contains("unsupported version") {
+                        failure.reason = FailureReason::Config;
+                    }
+                    Failed {
+                        // pg_restore or psql refusing the dump's contents is the backup's
+                        // fault; a login, a connection, a missing extension or tool is ours.
+                        backup_at_fault: failure.reason == FailureReason::Dump,
+                        failure,
+                        step: "restore",
+                    }
                 })?
             }
             _ => engines::test_restore(resource_type, &backup, None)
@@ -502,7 +511,15 @@ impl Verifier {
                         .await?;
                 }
                 let mut fresh = None;
-                if outcome == FailureOutcome::Failed && f.backup_at_fault {
+                // A backup that expired meanwhile (retention, a destroyed key) is gone by design,
+                // not broken: nothing to blame.
+                let still_succeeded: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM resource_backups WHERE id = $1 AND status = 'succeeded')",
+                )
+                .bind(job.backup_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                if outcome == FailureOutcome::Failed && f.backup_at_fault && still_succeeded {
                     sqlx::query(
                         "UPDATE resource_backups SET verified_at = now(), verify_status = 'failed'
                           WHERE id = $1",
@@ -524,7 +541,22 @@ impl Verifier {
                         }),
                     )
                     .await?;
-                    fresh = self.enqueue_fresh_backup(&mut tx, job).await?;
+                    // A backup whose contents the engine refuses (a module type, a dump
+                    // pg_restore rejects) will likely be taken the same way again: one fresh
+                    // backup a day at most, not one per verification.
+                    let recent: bool = sqlx::query_scalar(
+                        "SELECT EXISTS (SELECT 1 FROM backup_verifications
+                                         WHERE resource_id = $1 AND id <> $2 AND status = 'failed'
+                                           AND (detail ->> 'backup_at_fault')::boolean
+                                           AND finished_at > now() - interval '1 day')",
+                    )
+                    .bind(job.resource_id)
+                    .bind(lease.id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if reason == FailureReason::Integrity || !recent {
+                        fresh = self.enqueue_fresh_backup(&mut tx, job).await?;
+                    }
                 }
                 tx.commit().await?;
                 if outcome == FailureOutcome::Failed {
