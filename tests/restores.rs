@@ -1715,3 +1715,66 @@ async fn mongodb_clones_across_database_names_and_refuses_a_restore_of_nothing(p
     assert_eq!(reason.as_deref(), Some("dump"), "{detail:?}");
     assert!(detail.unwrap().contains("restored 0 of"));
 }
+
+#[sqlx::test]
+async fn a_restore_into_the_workers_own_control_database_is_refused(pool: PgPool) {
+    let control = backup_worker::testkit::database_url(&pool);
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(
+        backup_worker::storage::LocalStore::new(dir.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    let d = test_deps(
+        pool.clone(),
+        store,
+        test_config(&[("DATABASE_URL", &control)]).unwrap(),
+    )
+    .unwrap();
+    let pg = PgServer::start().await.unwrap();
+    let src = owned_database(&pg, "shop", "app", "app-pw").await;
+    let mut c = PgConnection::connect(&src).await.unwrap();
+    c.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let t = team(&pool).await;
+    let source = resource(&pool, t, "postgres", &src).await;
+    let backup = back_up(&d, source).await;
+    // The same database as DATABASE_URL, under another loopback name.
+    let own = resource(
+        &pool,
+        t,
+        "postgres",
+        &control.replacen("127.0.0.1", "localhost", 1),
+    )
+    .await;
+    let before: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, status FROM resource_backups ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let (_, status, reason, detail) = restore(&d, backup, own).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("config")),
+        "{detail:?}"
+    );
+    assert!(
+        detail.as_deref().unwrap_or("").contains("control database"),
+        "{detail:?}"
+    );
+    let after: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, status FROM resource_backups ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(before, after, "the queue is untouched");
+    let t_exists: bool = sqlx::query_scalar("SELECT to_regclass('public.t') IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        !t_exists,
+        "nothing of the backup landed in the control database"
+    );
+}

@@ -376,6 +376,17 @@ pub async fn test_restore(
     }))
 }
 
+/// Whether a resource's connection names the worker's own control database (`DATABASE_URL`):
+/// restoring into it would rewind the worker's queue under its feet.
+pub async fn is_control_database(
+    resource_type: ResourceType,
+    url: &Secret,
+    control: &Secret,
+) -> bool {
+    matches!(resource_type, ResourceType::Postgres | ResourceType::Vector)
+        && postgres::same_database(url, control).await
+}
+
 /// The environment every tool starts from: a PATH, a private TMPDIR and the C locale, so tool
 /// messages are in the English the failure classifier matches.
 fn base_env(temp_dir: &Path) -> Vec<(String, OsString)> {

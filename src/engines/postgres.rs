@@ -548,6 +548,65 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
     Ok(())
 }
 
+/// Where a postgres URL points: host (lowercased; a socket directory or none is "local"), port
+/// and database.
+fn endpoint(url: &Secret) -> Result<(String, u16, String), ConfigProblem> {
+    let conn = parse(url)?;
+    let get = |k: &str| {
+        conn.env
+            .iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+    };
+    let host = get("PGHOST").unwrap_or_default().to_ascii_lowercase();
+    let host = if host.is_empty() || host.starts_with('/') {
+        "local".to_owned()
+    } else {
+        host
+    };
+    let port = get("PGPORT").and_then(|p| p.parse().ok()).unwrap_or(5432);
+    Ok((host, port, get("PGDATABASE").unwrap_or_default()))
+}
+
+fn loopback(host: &str) -> bool {
+    host == "local"
+        || host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether two postgres URLs name the same database: same name, same port, and the same host —
+/// by name, both loopback, or resolving to a common address.
+pub(crate) async fn same_database(a: &Secret, b: &Secret) -> bool {
+    let (Ok((host_a, port_a, db_a)), Ok((host_b, port_b, db_b))) = (endpoint(a), endpoint(b))
+    else {
+        return false;
+    };
+    if db_a != db_b || port_a != port_b {
+        return false;
+    }
+    if host_a == host_b || (loopback(&host_a) && loopback(&host_b)) {
+        return true;
+    }
+    let resolve = |host: String| async move {
+        let lookup = tokio::net::lookup_host((host.as_str(), port_a));
+        match tokio::time::timeout(std::time::Duration::from_secs(5), lookup).await {
+            Ok(Ok(addrs)) => addrs
+                .map(|a| a.ip())
+                .map(|ip| if ip.is_loopback() { None } else { Some(ip) })
+                .collect::<Vec<_>>(),
+            _ => Vec::new(),
+        }
+    };
+    let (ips_a, ips_b) = tokio::join!(resolve(host_a.clone()), resolve(host_b.clone()));
+    let both_loopback = |ips: &[Option<std::net::IpAddr>], host: &str| {
+        loopback(host) || (!ips.is_empty() && ips.iter().all(Option::is_none))
+    };
+    (both_loopback(&ips_a, &host_a) && both_loopback(&ips_b, &host_b))
+        || ips_a.iter().flatten().any(|ip| ips_b.contains(&Some(*ip)))
+}
+
 /// The verifier's scratch databases (DESIGN §11) are named `bw_verify_<verification>_<attempt>_<unix
 /// seconds>`: which attempt owns one and when it was made, so a replica can drop what a crashed
 /// one left behind (and nothing a live attempt still uses).
@@ -942,5 +1001,35 @@ mod tests {
         );
         assert_eq!(env_of(&cmd, "PGPASSFILE"), None);
         assert!(cmd.credential_files.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod control_database {
+    use super::*;
+
+    fn s(url: &str) -> Secret {
+        Secret::new(url.to_owned())
+    }
+
+    #[tokio::test]
+    async fn the_same_database_by_any_loopback_name() {
+        let control = s("postgres://worker:pw@127.0.0.1:5432/backup_worker");
+        for same in [
+            "postgres://tenant:x@localhost/backup_worker",
+            "postgresql://other@[::1]:5432/backup_worker?sslmode=disable",
+            "postgres:///backup_worker",
+            "postgres://u@127.0.0.1/postgres?dbname=backup_worker",
+        ] {
+            assert!(same_database(&s(same), &control).await, "{same}");
+        }
+        for other in [
+            "postgres://worker:pw@127.0.0.1:5432/backup_worker_demo",
+            "postgres://worker:pw@127.0.0.1:5433/backup_worker",
+            "postgres://worker:pw@db.invalid:5432/backup_worker",
+            "not a url",
+        ] {
+            assert!(!same_database(&s(other), &control).await, "{other}");
+        }
     }
 }

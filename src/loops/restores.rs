@@ -212,6 +212,19 @@ impl Restores {
                 job.resource_type
             )));
         };
+        if engines::is_control_database(
+            resource_type,
+            &job.connection_url,
+            &self.deps.config.database_url,
+        )
+        .await
+        {
+            return Err(config(
+                "the target resource is backup-worker's own control database (DATABASE_URL): \
+                 restoring into it would rewind the worker's queue; restore into another resource"
+                    .into(),
+            ));
+        }
         let (Some(key), Some(sha)) = (&job.object_key, &job.sha256) else {
             return Err(config("backup row has no object".into()));
         };
