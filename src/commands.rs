@@ -1,4 +1,5 @@
-//! One-shot commands: enqueue a manual backup or a restore, and print queue status.
+//! One-shot commands for people: enqueue a manual backup or a restore, list a resource's
+//! backups, register a team or a resource, print queue status and a verification's result.
 
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -15,6 +16,14 @@ pub enum CommandError {
     UnsupportedType { id: Uuid, resource_type: String },
     #[error("backup {0} not found")]
     BackupNotFound(Uuid),
+    #[error("team {0} not found (create one with: backup-worker teams add --tier pro)")]
+    TeamNotFound(Uuid),
+    #[error("unsupported resource type {0:?}: expected postgres, vector, mongodb or redis")]
+    UnknownType(String),
+    #[error("invalid connection URL: {0}")]
+    BadUrl(String),
+    #[error("invalid tier {0:?}: lowercase letters, digits and _ (e.g. pro, hobby, team)")]
+    BadTier(String),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -249,4 +258,144 @@ pub fn format_verification(r: &crate::loops::verifier::Report) -> String {
     }
     let _ = writeln!(out, "verification {}", r.verification_id);
     out
+}
+
+/// Inserts a team on `tier` and returns its id.
+pub async fn add_team(pool: &PgPool, tier: &str) -> Result<Uuid, CommandError> {
+    let valid = tier.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && tier
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !valid {
+        return Err(CommandError::BadTier(tier.to_owned()));
+    }
+    Ok(
+        sqlx::query_scalar("INSERT INTO teams (plan_tier) VALUES ($1) RETURNING id")
+            .bind(tier)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Registers a resource of `team`; the URL (a secret) is checked for its type's shape, never
+/// printed.
+pub async fn add_resource(
+    pool: &PgPool,
+    team: Uuid,
+    resource_type: &str,
+    url: &crate::secret::Secret,
+) -> Result<Uuid, CommandError> {
+    let ty = ResourceType::parse(resource_type)
+        .ok_or_else(|| CommandError::UnknownType(resource_type.to_owned()))?;
+    crate::engines::validate_url(ty, url).map_err(|e| CommandError::BadUrl(e.to_string()))?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM teams WHERE id = $1)")
+        .bind(team)
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Err(CommandError::TeamNotFound(team));
+    }
+    Ok(sqlx::query_scalar(
+        "INSERT INTO resources (team_id, resource_type, connection_url) VALUES ($1, $2, $3)
+         RETURNING id",
+    )
+    .bind(team)
+    .bind(ty.as_str())
+    .bind(url.expose())
+    .fetch_one(pool)
+    .await?)
+}
+
+type BackupListRow = (
+    Uuid,
+    String,
+    String,
+    chrono::DateTime<chrono::Utc>,
+    Option<i64>,
+    Option<String>,
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<String>,
+    f64,
+    Option<f64>,
+);
+
+/// Seconds as a short age: `42s`, `5m`, `3h`, `2d`.
+fn age(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+fn size(bytes: i64) -> String {
+    let b = bytes as f64;
+    match bytes {
+        i64::MIN..=1023 => format!("{bytes} B"),
+        1024..=1_048_575 => format!("{:.1} KiB", b / 1024.0),
+        1_048_576..=1_073_741_823 => format!("{:.1} MiB", b / 1_048_576.0),
+        _ => format!("{:.2} GiB", b / 1_073_741_824.0),
+    }
+}
+
+/// A resource's backups, newest first: id, status, kind, age, stored size, verification.
+pub async fn list_backups(pool: &PgPool, resource_id: Uuid) -> Result<String, CommandError> {
+    use std::fmt::Write as _;
+    let resource: Option<(String, String, Uuid)> =
+        sqlx::query_as("SELECT resource_type, status, team_id FROM resources WHERE id = $1")
+            .bind(resource_id)
+            .fetch_optional(pool)
+            .await?;
+    let (ty, status, team) = resource.ok_or(CommandError::ResourceNotFound(resource_id))?;
+    let rows: Vec<BackupListRow> = sqlx::query_as(
+        "SELECT id, status, kind, created_at, size_bytes, verify_status, verified_at,
+                failure_reason,
+                extract(epoch FROM now() - created_at)::float8,
+                extract(epoch FROM now() - verified_at)::float8
+           FROM resource_backups WHERE resource_id = $1
+          ORDER BY created_at DESC LIMIT 200",
+    )
+    .bind(resource_id)
+    .fetch_all(pool)
+    .await?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "resource {resource_id} ({ty}, {status}, team {team}): {} backup{}",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" }
+    );
+    if rows.is_empty() {
+        let _ = writeln!(
+            out,
+            "  none yet — enqueue one with: backup-worker backup {resource_id}"
+        );
+        return Ok(out);
+    }
+    let _ = writeln!(
+        out,
+        "{:<36}  {:<9}  {:<9}  {:>5}  {:>10}  {}",
+        "ID", "STATUS", "KIND", "AGE", "SIZE", "VERIFICATION"
+    );
+    for (id, status, kind, _, size_bytes, verify, _, reason, created_secs, verified_secs) in rows {
+        let status = match (&*status, reason) {
+            ("failed", Some(r)) => format!("failed ({r})"),
+            ("pending", Some(r)) => format!("pending (retry after {r})"),
+            _ => status,
+        };
+        let verification = match (verify.as_deref(), verified_secs) {
+            (Some(v), Some(s)) => format!("{v} {} ago", age(s)),
+            (Some(v), None) => v.to_owned(),
+            (None, _) => "-".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{id}  {status:<9}  {kind:<9}  {:>5}  {:>10}  {verification}",
+            age(created_secs),
+            size_bytes.map(size).unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(out)
 }

@@ -15,11 +15,23 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+const ENVIRONMENT: &str = "\
+Environment (every command but --help reads it):
+  DATABASE_URL         required: the control database holding the queue tables,
+                       e.g. postgres://backup_worker:PASSWORD@127.0.0.1:5432/backup_worker
+                       (scripts/quickstart writes one to var/quickstart/env: `. var/quickstart/env`)
+  STORAGE_URL          where backups are stored: file:///path or s3://bucket/prefix
+                       (default file://./var/backups)
+  VERIFY_DATABASE_URL  a Postgres server for test restores (optional)
+  LOG_FORMAT           json (default) or pretty; RUST_LOG filters
+Every variable is listed in README.md (Configuration).";
+
 #[derive(Parser)]
 #[command(
     name = "backup-worker",
     version,
-    about = "Backups, restores and plan propagation for the database platform"
+    about = "Backups, restores, verification and plan propagation for the database platform",
+    after_help = ENVIRONMENT
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,9 +52,18 @@ enum Command {
     /// Apply the embedded database migrations (a no-op when current).
     Migrate,
     /// Enqueue a manual backup of a resource and print its id.
-    Backup { resource_id: Uuid },
+    Backup {
+        /// The resource to back up (see `resources add`).
+        resource_id: Uuid,
+    },
+    /// List a resource's backups, newest first: id, status, kind, age, size, verification.
+    Backups {
+        /// The resource whose backups to list.
+        resource_id: Uuid,
+    },
     /// Enqueue a restore of a backup and print its id.
     Restore {
+        /// The backup to restore (see `backups <resource_id>`).
         backup_id: Uuid,
         /// Restore into another resource of the same team and type (a clone).
         #[arg(long)]
@@ -52,7 +73,41 @@ enum Command {
     Status,
     /// Verify one backup now (download, checksum, test restore) and print what it holds;
     /// exits non-zero unless it verified.
-    Verify { backup_id: Uuid },
+    Verify {
+        /// The backup to verify (see `backups <resource_id>`).
+        backup_id: Uuid,
+    },
+    /// Register teams (a plan tier each).
+    #[command(subcommand)]
+    Teams(TeamsCommand),
+    /// Register resources (databases to back up).
+    #[command(subcommand)]
+    Resources(ResourcesCommand),
+}
+
+#[derive(Subcommand)]
+enum TeamsCommand {
+    /// Create a team on a plan tier and print its id.
+    Add {
+        /// Plan tier from plans.yaml: pro, team, growth, hobby, hobby_plus, free, …
+        #[arg(long)]
+        tier: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ResourcesCommand {
+    /// Register a resource and print its id. The connection URL is a secret, so it is never an
+    /// argument: it is read from the environment variable RESOURCE_URL, or else from the first
+    /// line of standard input (e.g. `read -rs url; printf '%s\n' "$url" | backup-worker resources add …`).
+    Add {
+        /// The team that owns it (see `teams add`).
+        #[arg(long)]
+        team: Uuid,
+        /// postgres, vector, mongodb or redis.
+        #[arg(long = "type", value_name = "TYPE")]
+        resource_type: String,
+    },
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -101,6 +156,38 @@ async fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Verify { backup_id } => verify(config, backup_id).await,
+        Command::Backups { resource_id } => match connect(&config, 2).await {
+            Ok(pool) => match commands::list_backups(&pool, resource_id).await {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            },
+            Err(code) => code,
+        },
+        Command::Teams(TeamsCommand::Add { tier }) => match connect(&config, 2).await {
+            Ok(pool) => print_result(commands::add_team(&pool, &tier).await),
+            Err(code) => code,
+        },
+        Command::Resources(ResourcesCommand::Add {
+            team,
+            resource_type,
+        }) => {
+            let url = match resource_url() {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("backup-worker: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match connect(&config, 2).await {
+                Ok(pool) => {
+                    print_result(commands::add_resource(&pool, team, &resource_type, &url).await)
+                }
+                Err(code) => code,
+            }
+        }
         Command::Status => match connect(&config, 2).await {
             Ok(pool) => match commands::status(&pool).await {
                 Ok(text) => {
@@ -112,6 +199,31 @@ async fn main() -> ExitCode {
             Err(code) => code,
         },
     }
+}
+
+/// The connection URL of `resources add`: RESOURCE_URL, else the first line of stdin.
+fn resource_url() -> Result<backup_worker::secret::Secret, String> {
+    if let Some(url) = std::env::var("RESOURCE_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    {
+        return Ok(backup_worker::secret::Secret::new(url.trim().to_owned()));
+    }
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprintln!("connection URL, then Enter:");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the connection URL from stdin: {e}"))?;
+    let url = line.trim();
+    if url.is_empty() {
+        return Err(
+            "no connection URL: set RESOURCE_URL or pipe the URL on stdin (never as an argument)"
+                .into(),
+        );
+    }
+    Ok(backup_worker::secret::Secret::new(url.to_owned()))
 }
 
 fn print_result(r: Result<Uuid, commands::CommandError>) -> ExitCode {

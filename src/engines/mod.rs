@@ -376,6 +376,24 @@ pub async fn test_restore(
     }))
 }
 
+/// Checks that a connection URL is usable for a resource of this type (scheme, host, port,
+/// database, parameters), without connecting. The message names the problem, never the value.
+pub fn validate_url(resource_type: ResourceType, url: &Secret) -> Result<(), ConfigProblem> {
+    match resource_type {
+        ResourceType::Postgres | ResourceType::Vector => postgres::parse(url).map(drop),
+        ResourceType::Redis => redis::parse(url).map(drop),
+        ResourceType::Mongodb => {
+            let parts = split_url(url.expose())?;
+            if !matches!(parts.scheme, "mongodb" | "mongodb+srv") || parts.hosts.is_empty() {
+                return Err(problem(
+                    "mongodb connection URL must be mongodb://host[:port]/db or mongodb+srv://host/db",
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Whether a resource's connection names the worker's own control database (`DATABASE_URL`):
 /// restoring into it would rewind the worker's queue under its feet.
 pub async fn is_control_database(

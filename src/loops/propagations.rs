@@ -141,7 +141,7 @@ impl Propagations {
             ])
         });
         if handlers.is_none() {
-            tracing::warn!("PROVISIONER_ADDR is not set: the propagations loop will not run; rows wait (backup_worker_propagations_waiting)");
+            tracing::info!("PROVISIONER_ADDR is not set: expected unless plan-tier propagations are used; the propagations loop idles and any pending_propagations rows wait (backup_worker_propagations_waiting)");
         }
         Arc::new(Self {
             pool,
