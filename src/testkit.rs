@@ -505,6 +505,21 @@ fn as_postgres_user(program: &Path) -> Command {
 
 impl PgServer {
     pub async fn start() -> Result<Self, TestError> {
+        Self::start_with(&["--auth=scram-sha-256"]).await
+    }
+
+    /// Debian's default authentication: `peer` on the local socket (the `postgres` OS user is
+    /// the `postgres` role), passwords (scram) on TCP — loopback is not trusted.
+    pub async fn start_debian() -> Result<Self, TestError> {
+        Self::start_with(&["--auth-local=peer", "--auth-host=scram-sha-256"]).await
+    }
+
+    /// The directory holding the server's Unix socket (for `PGHOST`).
+    pub fn socket_dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    async fn start_with(auth: &[&str]) -> Result<Self, TestError> {
         let dir = tempfile::Builder::new().prefix("bw-pg-").tempdir()?;
         let data = dir.path().join("data");
         let pwfile = dir.path().join("pw");
@@ -518,15 +533,8 @@ impl PgServer {
         let out = as_postgres_user(&pg_bin("initdb")?)
             .arg("-D")
             .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth=scram-sha-256",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ])
+            .args(["-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args(auth)
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .await?;
