@@ -376,8 +376,8 @@ pub async fn list_backups(pool: &PgPool, resource_id: Uuid) -> Result<String, Co
     }
     let _ = writeln!(
         out,
-        "{:<36}  {:<9}  {:<9}  {:>5}  {:>10}  {}",
-        "ID", "STATUS", "KIND", "AGE", "SIZE", "VERIFICATION"
+        "{:<36}  {:<9}  {:<9}  {:>5}  {:>10}  VERIFICATION",
+        "ID", "STATUS", "KIND", "AGE", "SIZE"
     );
     for (id, status, kind, _, size_bytes, verify, _, reason, created_secs, verified_secs) in rows {
         let status = match (&*status, reason) {
