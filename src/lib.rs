@@ -1,5 +1,5 @@
 //! backup-worker: the daemon behind a database platform's automated backups, one-click restores
-//! and plan-tier propagation. See README.md for the architecture and DESIGN.md for the contract.
+//! and plan-tier propagation. See README.md for the architecture and docs/contract.md for the contract.
 
 pub mod app;
 pub mod classify;
