@@ -31,6 +31,7 @@ pub const ENV_VARS: &[&str] = &[
     "VERIFY_EVERY",
     "VERIFY_CONCURRENCY",
     "VERIFY_DATABASE_URL",
+    "ENCRYPTION_KEY_FILE",
 ];
 
 pub const DEFAULT_STORAGE_URL: &str = "file://./var/backups";
@@ -87,6 +88,8 @@ pub struct Config {
     pub verify_concurrency: usize,
     /// Where Postgres test restores create their scratch databases; `None`: integrity only.
     pub verify_database_url: Option<Secret>,
+    /// The master key (ENCRYPTION_KEY_FILE); `None`: backups are stored unencrypted.
+    pub master_key: Option<std::sync::Arc<crate::crypto::MasterKey>>,
 }
 
 impl Config {
@@ -188,6 +191,14 @@ impl Config {
             }
         }
 
+        let master_key = get("ENCRYPTION_KEY_FILE")
+            .map(|path| {
+                crate::crypto::MasterKey::load(std::path::Path::new(&path))
+                    .map(std::sync::Arc::new)
+                    .map_err(|why| bad("ENCRYPTION_KEY_FILE", why))
+            })
+            .transpose()?;
+
         Ok(Config {
             database_url: Secret::new(database_url),
             storage_url,
@@ -212,6 +223,7 @@ impl Config {
             verify_every: duration_in(&get, "VERIFY_EVERY", 7 * 24 * 3600, 1, 365 * 24 * 3600)?,
             verify_concurrency: int_in(&get, "VERIFY_CONCURRENCY", 1, 1, 16)? as usize,
             verify_database_url: verify_database_url.map(Secret::new),
+            master_key,
         })
     }
 }

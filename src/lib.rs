@@ -5,6 +5,7 @@ pub mod app;
 pub mod classify;
 pub mod commands;
 pub mod config;
+pub mod crypto;
 pub mod db;
 pub mod domain;
 pub mod engines;

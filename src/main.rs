@@ -83,6 +83,34 @@ enum Command {
     /// Register resources (databases to back up).
     #[command(subcommand)]
     Resources(ResourcesCommand),
+    /// Encryption keys (ENCRYPTION_KEY_FILE): rotate the master key, crypto-shred a team's
+    /// backups, export a team's identity to decrypt one backup by hand.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-wrap every team key under a new master key, in one transaction (no object is touched);
+    /// then point ENCRYPTION_KEY_FILE at the new file and restart the workers.
+    RotateMaster {
+        /// The new master key: 32 bytes in base64, mode 0600 or 0400.
+        #[arg(long)]
+        new_key_file: std::path::PathBuf,
+    },
+    /// Destroy a team's backup key: every backup of the team becomes unreadable at once, is
+    /// marked expired, and its object is deleted in the background.
+    Destroy {
+        /// The team whose backups to crypto-shred.
+        team_id: Uuid,
+    },
+    /// Print a team's age identity (AGE-SECRET-KEY-1…), only to a terminal or a 0600 file:
+    /// `(umask 077; backup-worker keys export-identity T > team.key)`, then
+    /// `age -d -i team.key < object.gz.age | gunzip | pg_restore -l`.
+    ExportIdentity {
+        /// The team whose identity to print.
+        team_id: Uuid,
+    },
 }
 
 #[derive(Subcommand)]
@@ -156,6 +184,7 @@ async fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Verify { backup_id } => verify(config, backup_id).await,
+        Command::Keys(cmd) => keys(config, cmd).await,
         Command::Backups { resource_id } => match connect(&config, 2).await {
             Ok(pool) => match commands::list_backups(&pool, resource_id).await {
                 Ok(text) => {
@@ -298,12 +327,99 @@ async fn run(config: Config, options: RunOptions) -> ExitCode {
         Ok(d) => d,
         Err(code) => return code,
     };
+    match &deps.config.master_key {
+        None => tracing::info!(
+            "encryption at rest: off (ENCRYPTION_KEY_FILE is not set); backups are stored as gzip"
+        ),
+        Some(master) => match backup_worker::crypto::check_master(&deps.pool, master).await {
+            Ok(()) => tracing::info!("encryption at rest: on (age, one key per team)"),
+            Err(backup_worker::crypto::KeyError::Db(e)) => return fail(e),
+            Err(e) => {
+                eprintln!("backup-worker: invalid configuration: ENCRYPTION_KEY_FILE: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
     match app::run(deps, options, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
+}
+
+/// `keys …`: rotate the master key, destroy a team's key, export a team's identity.
+async fn keys(config: Config, cmd: KeysCommand) -> ExitCode {
+    use backup_worker::crypto;
+    let pool = match connect(&config, 2).await {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let master = config.master_key.clone();
+    let need_master = || {
+        eprintln!("backup-worker: invalid configuration: ENCRYPTION_KEY_FILE: required for this command (the current master key)");
+        ExitCode::from(2)
+    };
+    match cmd {
+        KeysCommand::RotateMaster { new_key_file } => {
+            let Some(old) = master else {
+                return need_master();
+            };
+            let new = match crypto::MasterKey::load(&new_key_file) {
+                Ok(k) => k,
+                Err(why) => {
+                    eprintln!("backup-worker: --new-key-file: {why}");
+                    return ExitCode::from(2);
+                }
+            };
+            match crypto::rotate_master(&pool, &old, &new).await {
+                Ok(n) => {
+                    println!(
+                        "re-wrapped {n} team key(s) under the new master key; point ENCRYPTION_KEY_FILE at {} and restart the workers (the old key opens nothing now)",
+                        new_key_file.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        KeysCommand::Destroy { team_id } => match crypto::destroy(&pool, team_id).await {
+            Ok(d) => {
+                println!(
+                    "destroyed {} key(s) of team {team_id}; {} backup(s) expired, their objects are deleted in the background",
+                    d.keys, d.backups_expired
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        KeysCommand::ExportIdentity { team_id } => {
+            let Some(master) = master else {
+                return need_master();
+            };
+            if !private_stdout() {
+                eprintln!("backup-worker: refusing to print a secret key to a pipe or to a file others may read; write it to a 0600 file: (umask 077; backup-worker keys export-identity {team_id} > team.key)");
+                return ExitCode::from(2);
+            }
+            match crypto::export_identity(&pool, &master, team_id).await {
+                Ok(identity) => {
+                    println!("{}", identity.as_str());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+/// Stdout is a terminal, or a regular file only its owner may read.
+fn private_stdout() -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        return true;
+    }
+    std::fs::metadata("/proc/self/fd/1")
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o077 == 0)
 }
 
 /// `verify <backup_id>`: prints the result; exit 0 only when the backup verified.

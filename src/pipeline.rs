@@ -1,4 +1,5 @@
-//! The backup data path's middle: raw dump bytes → gzip → sha256 (of the gzip bytes) → upload,
+//! The backup data path's middle: raw dump bytes → gzip → [age encryption to the team's key] →
+//! sha256 (of the stored bytes) → upload,
 //! streamed with fixed buffers. The raw stream passes through its engine's structural check on the
 //! way (no second read); the pipeline neither commits nor aborts: the caller decides once the
 //! source has finished and the check has spoken.
@@ -23,6 +24,8 @@ pub enum PipelineError {
     Source(std::io::Error),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("encrypting the backup failed: {0}")]
+    Encrypt(std::io::Error),
 }
 
 /// An engine's structural check of a raw dump stream (DESIGN §5 `sanity`), fed as it passes.
@@ -71,12 +74,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for Inspect<R> {
     }
 }
 
-/// Streams `source` through gzip at `level` into `upload`, hashing what is stored.
+/// Streams `source` through gzip at `level` (then `encrypt`, when given) into `upload`, hashing
+/// what is stored.
 pub async fn gzip_to_upload<R: AsyncRead + Unpin>(
     source: R,
     check: Box<dyn StreamCheck>,
     upload: &mut dyn Upload,
     level: u32,
+    mut encrypt: Option<crate::crypto::Encrypt>,
 ) -> Result<Streamed, PipelineError> {
     let inspect = Inspect {
         inner: source,
@@ -96,9 +101,25 @@ pub async fn gzip_to_upload<R: AsyncRead + Unpin>(
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
-        upload.write(&buf[..n]).await?;
-        stored += n as u64;
+        let sealed;
+        let out: &[u8] = match encrypt.as_mut() {
+            Some(e) => {
+                sealed = e.push(&buf[..n]).map_err(PipelineError::Encrypt)?;
+                &sealed
+            }
+            None => &buf[..n],
+        };
+        if !out.is_empty() {
+            hasher.update(out);
+            upload.write(out).await?;
+            stored += out.len() as u64;
+        }
+    }
+    if let Some(e) = encrypt {
+        let last = e.finish().map_err(PipelineError::Encrypt)?;
+        hasher.update(&last);
+        upload.write(&last).await?;
+        stored += last.len() as u64;
     }
     let inspect = gz.into_inner().into_inner();
     Ok(Streamed {
@@ -139,7 +160,7 @@ mod tests {
                     .ok_or_else(String::new)
             }
         }
-        let s = gzip_to_upload(&raw[..], Box::new(Magic(Vec::new())), up.as_mut(), 6)
+        let s = gzip_to_upload(&raw[..], Box::new(Magic(Vec::new())), up.as_mut(), 6, None)
             .await
             .unwrap();
         assert_eq!(s.check, Ok(String::new()));

@@ -15,17 +15,50 @@ use crate::engines::{fail, BackupFile, Failure};
 use crate::pipeline::StreamCheck;
 use crate::storage::{ObjectStore, StorageError};
 
+/// The identity that opens a backup encrypted to `key_id` (DESIGN §12), or `None` for a plain
+/// one. A destroyed team key, or an encrypted backup without a master key, fails `config`.
+pub async fn backup_identity(
+    pool: &sqlx::PgPool,
+    master: Option<&crate::crypto::MasterKey>,
+    key_id: Option<uuid::Uuid>,
+) -> Result<Option<age::x25519::Identity>, Failure> {
+    use crate::crypto::KeyError;
+    let Some(key_id) = key_id else {
+        return Ok(None);
+    };
+    let Some(master) = master else {
+        return Err(fail(
+            FailureReason::Config,
+            "the backup is encrypted and ENCRYPTION_KEY_FILE is not set",
+        ));
+    };
+    match crate::crypto::identity(pool, master, key_id).await {
+        Ok(id) => Ok(Some(id)),
+        Err(KeyError::Db(e)) => Err(fail(
+            FailureReason::Upload,
+            format!("reading the team's backup key: {e}"),
+        )),
+        Err(e) => Err(fail(FailureReason::Config, e.to_string())),
+    }
+}
+
 /// Downloads `key` into `dir` while hashing it; refuses (integrity) unless the sha256 matches
-/// the row, the whole gzip stream decodes (its CRC checks out) and the raw dump passes its
-/// engine's structural `check`.
+/// the row, the object decrypts with `identity` (an encrypted backup), the whole gzip stream
+/// decodes (its CRC checks out) and the raw dump passes its engine's structural `check`.
 pub async fn download_verified(
     store: &dyn ObjectStore,
     key: &str,
     expected_sha256: &str,
     mut check: Box<dyn StreamCheck>,
     dir: &Path,
+    identity: Option<age::x25519::Identity>,
 ) -> Result<BackupFile, Failure> {
     let path = dir.join("backup.gz");
+    let stored_path = if identity.is_some() {
+        dir.join("backup.gz.age")
+    } else {
+        path.clone()
+    };
     let mut reader = match store.get(key).await {
         Ok(r) => r,
         Err(StorageError::NotFound { .. }) => {
@@ -37,7 +70,7 @@ pub async fn download_verified(
         Err(e) => return Err(fail(FailureReason::Upload, e.to_string())),
     };
     let io = |e: std::io::Error| fail(FailureReason::Upload, format!("downloading {key}: {e}"));
-    let mut file = File::create(&path).await.map_err(io)?;
+    let mut file = File::create(&stored_path).await.map_err(io)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -56,6 +89,20 @@ pub async fn download_verified(
             FailureReason::Integrity,
             format!("sha256 of {key} is {actual}, the backup row says {expected_sha256}"),
         ));
+    }
+    if let Some(identity) = identity {
+        let (from, to) = (stored_path.clone(), path.clone());
+        let decrypted =
+            tokio::task::spawn_blocking(move || crate::crypto::decrypt_file(&identity, &from, &to))
+                .await
+                .map_err(|e| fail(FailureReason::Integrity, format!("decrypting {key}: {e}")))?;
+        let _ = tokio::fs::remove_file(&stored_path).await;
+        decrypted.map_err(|why| {
+            fail(
+                FailureReason::Integrity,
+                format!("{key} does not decrypt: {why}"),
+            )
+        })?;
     }
     // Decode it all once before anything destructive: a truncated or corrupt stream fails here.
     let file = File::open(&path).await.map_err(io)?;

@@ -133,3 +133,33 @@ pub async fn abort_stale_uploads(
     }
     Ok(aborted)
 }
+
+/// Deletes objects queued in `pending_object_deletions` (a destroyed team key's backups), a
+/// batch at a time; a row leaves the queue once its object is gone (or was already).
+pub async fn delete_requested_objects(
+    pool: &PgPool,
+    store: &dyn ObjectStore,
+) -> Result<u64, RetentionError> {
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT object_key FROM pending_object_deletions ORDER BY requested_at LIMIT $1",
+    )
+    .bind(RETENTION_BATCH)
+    .fetch_all(pool)
+    .await?;
+    let mut deleted = 0;
+    for key in keys {
+        match store.delete(&key).await {
+            Ok(()) | Err(StorageError::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(object_key = %key, error = %e, "deleting a requested object failed; retried");
+                continue;
+            }
+        }
+        sqlx::query("DELETE FROM pending_object_deletions WHERE object_key = $1")
+            .bind(&key)
+            .execute(pool)
+            .await?;
+        deleted += 1;
+    }
+    Ok(deleted)
+}

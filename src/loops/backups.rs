@@ -47,6 +47,8 @@ enum Attempt {
         streamed: Streamed,
         /// `dump_mode` (Redis: instance | keyspace).
         mode: Option<&'static str>,
+        /// The team key the object is encrypted to (DESIGN §12), when encryption is on.
+        key_id: Option<Uuid>,
     },
     Failed {
         reason: FailureReason,
@@ -124,6 +126,15 @@ impl Backups {
         if recover {
             if let Err(e) = self.recover_expired().await {
                 tracing::error!(error = %e, "stuck-backup recovery failed");
+            }
+            // Objects of crypto-shredded backups (`keys destroy`), deleted in the background.
+            match retention::delete_requested_objects(self.pool(), self.deps.store.as_ref()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    deleted = n,
+                    "deleted the objects of destroyed keys' backups"
+                ),
+                Err(e) => tracing::error!(error = %e, "deleting requested objects failed"),
             }
         }
         if retain {
@@ -296,7 +307,25 @@ impl Backups {
                 Ok(d) => d,
                 Err(f) => return failed(f.reason, f.detail),
             };
-        let key = object_key(
+        // With a master key, the object is encrypted to the team's own key (made on first use).
+        let team_key = match &cfg.master_key {
+            None => None,
+            Some(master) => {
+                match crate::crypto::team_recipient(self.pool(), master, job.team_id).await {
+                    Ok(k) => Some(k),
+                    Err(crate::crypto::KeyError::Db(e)) => {
+                        return failed(
+                            FailureReason::Upload,
+                            format!("reading the team's backup key: {e}"),
+                        )
+                    }
+                    Err(e) => {
+                        return failed(FailureReason::Config, format!("the team's backup key: {e}"))
+                    }
+                }
+            }
+        };
+        let mut key = object_key(
             cfg.storage_url.prefix(),
             job.team_id,
             job.resource_id,
@@ -304,6 +333,16 @@ impl Backups {
             job.lease.id,
             dump.extension,
         );
+        let encrypt = match &team_key {
+            None => None,
+            Some((_, recipient)) => {
+                key.push_str(".age");
+                match crate::crypto::Encrypt::new(recipient) {
+                    Ok(e) => Some(e),
+                    Err(e) => return failed(FailureReason::Config, format!("encryption: {e}")),
+                }
+            }
+        };
         enum Stop {
             Timeout,
             Abort,
@@ -343,7 +382,7 @@ impl Backups {
 
         let check = engines::stream_check(resource_type);
         let streamed = tokio::select! {
-            r = gzip_to_upload(stream, check, upload.as_mut(), cfg.gzip_level) => Ok(r),
+            r = gzip_to_upload(stream, check, upload.as_mut(), cfg.gzip_level, encrypt) => Ok(r),
             _ = &mut deadline => Err(Stop::Timeout),
             _ = abort.cancelled() => Err(Stop::Abort),
             _ = lease_lost.cancelled() => Err(Stop::LeaseLost),
@@ -403,6 +442,10 @@ impl Backups {
                 let _ = upload.abort().await;
                 return failed(FailureReason::Dump, e.to_string());
             }
+            Err(e @ PipelineError::Encrypt(_)) => {
+                let _ = upload.abort().await;
+                return failed(FailureReason::Upload, e.to_string());
+            }
         };
         if let Err(why) = &streamed.check {
             let _ = upload.abort().await;
@@ -425,6 +468,7 @@ impl Backups {
                 key,
                 streamed,
                 mode,
+                key_id: team_key.map(|(id, _)| id),
             },
             Err(e) => failed(FailureReason::Upload, e.to_string()),
         }
@@ -447,15 +491,19 @@ impl Backups {
                 key,
                 streamed,
                 mode,
+                key_id,
             } => {
                 let mut tx = self.pool().begin().await?;
                 let done = sqlx::query(
                     "UPDATE resource_backups
                         SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL,
                             object_key = $4, size_bytes = $5, raw_bytes = $6, sha256 = $7,
-                            dump_mode = $8,
+                            dump_mode = $8, key_id = $9,
                             failure_reason = NULL, error_summary = NULL, internal_detail = NULL
-                      WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
+                      WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3
+                        -- a team key destroyed while this backup ran: it must not count as good
+                        AND ($9::uuid IS NULL OR EXISTS (SELECT 1 FROM team_backup_keys k
+                                                          WHERE k.key_id = $9 AND k.destroyed_at IS NULL))",
                 )
                 .bind(lease.id)
                 .bind(&lease.worker)
@@ -465,6 +513,7 @@ impl Backups {
                 .bind(streamed.raw_bytes as i64)
                 .bind(&streamed.sha256)
                 .bind(mode)
+                .bind(key_id)
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 0 {

@@ -38,6 +38,8 @@ pub struct Job {
     pub backup_connection_url: Secret,
     pub object_key: Option<String>,
     pub sha256: Option<String>,
+    /// The team key the backup is encrypted to (DESIGN §12).
+    pub key_id: Option<Uuid>,
 }
 
 enum Attempt {
@@ -61,6 +63,7 @@ struct Context {
     backup_connection_url: String,
     object_key: Option<String>,
     sha256: Option<String>,
+    key_id: Option<Uuid>,
 }
 
 pub struct Restores {
@@ -115,7 +118,7 @@ impl Restores {
                 "SELECT tr.team_id, tr.resource_type, tr.status AS resource_status, tr.connection_url,
                         b.status AS backup_status, br.team_id AS backup_team_id,
                         br.resource_type AS backup_resource_type, br.connection_url AS backup_connection_url,
-                        b.object_key, b.sha256
+                        b.object_key, b.sha256, b.key_id
                    FROM resources tr, resource_backups b JOIN resources br ON br.id = b.resource_id
                   WHERE tr.id = $1 AND b.id = $2",
             )
@@ -143,6 +146,7 @@ impl Restores {
                 backup_connection_url: Secret::new(c.backup_connection_url),
                 object_key: c.object_key,
                 sha256: c.sha256,
+                key_id: c.key_id,
             }));
         }
         Ok(None)
@@ -191,6 +195,13 @@ impl Restores {
                 job.backup_id
             )));
         }
+        // A crypto-shredded backup says so, whatever else is true of it.
+        let identity = restore::backup_identity(
+            self.pool(),
+            self.deps.config.master_key.as_deref(),
+            job.key_id,
+        )
+        .await?;
         if job.backup_status != "succeeded" {
             return Err(config(format!(
                 "backup {} is {}, not succeeded",
@@ -238,6 +249,7 @@ impl Restores {
             sha,
             engines::stream_check(resource_type),
             temp.path(),
+            identity,
         )
         .await?;
         let target = RestoreTarget {

@@ -55,6 +55,7 @@ pub struct Job {
     pub object_key: Option<String>,
     pub sha256: Option<String>,
     pub size_bytes: Option<i64>,
+    pub key_id: Option<Uuid>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -65,6 +66,7 @@ struct Context {
     object_key: Option<String>,
     sha256: Option<String>,
     size_bytes: Option<i64>,
+    key_id: Option<Uuid>,
 }
 
 /// How a verification failed: its class, and whether the backup is to blame (it does not
@@ -262,7 +264,7 @@ impl Verifier {
     ) -> Result<Option<Job>, sqlx::Error> {
         let c: Option<Context> = sqlx::query_as(
             "SELECT r.team_id, r.resource_type, b.status AS backup_status, b.object_key, b.sha256,
-                    b.size_bytes
+                    b.size_bytes, b.key_id
                FROM resource_backups b JOIN resources r ON r.id = b.resource_id
               WHERE b.id = $1",
         )
@@ -293,6 +295,7 @@ impl Verifier {
             object_key: c.object_key,
             sha256: c.sha256,
             size_bytes: c.size_bytes,
+            key_id: c.key_id,
         }))
     }
 
@@ -390,13 +393,21 @@ impl Verifier {
             ))
         })?;
 
-        // 1. Download: sha256 against the row, the whole gzip stream, the engine's check.
+        // 1. Download: sha256 against the row, decryption, the whole gzip stream, the check.
+        let identity = restore::backup_identity(
+            self.pool(),
+            self.deps.config.master_key.as_deref(),
+            job.key_id,
+        )
+        .await
+        .map_err(environment)?;
         let backup = restore::download_verified(
             self.deps.store.as_ref(),
             key,
             sha,
             engines::stream_check(resource_type),
             temp.path(),
+            identity,
         )
         .await
         .map_err(download)?;

@@ -1,0 +1,438 @@
+//! Encryption at rest, per team (DESIGN §12). Each team has its own age X25519 identity,
+//! generated on its first encrypted backup and stored wrapped — XChaCha20-Poly1305 under the
+//! master key (`ENCRYPTION_KEY_FILE`), the team id as associated data — in `team_backup_keys`.
+//! Backups need only the team's public recipient; restores and the verifier unwrap the identity
+//! in memory (zeroized on drop), never logging it. Rotating the master key re-wraps identities and
+//! touches no object; destroying a team's key makes every object encrypted to it unreadable.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use age::secrecy::ExposeSecret;
+use base64::Engine;
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::XChaCha20Poly1305;
+use sqlx::PgPool;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+const NONCE_LEN: usize = 24;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("the team's backup key was destroyed")]
+    Destroyed,
+    #[error("backup key {0} not found")]
+    NotFound(Uuid),
+    #[error(
+        "the master key does not open the team key (wrong ENCRYPTION_KEY_FILE, or rotated since?)"
+    )]
+    WrongMasterKey,
+    #[error("the stored team key is malformed: {0}")]
+    Malformed(&'static str),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// The 32-byte master key. Never printed; zeroized on drop.
+pub struct MasterKey(Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+impl MasterKey {
+    /// Reads a master key file: mode 0600 or 0400, 32 bytes in base64. The message says what is
+    /// wrong, never the contents.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta =
+            std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if !meta.is_file() || !(mode == 0o600 || mode == 0o400) {
+            return Err(format!(
+                "{} must be a file with mode 0600 or 0400 (it is {mode:04o})",
+                path.display()
+            ));
+        }
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+        );
+        Self::from_base64(text.trim()).ok_or_else(|| {
+            format!(
+                "{} must hold 32 bytes in base64 (e.g. `openssl rand -base64 32`)",
+                path.display()
+            )
+        })
+    }
+
+    pub fn from_base64(text: &str) -> Option<Self> {
+        let bytes = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .ok()?,
+        );
+        let key: [u8; 32] = bytes.as_slice().try_into().ok()?;
+        Some(Self(Zeroizing::new(key)))
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(self.0.as_ref().into())
+    }
+
+    /// nonce ‖ ciphertext of `identity`, bound to `team`.
+    pub fn wrap(&self, team: Uuid, identity: &str) -> Vec<u8> {
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let sealed = self
+            .cipher()
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: identity.as_bytes(),
+                    aad: team.as_bytes(),
+                },
+            )
+            .unwrap_or_default();
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    pub fn unwrap(&self, team: Uuid, wrapped: &[u8]) -> Result<Zeroizing<String>, KeyError> {
+        if wrapped.len() <= NONCE_LEN {
+            return Err(KeyError::Malformed("too short"));
+        }
+        let (nonce, sealed) = wrapped.split_at(NONCE_LEN);
+        let plain = Zeroizing::new(
+            self.cipher()
+                .decrypt(
+                    nonce.into(),
+                    Payload {
+                        msg: sealed,
+                        aad: team.as_bytes(),
+                    },
+                )
+                .map_err(|_| KeyError::WrongMasterKey)?,
+        );
+        String::from_utf8(plain.to_vec())
+            .map(Zeroizing::new)
+            .map_err(|_| KeyError::Malformed("not UTF-8"))
+    }
+}
+
+/// The team's current key (created on first use): its id and public recipient. Two replicas
+/// asking at once for a new team get the same key: one live key per team is a unique index.
+pub async fn team_recipient(
+    pool: &PgPool,
+    master: &MasterKey,
+    team: Uuid,
+) -> Result<(Uuid, age::x25519::Recipient), KeyError> {
+    for _ in 0..3 {
+        let row: Option<(Uuid, String)> = sqlx::query_as(
+            "SELECT key_id, recipient FROM team_backup_keys
+              WHERE team_id = $1 AND destroyed_at IS NULL",
+        )
+        .bind(team)
+        .fetch_optional(pool)
+        .await?;
+        if let Some((key_id, recipient)) = row {
+            let recipient = age::x25519::Recipient::from_str(&recipient)
+                .map_err(|_| KeyError::Malformed("recipient"))?;
+            return Ok((key_id, recipient));
+        }
+        let identity = age::x25519::Identity::generate();
+        let recipient = identity.to_public().to_string();
+        let wrapped = master.wrap(team, identity.to_string().expose_secret());
+        sqlx::query(
+            "INSERT INTO team_backup_keys (team_id, key_id, recipient, wrapped_identity)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (team_id) WHERE destroyed_at IS NULL DO NOTHING",
+        )
+        .bind(team)
+        .bind(Uuid::new_v4())
+        .bind(&recipient)
+        .bind(&wrapped)
+        .execute(pool)
+        .await?;
+        // Whoever won, the row now there is the key.
+    }
+    Err(KeyError::Malformed("no key after three attempts"))
+}
+
+/// The identity that opens objects encrypted to `key_id`, unwrapped in memory.
+pub async fn identity(
+    pool: &PgPool,
+    master: &MasterKey,
+    key_id: Uuid,
+) -> Result<age::x25519::Identity, KeyError> {
+    let row: Option<(Uuid, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT team_id, wrapped_identity FROM team_backup_keys WHERE key_id = $1")
+            .bind(key_id)
+            .fetch_optional(pool)
+            .await?;
+    let (team, wrapped) = row.ok_or(KeyError::NotFound(key_id))?;
+    let wrapped = wrapped.ok_or(KeyError::Destroyed)?;
+    let text = master.unwrap(team, &wrapped)?;
+    age::x25519::Identity::from_str(&text).map_err(|_| KeyError::Malformed("identity"))
+}
+
+/// Fails unless the master key opens the newest live team key (a wrong or stale
+/// ENCRYPTION_KEY_FILE is found at start, not at the first restore).
+pub async fn check_master(pool: &PgPool, master: &MasterKey) -> Result<(), KeyError> {
+    let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as(
+        "SELECT team_id, wrapped_identity FROM team_backup_keys
+          WHERE destroyed_at IS NULL AND wrapped_identity IS NOT NULL
+          ORDER BY created_at DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some((team, wrapped)) => master.unwrap(team, &wrapped).map(drop),
+        None => Ok(()),
+    }
+}
+
+/// Re-wraps every live team identity under `new`, in one transaction; no object is touched.
+pub async fn rotate_master(
+    pool: &PgPool,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<u64, KeyError> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(Uuid, Uuid, Vec<u8>)> = sqlx::query_as(
+        "SELECT key_id, team_id, wrapped_identity FROM team_backup_keys
+          WHERE wrapped_identity IS NOT NULL FOR UPDATE",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut n = 0;
+    for (key_id, team, wrapped) in rows {
+        let identity = old.unwrap(team, &wrapped)?;
+        sqlx::query("UPDATE team_backup_keys SET wrapped_identity = $2 WHERE key_id = $1")
+            .bind(key_id)
+            .bind(new.wrap(team, &identity))
+            .execute(&mut *tx)
+            .await?;
+        n += 1;
+    }
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// What `keys destroy` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Destroyed {
+    pub keys: u64,
+    pub backups_expired: u64,
+}
+
+/// Crypto-shreds a team's backups at once: its key's wrapped identity is erased (no master key
+/// opens its objects any more), every succeeded backup of the team is marked `expired`, and their
+/// objects are queued for deletion in the background. Audit `keys.destroyed`. The team's next
+/// backup gets a new key.
+pub async fn destroy(pool: &PgPool, team: Uuid) -> Result<Destroyed, KeyError> {
+    let mut tx = pool.begin().await?;
+    let keys = sqlx::query(
+        "UPDATE team_backup_keys SET wrapped_identity = NULL, destroyed_at = now()
+          WHERE team_id = $1 AND destroyed_at IS NULL",
+    )
+    .bind(team)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query(
+        "INSERT INTO pending_object_deletions (object_key, reason)
+         SELECT b.object_key, 'keys.destroyed' FROM resource_backups b
+           JOIN resources r ON r.id = b.resource_id
+          WHERE r.team_id = $1 AND b.status = 'succeeded' AND b.object_key IS NOT NULL
+         ON CONFLICT (object_key) DO NOTHING",
+    )
+    .bind(team)
+    .execute(&mut *tx)
+    .await?;
+    let backups_expired = sqlx::query(
+        "UPDATE resource_backups b SET status = 'expired'
+           FROM resources r
+          WHERE r.id = b.resource_id AND r.team_id = $1 AND b.status = 'succeeded'",
+    )
+    .bind(team)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    crate::db::audit(
+        &mut *tx,
+        "keys.destroyed",
+        Some(team),
+        None,
+        None,
+        serde_json::json!({ "keys_destroyed": keys, "backups_expired": backups_expired }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Destroyed {
+        keys,
+        backups_expired,
+    })
+}
+
+/// The team's live identity as text (`AGE-SECRET-KEY-1…`), for decrypting a backup by hand.
+pub async fn export_identity(
+    pool: &PgPool,
+    master: &MasterKey,
+    team: Uuid,
+) -> Result<Zeroizing<String>, KeyError> {
+    let row: Option<Option<Vec<u8>>> = sqlx::query_scalar(
+        "SELECT wrapped_identity FROM team_backup_keys WHERE team_id = $1
+          ORDER BY destroyed_at IS NULL DESC, created_at DESC LIMIT 1",
+    )
+    .bind(team)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        None => Err(KeyError::NotFound(team)),
+        Some(None) => Err(KeyError::Destroyed),
+        Some(Some(wrapped)) => master.unwrap(team, &wrapped),
+    }
+}
+
+/// A `Write` sink the encryptor writes into and the pipeline drains after every chunk.
+#[derive(Clone, Default)]
+struct Drain(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Drain {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The age encryption of a stream, fed chunk by chunk: what goes in is gzip, what comes out is
+/// stored. Memory: one age chunk (64 KiB) plus what the caller drains.
+pub struct Encrypt {
+    writer: age::stream::StreamWriter<Drain>,
+    out: Drain,
+}
+
+impl Encrypt {
+    pub fn new(recipient: &age::x25519::Recipient) -> std::io::Result<Self> {
+        let out = Drain::default();
+        let encryptor =
+            age::Encryptor::with_recipients(std::iter::once(recipient as &dyn age::Recipient))
+                .map_err(std::io::Error::other)?;
+        let writer = encryptor.wrap_output(out.clone())?;
+        Ok(Self { writer, out })
+    }
+
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.out.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Encrypts `data`; returns the ciphertext produced so far.
+    pub fn push(&mut self, data: &[u8]) -> std::io::Result<Vec<u8>> {
+        self.writer.write_all(data)?;
+        Ok(self.take())
+    }
+
+    /// Ends the stream (the last, authenticated chunk); returns the rest of the ciphertext.
+    pub fn finish(self) -> std::io::Result<Vec<u8>> {
+        let out = self.out.clone();
+        self.writer.finish()?;
+        let rest = std::mem::take(&mut *out.0.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(rest)
+    }
+}
+
+/// Decrypts an age file into `dst` (blocking; run it off the async threads). Any tampering fails
+/// the authentication of its chunk.
+pub fn decrypt_file(
+    identity: &age::x25519::Identity,
+    src: &Path,
+    dst: &Path,
+) -> Result<u64, String> {
+    let input = std::io::BufReader::new(
+        std::fs::File::open(src).map_err(|e| format!("opening the encrypted backup: {e}"))?,
+    );
+    let decryptor = age::Decryptor::new(input).map_err(|e| format!("not an age file: {e}"))?;
+    let mut reader = decryptor
+        .decrypt(std::iter::once(identity as &dyn age::Identity))
+        .map_err(|e| format!("the team's key does not open it: {e}"))?;
+    let mut out =
+        std::fs::File::create(dst).map_err(|e| format!("writing the decrypted backup: {e}"))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| format!("decrypting: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])
+            .map_err(|e| format!("writing the decrypted backup: {e}"))?;
+        total += n as u64;
+    }
+    out.flush()
+        .map_err(|e| format!("writing the decrypted backup: {e}"))?;
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_binds_the_team_and_the_key() {
+        let k =
+            MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([7u8; 32]))
+                .unwrap();
+        let other =
+            MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([8u8; 32]))
+                .unwrap();
+        let team = Uuid::new_v4();
+        let w = k.wrap(team, "AGE-SECRET-KEY-1XYZ");
+        assert_eq!(&*k.unwrap(team, &w).unwrap(), "AGE-SECRET-KEY-1XYZ");
+        assert!(matches!(
+            k.unwrap(Uuid::new_v4(), &w),
+            Err(KeyError::WrongMasterKey)
+        ));
+        assert!(matches!(
+            other.unwrap(team, &w),
+            Err(KeyError::WrongMasterKey)
+        ));
+        assert!(MasterKey::from_base64("c2hvcnQ=").is_none());
+        assert_eq!(format!("{k:?}"), "MasterKey(<redacted>)");
+    }
+
+    #[test]
+    fn stream_round_trip() {
+        let id = age::x25519::Identity::generate();
+        let mut e = Encrypt::new(&id.to_public()).unwrap();
+        let data: Vec<u8> = (0..500_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let mut stored = Vec::new();
+        for chunk in data.chunks(100_000) {
+            stored.extend(e.push(chunk).unwrap());
+        }
+        stored.extend(e.finish().unwrap());
+        assert!(stored.starts_with(b"age-encryption.org/v1"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), &stored).unwrap();
+        decrypt_file(&id, &dir.path().join("a"), &dir.path().join("b")).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), data);
+        let mut bad = stored.clone();
+        let at = bad.len() - 100;
+        bad[at] ^= 1;
+        std::fs::write(dir.path().join("a"), &bad).unwrap();
+        assert!(decrypt_file(&id, &dir.path().join("a"), &dir.path().join("b")).is_err());
+    }
+}
