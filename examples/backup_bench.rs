@@ -115,8 +115,61 @@ async fn main() -> Result<(), BenchError> {
     .bind(&src_url)
     .fetch_one(&wpool)
     .await?;
-    let backup = backup_worker::commands::enqueue_backup(&wpool, resource).await?;
+    // The same database backed up twice, in this run: plain, then encrypted to the team's key.
+    let keys = tempfile::tempdir()?;
+    let key_file = keys.path().join("master.key");
+    {
+        use base64::Engine;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(
+            &key_file,
+            base64::engine::general_purpose::STANDARD.encode([42u8; 32]),
+        )?;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let plain = run_worker(use_s3, &worker_url, &wpool, resource, None).await?;
+    let sealed = run_worker(use_s3, &worker_url, &wpool, resource, Some(&key_file)).await?;
+    println!(
+        "store={} raw_MB={:.0} stored_MB={:.0} baseline_s={baseline_s:.2} worker_s={:.2} ratio={:.3} peak_rss_MiB={:.1} tmp_max_bytes={} | encrypted: worker_s={:.2} cost={:+.1}% peak_rss_MiB={:.1} tmp_max_bytes={}",
+        if use_s3 { "s3" } else { "file" },
+        plain.raw as f64 / 1e6,
+        plain.stored as f64 / 1e6,
+        plain.secs,
+        plain.secs / baseline_s,
+        plain.peak_kib as f64 / 1024.0,
+        plain.tmp_max,
+        sealed.secs,
+        (sealed.secs / plain.secs - 1.0) * 100.0,
+        sealed.peak_kib as f64 / 1024.0,
+        sealed.tmp_max,
+    );
+    wpool.close().await;
+    drop(src);
+    for db in ["bw_bench_src", "bw_bench_worker"] {
+        conn.execute(format!("DROP DATABASE {db} WITH (FORCE)").as_str())
+            .await?;
+    }
+    Ok(())
+}
 
+struct Run {
+    secs: f64,
+    peak_kib: u64,
+    tmp_max: u64,
+    raw: i64,
+    stored: i64,
+}
+
+/// One backup of `resource` by the release binary (`run --once --only backups`), encrypted when
+/// `key_file` is given; its wall time, peak RSS and most temporary disk.
+async fn run_worker(
+    use_s3: bool,
+    worker_url: &str,
+    wpool: &sqlx::PgPool,
+    resource: uuid::Uuid,
+    key_file: Option<&Path>,
+) -> Result<Run, BenchError> {
+    let backup = backup_worker::commands::enqueue_backup(wpool, resource).await?;
     let store = tempfile::tempdir()?;
     let tmp = tempfile::tempdir()?;
     let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/backup-worker");
@@ -139,10 +192,13 @@ async fn main() -> Result<(), BenchError> {
     } else {
         cmd.env("STORAGE_URL", format!("file://{}", store.path().display()));
     }
+    if let Some(k) = key_file {
+        cmd.env("ENCRYPTION_KEY_FILE", k);
+    }
     let t = Instant::now();
     let mut child = cmd
         .args(["run", "--once", "--only", "backups"])
-        .env("DATABASE_URL", &worker_url)
+        .env("DATABASE_URL", worker_url)
         .env("TMPDIR", tmp.path())
         .env("LOG_FORMAT", "json")
         .stdout(Stdio::null())
@@ -159,28 +215,23 @@ async fn main() -> Result<(), BenchError> {
         tmp_max = tmp_max.max(dir_bytes(tmp.path()));
         std::thread::sleep(Duration::from_millis(20));
     };
-    let worker_s = t.elapsed().as_secs_f64();
+    let secs = t.elapsed().as_secs_f64();
     if !status.success() {
         return Err("worker failed".into());
     }
     let (state, raw, stored): (String, Option<i64>, Option<i64>) =
         sqlx::query_as("SELECT status, raw_bytes, size_bytes FROM resource_backups WHERE id = $1")
             .bind(backup)
-            .fetch_one(&wpool)
+            .fetch_one(wpool)
             .await?;
-    println!(
-        "store={} raw_MB={:.0} stored_MB={:.0} status={state} baseline_s={baseline_s:.2} worker_s={worker_s:.2} ratio={:.3} peak_rss_MiB={:.1} tmp_max_bytes={tmp_max}",
-        if use_s3 { "s3" } else { "file" },
-        raw.unwrap_or(0) as f64 / 1e6,
-        stored.unwrap_or(0) as f64 / 1e6,
-        worker_s / baseline_s,
-        peak_kib as f64 / 1024.0,
-    );
-    wpool.close().await;
-    drop(src);
-    for db in ["bw_bench_src", "bw_bench_worker"] {
-        conn.execute(format!("DROP DATABASE {db} WITH (FORCE)").as_str())
-            .await?;
+    if state != "succeeded" {
+        return Err(format!("backup ended {state}").into());
     }
-    Ok(())
+    Ok(Run {
+        secs,
+        peak_kib,
+        tmp_max,
+        raw: raw.unwrap_or(0),
+        stored: stored.unwrap_or(0),
+    })
 }
