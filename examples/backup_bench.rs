@@ -143,6 +143,9 @@ async fn main() -> Result<(), BenchError> {
         sealed.peak_kib as f64 / 1024.0,
         sealed.tmp_max,
     );
+    if !use_s3 {
+        verify(&admin_url, &worker_url, &wpool, &plain).await?;
+    }
     wpool.close().await;
     drop(src);
     for db in ["bw_bench_src", "bw_bench_worker"] {
@@ -153,6 +156,9 @@ async fn main() -> Result<(), BenchError> {
 }
 
 struct Run {
+    backup: uuid::Uuid,
+    /// The file:// store (kept alive for the verification that follows).
+    store: tempfile::TempDir,
     secs: f64,
     peak_kib: u64,
     tmp_max: u64,
@@ -228,10 +234,90 @@ async fn run_worker(
         return Err(format!("backup ended {state}").into());
     }
     Ok(Run {
+        backup,
+        store,
         secs,
         peak_kib,
         tmp_max,
         raw: raw.unwrap_or(0),
         stored: stored.unwrap_or(0),
     })
+}
+
+/// `backup-worker verify` of the plain backup (download, sha256, gunzip, structural check, a test
+/// restore into a scratch database, exact row counts, drop) against what an operator does by
+/// hand: `gunzip -c | pg_restore -d <fresh database>`.
+async fn verify(
+    admin_url: &str,
+    worker_url: &str,
+    wpool: &sqlx::PgPool,
+    run: &Run,
+) -> Result<(), BenchError> {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/backup-worker");
+    let t = Instant::now();
+    let mut child = std::process::Command::new(&bin)
+        .args(["verify", &run.backup.to_string()])
+        .env("DATABASE_URL", worker_url)
+        .env(
+            "STORAGE_URL",
+            format!("file://{}", run.store.path().display()),
+        )
+        .env("VERIFY_DATABASE_URL", admin_url)
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let mut peak_kib = 0;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        peak_kib = peak_kib.max(hwm_kib(pid).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let verify_s = t.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err("verification failed".into());
+    }
+    let (download, restore): (Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT (detail ->> 'download_seconds')::float8, (detail ->> 'restore_seconds')::float8
+           FROM backup_verifications WHERE backup_id = $1 ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(run.backup)
+    .fetch_one(wpool)
+    .await?;
+    let key: String = sqlx::query_scalar("SELECT object_key FROM resource_backups WHERE id = $1")
+        .bind(run.backup)
+        .fetch_one(wpool)
+        .await?;
+    let mut conn = admin_url.parse::<PgConnectOptions>()?.connect().await?;
+    conn.execute("DROP DATABASE IF EXISTS bw_bench_by_hand")
+        .await?;
+    conn.execute("CREATE DATABASE bw_bench_by_hand").await?;
+    let mut url = url::Url::parse(admin_url)?;
+    url.set_path("bw_bench_by_hand");
+    let t = Instant::now();
+    let by_hand = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("set -o pipefail; gunzip -c \"$OBJ\" | pg_restore --no-owner -d \"$DST\"")
+        .env("OBJ", run.store.path().join(&key))
+        .env("DST", url.as_str())
+        .status()?;
+    let by_hand_s = t.elapsed().as_secs_f64();
+    conn.execute("DROP DATABASE bw_bench_by_hand WITH (FORCE)")
+        .await?;
+    if !by_hand.success() {
+        return Err("gunzip | pg_restore failed".into());
+    }
+    println!(
+        "verify: stored_MB={:.0} verify_s={verify_s:.2} download_check_s={:.2} restore_count_s={:.2} MB_per_s_stored={:.1} peak_rss_MiB={:.1} by_hand_s={by_hand_s:.2} ratio={:.2}",
+        run.stored as f64 / 1e6,
+        download.unwrap_or(0.0),
+        restore.unwrap_or(0.0),
+        run.stored as f64 / 1e6 / verify_s,
+        peak_kib as f64 / 1024.0,
+        verify_s / by_hand_s,
+    );
+    Ok(())
 }
