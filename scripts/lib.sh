@@ -34,8 +34,6 @@ ensure_tools() {
   need_cmd psql postgresql-client
   need_cmd redis-server redis-server
   need_cmd redis-cli redis-tools
-  # The encryption tests decrypt an object with the real age CLI.
-  need_cmd age age
   # The tests start private Postgres servers (initdb) to exercise password authentication.
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "${PG_BINDIR:-}" ] || apt_install postgresql
   # Restore tests create contrib extensions (citext, pg_trgm, pg_buffercache) as the platform does.
@@ -44,6 +42,9 @@ ensure_tools() {
 }
 
 ensure_promtool() { need_cmd promtool prometheus; }
+
+# The encryption tests decrypt an object with the real age CLI (operators use it the same way).
+ensure_age() { need_cmd age age; }
 
 # moto: the S3-protocol server the tests start on loopback, in a private virtualenv.
 ensure_moto() {
