@@ -89,7 +89,22 @@ impl FailureReason {
         )
     }
 
-    /// The customer-facing `error_summary`: fixed text per class, never tool output.
+    /// The customer-facing `error_summary` of a row that has failed for good: never a promise
+    /// to retry (DESIGN §5).
+    pub fn final_summary(self) -> &'static str {
+        match self {
+            Self::Unreachable => {
+                "Your database was unreachable on every attempt; our team is alerted."
+            }
+            Self::Dump => "We couldn't read your database on any attempt; our team is alerted.",
+            Self::Upload => "We hit a storage problem on every attempt; our team is alerted.",
+            Self::Timeout => "The backup took too long on every attempt; our team is alerted.",
+            other => other.customer_summary(),
+        }
+    }
+
+    /// The customer-facing `error_summary` while the row will be retried (or for classes that
+    /// never are): fixed text per class, never tool output.
     pub fn customer_summary(self) -> &'static str {
         match self {
             Self::Auth => "Your database rejected our backup credentials; our team is alerted.",
@@ -114,6 +129,16 @@ mod tests {
             assert_eq!(ResourceType::parse(t).map(ResourceType::as_str), Some(*t));
         }
         assert_eq!(ResourceType::parse("mysql"), None);
+    }
+
+    #[test]
+    fn a_final_failure_never_promises_a_retry() {
+        for r in FailureReason::RESTORE {
+            assert!(!r.final_summary().contains("retry"), "{r:?}");
+            if !r.retryable() {
+                assert!(!r.customer_summary().contains("retry"), "{r:?}");
+            }
+        }
     }
 
     #[test]

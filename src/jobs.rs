@@ -132,7 +132,11 @@ pub async fn record_failure(
         .bind(&lease.worker)
         .bind(lease.attempts)
         .bind(reason.as_str())
-        .bind(reason.customer_summary())
+        .bind(if retry {
+            reason.customer_summary()
+        } else {
+            reason.final_summary()
+        })
         .bind(internal_detail)
         .bind(delay.as_secs_f64())
         .execute(&mut **tx)
@@ -183,7 +187,7 @@ pub async fn recover_expired(
     );
     let rows: Vec<(Uuid, Uuid, Uuid, String, bool)> = sqlx::query_as(&sql)
         .bind(MAX_ATTEMPTS)
-        .bind(FailureReason::Timeout.customer_summary())
+        .bind(FailureReason::Timeout.final_summary())
         .fetch_all(&mut **tx)
         .await?;
     Ok(rows
@@ -237,7 +241,7 @@ pub async fn recover_and_audit(
         let detail = serde_json::json!({
             "resource_type": r.resource_type,
             "failure_reason": FailureReason::Timeout.as_str(),
-            "error_summary": FailureReason::Timeout.customer_summary(),
+            "error_summary": FailureReason::Timeout.final_summary(),
         });
         crate::db::audit(
             &mut *tx,

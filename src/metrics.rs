@@ -38,6 +38,7 @@ pub struct Metrics {
     pub backup_bytes: IntCounterVec,
     pub backup_scheduled: IntCounterVec,
     pub backup_stuck_recovered: IntCounter,
+    pub restore_stuck_recovered: IntCounter,
     pub backup_rpo_breached: IntGauge,
     pub restore_by_type: IntCounterVec,
     pub backup_verified: IntCounterVec,
@@ -141,6 +142,11 @@ impl Metrics {
                 &r,
                 "instant_customer_backup_stuck_recovered_total",
                 "Running rows whose lease expired and were returned to pending or failed.",
+            )?,
+            restore_stuck_recovered: counter(
+                &r,
+                "instant_customer_restore_stuck_recovered_total",
+                "Running restores whose lease expired and were returned to pending or failed.",
             )?,
             backup_rpo_breached,
             restore_by_type: counter_vec(

@@ -583,6 +583,19 @@ async fn recovery_never_touches_started_at(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(audit, ["backup.failed"]);
+    let (summary, audit_summary): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT b.error_summary, a.detail ->> 'error_summary'
+           FROM resource_backups b JOIN audit_log a ON a.subject_id = b.id WHERE b.id = $1",
+    )
+    .bind(ids[1])
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(summary, audit_summary);
+    assert!(
+        !summary.unwrap_or_default().contains("retry"),
+        "a row failed for good never promises a retry"
+    );
     let live = row(&pool, ids[2]).await;
     assert_eq!(
         (live.status.as_str(), live.leased_by.as_deref()),

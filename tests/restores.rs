@@ -1778,3 +1778,43 @@ async fn a_restore_into_the_workers_own_control_database_is_refused(pool: PgPool
         "nothing of the backup landed in the control database"
     );
 }
+
+#[sqlx::test]
+async fn a_restore_whose_worker_died_is_recovered_and_counted(pool: PgPool) {
+    let (_dir, d) = local_deps(&pool, Tools::default()).await;
+    let t = team(&pool).await;
+    let res = resource(&pool, t, "redis", "redis://127.0.0.1:1").await;
+    let backup: Uuid = sqlx::query_scalar(
+        "INSERT INTO resource_backups (resource_id, status) VALUES ($1, 'failed') RETURNING id",
+    )
+    .bind(res)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let restore: Uuid = sqlx::query_scalar(
+        "INSERT INTO resource_restores (resource_id, backup_id, status, attempts, leased_by, lease_expires_at)
+         VALUES ($1, $2, 'running', 3, 'dead-pod', now() - interval '1 minute') RETURNING id",
+    )
+    .bind(res)
+    .bind(backup)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    Restores::new(d.clone()).pass(&ctx()).await.unwrap();
+    let (status, reason, summary): (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT status, failure_reason, error_summary FROM resource_restores WHERE id = $1",
+    )
+    .bind(restore)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("timeout"))
+    );
+    assert!(!summary.unwrap_or_default().contains("retry"));
+    assert!(d
+        .metrics
+        .render()
+        .contains("instant_customer_restore_stuck_recovered_total 1"));
+}

@@ -562,7 +562,7 @@ impl Backups {
                         Some(job.resource_id),
                         Some(lease.id),
                         json!({ "resource_type": job.resource_type, "failure_reason": reason.as_str(),
-                                "error_summary": reason.customer_summary() }),
+                                "error_summary": reason.final_summary() }),
                     )
                     .await?;
                 }

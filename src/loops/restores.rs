@@ -323,7 +323,7 @@ impl Restores {
                         "resource_type": job.resource_type,
                         "backup_id": job.backup_id,
                         "failure_reason": reason.as_str(),
-                        "error_summary": reason.customer_summary(),
+                        "error_summary": reason.final_summary(),
                     });
                     audit(
                         &mut *tx,
@@ -389,10 +389,13 @@ impl jobs::Queue for Restores {
         };
         if due {
             // Expired leases back to pending (or failed after the last attempt), as for backups.
-            if let Err(e) =
-                jobs::recover_and_audit(self.pool(), JobTable::Restores, "restore.failed").await
-            {
-                tracing::error!(error = %e, "stuck-restore recovery failed");
+            match jobs::recover_and_audit(self.pool(), JobTable::Restores, "restore.failed").await {
+                Ok(recovered) => self
+                    .deps
+                    .metrics
+                    .restore_stuck_recovered
+                    .inc_by(recovered.len() as u64),
+                Err(e) => tracing::error!(error = %e, "stuck-restore recovery failed"),
             }
         }
     }
