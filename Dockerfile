@@ -8,6 +8,11 @@ ARG RUST_VERSION=1.95
 ARG DEBIAN=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN} AS build
+# ISA-L (the deflate behind GZIP_LEVEL 1-7) is built from the isal-sys crate's bundled source and
+# linked statically: its assembler and autotools are needed here, nothing in the runtime image.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nasm autoconf automake libtool make \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
@@ -15,7 +20,8 @@ COPY src ./src
 COPY migrations ./migrations
 COPY plans.yaml ./
 RUN cargo build --release --locked --bin backup-worker \
- && install -m 0755 target/release/backup-worker /usr/local/bin/backup-worker
+ && install -m 0755 target/release/backup-worker /usr/local/bin/backup-worker \
+ && ! ldd /usr/local/bin/backup-worker | grep -q libisal
 
 FROM debian:${DEBIAN}-slim AS runtime
 ARG DEBIAN

@@ -27,7 +27,7 @@ need_cmd() { # need_cmd COMMAND DEBIAN_PACKAGE
 }
 
 ensure_tools() {
-  need_cmd cargo cargo # the Rust toolchain comes with the machine
+  ensure_build_deps # the Rust toolchain comes with the machine
   need_cmd pg_dump postgresql-client
   need_cmd pg_restore postgresql-client
   need_cmd pg_isready postgresql-client
@@ -39,6 +39,16 @@ ensure_tools() {
   # Restore tests create contrib extensions (citext, pg_trgm, pg_buffercache) as the platform does.
   ls /usr/share/postgresql/*/extension/pg_trgm.control >/dev/null 2>&1 || [ -n "${PG_BINDIR:-}" ] \
     || apt_install postgresql-contrib
+}
+
+# Building: ISA-L (isal-sys) compiles its bundled source with nasm and autotools.
+ensure_build_deps() {
+  need_cmd cargo cargo
+  need_cmd nasm nasm
+  need_cmd autoreconf autoconf
+  need_cmd aclocal automake
+  need_cmd libtoolize libtool
+  need_cmd make make
 }
 
 ensure_promtool() { need_cmd promtool prometheus; }

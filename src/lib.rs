@@ -9,6 +9,7 @@ pub mod crypto;
 pub mod db;
 pub mod domain;
 pub mod engines;
+pub mod gzip;
 pub mod health;
 pub mod http;
 pub mod jobs;

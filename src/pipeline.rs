@@ -1,22 +1,32 @@
 //! The backup data path's middle: raw dump bytes → gzip → [age encryption to the team's key] →
-//! sha256 (of the stored bytes) → upload,
-//! streamed with fixed buffers. The raw stream passes through its engine's structural check on the
-//! way (no second read); the pipeline neither commits nor aborts: the caller decides once the
-//! source has finished and the check has spoken.
+//! sha256 (of the stored bytes) → upload, streamed with fixed buffers, as three overlapping
+//! stages:
+//!
+//! ```text
+//!  source ──read──▶ [raw chunks, 1 MiB] ──▶ compressor thread ──▶ [gzip chunks] ──▶ encrypt → sha256 → upload
+//!  (async: count, head,   bounded queue      (ISA-L / zlib-rs,      bounded queue   (async: the next part
+//!   structural check)                         blocking pool)                         uploads meanwhile)
+//! ```
+//!
+//! The dump's pipe is drained while the previous chunk is compressed, and hashing and uploading
+//! happen off the compression thread. Memory is the queues' few chunks plus the store's part
+//! buffers, whatever the dump's size; nothing touches disk. The pipeline neither commits nor
+//! aborts: the caller decides once the source has finished and the check has spoken.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use async_compression::tokio::bufread::GzipEncoder;
-use async_compression::Level;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
 
+use crate::gzip::{Deflate, GzipEncoder};
 use crate::storage::{StorageError, Upload};
 
 /// Raw bytes remembered from the start of the stream (for messages).
 const HEAD_LEN: usize = 16;
-const CHUNK: usize = 128 * 1024;
+/// Raw bytes handed to the compressor at a time.
+const CHUNK: usize = 1024 * 1024;
+/// Chunks waiting between stages: enough to ride out a slow part upload or a burst of the dump,
+/// small enough that memory stays flat.
+const QUEUE: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -26,6 +36,8 @@ pub enum PipelineError {
     Storage(#[from] StorageError),
     #[error("encrypting the backup failed: {0}")]
     Encrypt(std::io::Error),
+    #[error("compressing the backup failed: {0}")]
+    Compress(std::io::Error),
 }
 
 /// An engine's structural check of a raw dump stream (DESIGN §5 `sanity`), fed as it passes.
@@ -46,68 +58,85 @@ pub struct Streamed {
     pub check: Result<String, String>,
 }
 
-/// Counts raw bytes, keeps the first few and feeds the structural check.
-struct Inspect<R> {
-    inner: R,
-    raw_bytes: u64,
+/// What the read stage learned of the raw stream.
+struct Raw {
+    bytes: u64,
     head: Vec<u8>,
     check: Box<dyn StreamCheck>,
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for Inspect<R> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &r {
-            let new = &buf.filled()[before..];
-            let need = HEAD_LEN.saturating_sub(this.head.len()).min(new.len());
-            this.head.extend_from_slice(&new[..need]);
-            this.raw_bytes += new.len() as u64;
-            this.check.update(new);
-        }
-        r
-    }
-}
-
-/// Streams `source` through gzip at `level` (then `encrypt`, when given) into `upload`, hashing
-/// what is stored.
-pub async fn gzip_to_upload<R: AsyncRead + Unpin>(
-    source: R,
-    check: Box<dyn StreamCheck>,
-    upload: &mut dyn Upload,
-    level: u32,
-    mut encrypt: Option<crate::crypto::Encrypt>,
-) -> Result<Streamed, PipelineError> {
-    let inspect = Inspect {
-        inner: source,
-        raw_bytes: 0,
-        head: Vec::with_capacity(HEAD_LEN),
-        check,
-    };
-    let mut gz = GzipEncoder::with_quality(
-        BufReader::with_capacity(CHUNK, inspect),
-        Level::Precise(level as i32),
-    );
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut stored = 0u64;
+/// Stage 1: reads the source into chunks, counting, keeping the head and feeding the check. Ends
+/// early (Ok) when the compressor has gone away: the stage that failed reports why.
+async fn read_source<R: AsyncRead + Unpin>(
+    mut source: R,
+    mut check: Box<dyn StreamCheck>,
+    to_compressor: mpsc::Sender<Vec<u8>>,
+) -> Result<Raw, std::io::Error> {
+    let mut raw = 0u64;
+    let mut head = Vec::with_capacity(HEAD_LEN);
     loop {
-        let n = gz.read(&mut buf).await.map_err(PipelineError::Source)?;
-        if n == 0 {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        while chunk.len() < CHUNK {
+            if source.read_buf(&mut chunk).await? == 0 {
+                break;
+            }
+        }
+        if chunk.is_empty() {
             break;
         }
+        let need = HEAD_LEN.saturating_sub(head.len()).min(chunk.len());
+        head.extend_from_slice(&chunk[..need]);
+        raw += chunk.len() as u64;
+        check.update(&chunk);
+        let last = chunk.len() < CHUNK;
+        if to_compressor.send(chunk).await.is_err() || last {
+            break;
+        }
+    }
+    Ok(Raw {
+        bytes: raw,
+        head,
+        check,
+    })
+}
+
+/// Stage 2 (a blocking thread): compresses chunks as they come; the end of the input channel is
+/// the end of the stream. Stops when the next stage has gone away.
+fn compress(
+    deflate: Deflate,
+    mut from_reader: mpsc::Receiver<Vec<u8>>,
+    to_sink: mpsc::Sender<Vec<u8>>,
+) -> Result<(), std::io::Error> {
+    let mut encoder = GzipEncoder::new(deflate);
+    while let Some(chunk) = from_reader.blocking_recv() {
+        let mut out = Vec::with_capacity(chunk.len() / 2);
+        encoder.write(&chunk, &mut out)?;
+        if !out.is_empty() && to_sink.blocking_send(out).is_err() {
+            return Ok(());
+        }
+    }
+    let mut out = Vec::new();
+    encoder.finish(&mut out)?;
+    let _ = to_sink.blocking_send(out);
+    Ok(())
+}
+
+/// Stage 3: encrypts (when asked), hashes and uploads what the compressor produces.
+async fn store(
+    mut from_compressor: mpsc::Receiver<Vec<u8>>,
+    upload: &mut dyn Upload,
+    mut encrypt: Option<crate::crypto::Encrypt>,
+) -> Result<(u64, String), PipelineError> {
+    let mut hasher = Sha256::new();
+    let mut stored = 0u64;
+    while let Some(gz) = from_compressor.recv().await {
         let sealed;
         let out: &[u8] = match encrypt.as_mut() {
             Some(e) => {
-                sealed = e.push(&buf[..n]).map_err(PipelineError::Encrypt)?;
+                sealed = e.push(&gz).map_err(PipelineError::Encrypt)?;
                 &sealed
             }
-            None => &buf[..n],
+            None => &gz,
         };
         if !out.is_empty() {
             hasher.update(out);
@@ -121,13 +150,48 @@ pub async fn gzip_to_upload<R: AsyncRead + Unpin>(
         upload.write(&last).await?;
         stored += last.len() as u64;
     }
-    let inspect = gz.into_inner().into_inner();
+    Ok((stored, hex::encode(hasher.finalize())))
+}
+
+/// Streams `source` through gzip (`deflate`), then `encrypt` when given, into `upload`, hashing
+/// what is stored. When stages fail, the storage error wins (a store that stops accepting bytes
+/// makes the dump tool die of a broken pipe: the store is the cause), then the source's, then
+/// the compressor's.
+pub async fn gzip_to_upload<R: AsyncRead + Unpin>(
+    source: R,
+    check: Box<dyn StreamCheck>,
+    upload: &mut dyn Upload,
+    deflate: Deflate,
+    encrypt: Option<crate::crypto::Encrypt>,
+) -> Result<Streamed, PipelineError> {
+    let (raw_tx, raw_rx) = mpsc::channel(QUEUE);
+    let (gz_tx, gz_rx) = mpsc::channel(QUEUE);
+    // Dropping this future (timeout, shutdown) drops both channel ends it holds, which ends the
+    // compressor thread at its next chunk.
+    let compressor = tokio::task::spawn_blocking(move || compress(deflate, raw_rx, gz_tx));
+    let (read, stored) = tokio::join!(
+        read_source(source, check, raw_tx),
+        store(gz_rx, upload, encrypt)
+    );
+    let compressed = match compressor.await {
+        Ok(r) => r,
+        Err(e) => Err(std::io::Error::other(format!(
+            "the compressor thread failed: {e}"
+        ))),
+    };
+    let stored = match stored {
+        Err(e @ PipelineError::Storage(_)) => return Err(e),
+        other => other,
+    };
+    let raw = read.map_err(PipelineError::Source)?;
+    compressed.map_err(PipelineError::Compress)?;
+    let (stored_bytes, sha256) = stored?;
     Ok(Streamed {
-        raw_bytes: inspect.raw_bytes,
-        stored_bytes: stored,
-        sha256: hex::encode(hasher.finalize()),
-        head: inspect.head,
-        check: inspect.check.finish(),
+        raw_bytes: raw.bytes,
+        stored_bytes,
+        sha256,
+        head: raw.head,
+        check: raw.check.finish(),
     })
 }
 
@@ -160,9 +224,15 @@ mod tests {
                     .ok_or_else(String::new)
             }
         }
-        let s = gzip_to_upload(&raw[..], Box::new(Magic(Vec::new())), up.as_mut(), 6, None)
-            .await
-            .unwrap();
+        let s = gzip_to_upload(
+            &raw[..],
+            Box::new(Magic(Vec::new())),
+            up.as_mut(),
+            Deflate::for_gzip_level(6),
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!(s.check, Ok(String::new()));
         up.commit(Metadata::new()).await.unwrap();
         let stored = store.bytes("k").unwrap();

@@ -5,10 +5,9 @@
 
 use std::path::Path;
 
-use async_compression::tokio::bufread::GzipDecoder;
 use sha2::{Digest, Sha256};
 use tokio::fs::File;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::domain::FailureReason;
 use crate::engines::{fail, BackupFile, Failure};
@@ -105,20 +104,29 @@ pub async fn download_verified(
         })?;
     }
     // Decode it all once before anything destructive: a truncated or corrupt stream fails here.
-    let file = File::open(&path).await.map_err(io)?;
-    let mut decoder = GzipDecoder::new(BufReader::with_capacity(128 * 1024, file));
-    loop {
-        let n = decoder.read(&mut buf).await.map_err(|e| {
-            fail(
-                FailureReason::Integrity,
-                format!("{key} does not decompress: {e}"),
-            )
-        })?;
-        if n == 0 {
-            break;
+    // ISA-L's inflate and the engine's check run on a blocking thread, off the runtime.
+    let decode_path = path.clone();
+    let decoded = tokio::task::spawn_blocking(move || -> Result<Box<dyn StreamCheck>, String> {
+        let file = std::fs::File::open(&decode_path).map_err(|e| e.to_string())?;
+        let mut decoder = crate::gzip::GzipDecoder::new(file);
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match std::io::Read::read(&mut decoder, &mut buf) {
+                Ok(0) => return Ok(check),
+                Ok(n) => check.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.to_string()),
+            }
         }
-        check.update(&buf[..n]);
-    }
+    })
+    .await
+    .map_err(|e| fail(FailureReason::Integrity, format!("decoding {key}: {e}")))?;
+    let check = decoded.map_err(|e| {
+        fail(
+            FailureReason::Integrity,
+            format!("{key} does not decompress: {e}"),
+        )
+    })?;
     if let Err(why) = check.finish() {
         return Err(fail(
             FailureReason::Integrity,

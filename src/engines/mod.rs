@@ -15,10 +15,8 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use async_compression::tokio::bufread::GzipDecoder;
 use tempfile::NamedTempFile;
-use tokio::fs::File;
-use tokio::io::{AsyncRead, BufReader};
+use tokio::io::AsyncRead;
 
 use crate::domain::{FailureReason, ResourceType};
 use crate::pipeline::StreamCheck;
@@ -297,11 +295,9 @@ pub struct BackupFile {
 
 impl BackupFile {
     /// The raw dump, decompressed as it is read.
-    pub async fn open(&self) -> Result<GzipDecoder<BufReader<File>>, Failure> {
-        let file = File::open(&self.path)
-            .await
-            .map_err(|e| fail(FailureReason::Dump, format!("opening the backup: {e}")))?;
-        Ok(GzipDecoder::new(BufReader::with_capacity(128 * 1024, file)))
+    pub async fn open(&self) -> Result<crate::gzip::GunzipReader, Failure> {
+        crate::gzip::gunzip_file(&self.path)
+            .map_err(|e| fail(FailureReason::Dump, format!("opening the backup: {e}")))
     }
 }
 

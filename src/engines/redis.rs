@@ -486,7 +486,7 @@ fn rdb_failure(e: RdbError) -> Failure {
 fn open_rdb(backup: &BackupFile) -> Result<RdbReader<impl std::io::Read>, Failure> {
     let file = std::fs::File::open(&backup.path)
         .map_err(|e| fail(FailureReason::Dump, format!("opening the backup: {e}")))?;
-    let gz = flate2::read::GzDecoder::new(BufReader::with_capacity(128 * 1024, file));
+    let gz = crate::gzip::GzipDecoder::new(file);
     let stripped = StripEofMarkSync {
         inner: gz,
         mark: Some(EofMark::default()),

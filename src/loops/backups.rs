@@ -17,6 +17,7 @@ use crate::app::Deps;
 use crate::db::audit;
 use crate::domain::{FailureReason, ResourceType};
 use crate::engines::{self, DumpSource};
+use crate::gzip::Deflate;
 use crate::jobs::{self, FailureOutcome, JobTable, Lease};
 use crate::pipeline::{gzip_to_upload, PipelineError, Streamed};
 use crate::retention;
@@ -382,7 +383,7 @@ impl Backups {
 
         let check = engines::stream_check(resource_type);
         let streamed = tokio::select! {
-            r = gzip_to_upload(stream, check, upload.as_mut(), cfg.gzip_level, encrypt) => Ok(r),
+            r = gzip_to_upload(stream, check, upload.as_mut(), Deflate::for_gzip_level(cfg.gzip_level), encrypt) => Ok(r),
             _ = &mut deadline => Err(Stop::Timeout),
             _ = abort.cancelled() => Err(Stop::Abort),
             _ = lease_lost.cancelled() => Err(Stop::LeaseLost),
@@ -442,7 +443,7 @@ impl Backups {
                 let _ = upload.abort().await;
                 return failed(FailureReason::Dump, e.to_string());
             }
-            Err(e @ PipelineError::Encrypt(_)) => {
+            Err(e @ (PipelineError::Encrypt(_) | PipelineError::Compress(_))) => {
                 let _ = upload.abort().await;
                 return failed(FailureReason::Upload, e.to_string());
             }
