@@ -46,6 +46,11 @@ pub struct Lease {
     pub attempts: i32,
     pub worker: String,
     pub started_at: DateTime<Utc>,
+    /// When the claim was sent (this process's clock): the lease lasts at least until then +
+    /// its length.
+    pub claimed_at: tokio::time::Instant,
+    /// The claim's token (see [`Claimer`]).
+    pub token: Uuid,
 }
 
 /// Where a failed attempt leaves its row.
@@ -204,29 +209,249 @@ pub async fn recover_expired(
         .collect())
 }
 
-/// Renews the lease every third of its length; cancels `lost` when the row is no longer ours or
-/// the lease ran out without a successful renewal (database unreachable).
+/// Renews the lease every third of its length; cancels `lost` when the row is no longer ours, or
+/// when we can no longer be sure it is. Each renewal is bounded by the time the lease is known to
+/// last, counted from when the last successful renewal was *sent* (the database starts the new
+/// lease no earlier than that), less a safety margin: a renewal that hangs (a network partition, a
+/// lock) stops the job before another replica may take the row over — never two workers on one
+/// row.
 pub async fn renew_lease(pool: PgPool, lease: Lease, length: Duration, lost: CancellationToken) {
     let every = (length / 3).max(Duration::from_millis(500));
-    let mut valid_until = tokio::time::Instant::now() + length;
+    // Stop this much before the lease's end: room for killing tools and for clock drift.
+    let margin = (length / 10).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let mut valid_until = lease.claimed_at + length.saturating_sub(margin);
     loop {
-        tokio::time::sleep(every).await;
-        match renew(&pool, &lease, length).await {
-            Ok(true) => valid_until = tokio::time::Instant::now() + length,
-            Ok(false) => {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep_until(valid_until) => {}
+        }
+        let sent = tokio::time::Instant::now();
+        if sent >= valid_until {
+            tracing::error!(id = %lease.id, "lease ran out without a successful renewal; stopping the job");
+            lost.cancel();
+            return;
+        }
+        match tokio::time::timeout_at(valid_until, renew(&pool, &lease, length)).await {
+            Ok(Ok(true)) => valid_until = sent + length.saturating_sub(margin),
+            Ok(Ok(false)) => {
                 tracing::warn!(id = %lease.id, "lease taken over; stopping the job");
                 lost.cancel();
                 return;
             }
-            Err(e) if tokio::time::Instant::now() >= valid_until => {
-                tracing::error!(id = %lease.id, error = %e, "lease expired without renewal; stopping the job");
+            Ok(Err(e)) => {
+                tracing::warn!(id = %lease.id, error = %e, "lease renewal failed; retrying")
+            }
+            Err(_) => {
+                tracing::error!(id = %lease.id, "lease renewal did not answer before the lease ran out; stopping the job");
                 lost.cancel();
                 return;
             }
-            Err(e) => tracing::warn!(id = %lease.id, error = %e, "lease renewal failed; retrying"),
         }
     }
 }
+
+/// A spawned task aborted when this guard is dropped — also when the job holding it unwinds.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A job under a lease that panicked (a bug): its lease was ended at once.
+#[derive(Debug)]
+pub struct Panicked(pub String);
+
+/// Runs the job `work` builds under `lease`: renewed (see [`renew_lease`]) while it runs, its
+/// `lost` token cancelled when the lease is lost or in doubt. The renewer never outlives this
+/// call, and a panic is caught: the row's lease is ended at once, so the recovery sweep returns it
+/// to pending (or fails it after its last attempt) instead of a detached renewer keeping the
+/// resource blocked until the process restarts.
+pub async fn run_leased<T, F, Fut>(
+    pool: &PgPool,
+    lease: &Lease,
+    length: Duration,
+    work: F,
+) -> Result<T, Panicked>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    use futures::FutureExt;
+    let lost = CancellationToken::new();
+    let renewer = AbortOnDrop(tokio::spawn(renew_lease(
+        pool.clone(),
+        lease.clone(),
+        length,
+        lost.clone(),
+    )));
+    let outcome = std::panic::AssertUnwindSafe(work(lost))
+        .catch_unwind()
+        .await;
+    drop(renewer);
+    outcome.map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        Panicked(msg)
+    })
+}
+
+/// Ends a lease now (a panicked job): the next recovery sweep treats the row like a dead
+/// worker's. Fenced like every write.
+pub async fn expire_lease(pool: &PgPool, lease: &Lease) -> Result<bool, sqlx::Error> {
+    let sql = format!(
+        "UPDATE {} SET lease_expires_at = now() - interval '1 millisecond'
+          WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
+        lease.table.table()
+    );
+    let done = sqlx::query(&sql)
+        .bind(lease.id)
+        .bind(&lease.worker)
+        .bind(lease.attempts)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Logs a panicked job and ends its lease (the recovery sweep does the rest).
+pub async fn after_panic(pool: &PgPool, lease: &Lease, panicked: &Panicked) {
+    tracing::error!(table = lease.table.table(), id = %lease.id, panic = %panicked.0,
+        "job panicked; its lease is ended so the row is recovered at once");
+    if let Err(e) = expire_lease(pool, lease).await {
+        tracing::error!(id = %lease.id, error = %e, "ending a panicked job's lease failed; it expires on its own");
+    }
+}
+
+/// A freshly claimed row: its lease and resource.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub lease: Lease,
+    pub resource_id: Uuid,
+}
+
+/// Claims for one table. Each claim stamps a fresh token; when the worker cannot learn whether a
+/// claim took (the statement's answer was lost: a Postgres restart, a broken connection) or the
+/// job cannot be loaded after it, the token is kept and the row given back — pending, runnable
+/// now, the attempt not counted — at the next [`Claimer::settle`], instead of the row waiting
+/// out its lease and then counting an attempt that never ran.
+pub struct Claimer {
+    table: JobTable,
+    unsettled: std::sync::Mutex<Vec<Uuid>>,
+}
+
+impl Claimer {
+    pub fn new(table: JobTable) -> Self {
+        Self {
+            table,
+            unsettled: std::sync::Mutex::default(),
+        }
+    }
+
+    fn unsettled(&self) -> std::sync::MutexGuard<'_, Vec<Uuid>> {
+        self.unsettled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims the first row `candidates` selects (a `SELECT x.id FROM <table> x … ORDER BY …
+    /// LIMIT 1 FOR UPDATE SKIP LOCKED` that may bind nothing), in one statement, with a lease of
+    /// `length`. A unique violation (another worker started an operation on the same resource
+    /// between our check and our update) looks again, a few times.
+    pub async fn claim(
+        &self,
+        pool: &PgPool,
+        candidates: &str,
+        worker: &str,
+        length: Duration,
+    ) -> Result<Option<Claimed>, sqlx::Error> {
+        let sql = format!(
+            "UPDATE {t} SET status = 'running', attempts = attempts + 1, started_at = now(),
+                    leased_by = $1, lease_expires_at = now() + make_interval(secs => $2),
+                    claim_token = $3
+              WHERE id = ({candidates})
+             RETURNING id, resource_id, attempts, started_at",
+            t = self.table.table()
+        );
+        for _ in 0..CLAIM_RETRIES {
+            let token = Uuid::new_v4();
+            let claimed_at = tokio::time::Instant::now();
+            let row: Result<Option<ClaimedRow>, sqlx::Error> = sqlx::query_as(&sql)
+                .bind(worker)
+                .bind(length.as_secs_f64())
+                .bind(token)
+                .fetch_optional(pool)
+                .await;
+            match row {
+                Ok(Some((id, resource_id, attempts, started_at))) => {
+                    return Ok(Some(Claimed {
+                        lease: Lease {
+                            table: self.table,
+                            id,
+                            attempts,
+                            worker: worker.to_owned(),
+                            started_at,
+                            claimed_at,
+                            token,
+                        },
+                        resource_id,
+                    }))
+                }
+                Ok(None) => return Ok(None),
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => continue,
+                Err(e) => {
+                    // It may have committed all the same: give it back by its token.
+                    self.unsettled().push(token);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The claim of `lease` could not be followed through (its job failed to load): its row goes
+    /// back as if never claimed, now or at the next settle.
+    pub async fn give_back(&self, pool: &PgPool, lease: &Lease) {
+        self.unsettled().push(lease.token);
+        self.settle(pool).await;
+    }
+
+    /// Gives back every row claimed under an unsettled token. Logs its own errors (kept for
+    /// the next call).
+    pub async fn settle(&self, pool: &PgPool) {
+        let tokens: Vec<Uuid> = self.unsettled().clone();
+        if tokens.is_empty() {
+            return;
+        }
+        let sql = format!(
+            "UPDATE {} SET status = 'pending', attempts = greatest(attempts - 1, 0),
+                    run_after = now(), leased_by = NULL, lease_expires_at = NULL, claim_token = NULL
+              WHERE claim_token = ANY($1) AND status = 'running'",
+            self.table.table()
+        );
+        match sqlx::query(&sql).bind(&tokens).execute(pool).await {
+            Ok(done) => {
+                self.unsettled().retain(|t| !tokens.contains(t));
+                if done.rows_affected() > 0 {
+                    tracing::warn!(
+                        table = self.table.table(),
+                        rows = done.rows_affected(),
+                        "gave back rows whose claim could not be followed through"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(table = self.table.table(), error = %e,
+                "giving back unsettled claims failed; retried at the next pass"),
+        }
+    }
+}
+
+/// Claim attempts when a concurrent claimer wins the same resource (a unique violation).
+const CLAIM_RETRIES: usize = 5;
+
+/// (id, resource_id, attempts, started_at) of a freshly claimed row.
+type ClaimedRow = (Uuid, Uuid, i32, DateTime<Utc>);
 
 /// Runs [`recover_expired`] and writes `<audit_kind>` (backup.failed / restore.failed) for rows
 /// that used their last attempt, in one transaction.

@@ -168,7 +168,7 @@ fn old_redis_server() -> Option<PathBuf> {
 /// (5 MiB minimum part, ListMultipartUploads), nothing shared between tests.
 pub struct S3Server {
     pub endpoint: String,
-    _child: Child,
+    child: Child,
 }
 
 pub const TEST_ACCESS_KEY: &str = "testing";
@@ -195,10 +195,31 @@ impl S3Server {
             || async move { matches!(http_get(addr, "/moto-api/").await, Ok((200..=499, _))) },
         )
         .await?;
-        Ok(Self {
-            endpoint,
-            _child: child,
-        })
+        Ok(Self { endpoint, child })
+    }
+
+    /// The server's pid (`None` once it was killed and reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILLs the server: every request after this fails to connect.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGSTOP / SIGCONT: a server that accepts connections but answers nothing until thawed.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(pid) = self.pid() {
+            let signal = if frozen {
+                rustix::process::Signal::STOP
+            } else {
+                rustix::process::Signal::CONT
+            };
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, signal);
+            }
+        }
     }
 
     pub fn settings(&self, bucket: &str) -> S3Settings {

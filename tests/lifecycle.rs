@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use backup_worker::app::Deps;
 use backup_worker::health::Heartbeat;
+use backup_worker::jobs::{self, JobTable};
 use backup_worker::loops::backups::Backups;
 use backup_worker::loops::{Loop, PassContext};
 use backup_worker::process::Tools;
@@ -129,11 +130,13 @@ struct Row {
     leased_by: Option<String>,
     failure_reason: Option<String>,
     object_key: Option<String>,
+    lease_expires_at: Option<DateTime<Utc>>,
 }
 
 async fn row(pool: &PgPool, id: Uuid) -> Row {
     sqlx::query_as(
-        "SELECT status, attempts, started_at, run_after, leased_by, failure_reason, object_key
+        "SELECT status, attempts, started_at, run_after, leased_by, failure_reason, object_key,
+                lease_expires_at
            FROM resource_backups WHERE id = $1",
     )
     .bind(id)
@@ -818,4 +821,286 @@ async fn sigterm_lets_jobs_that_finish_within_the_grace_finish(pool: PgPool) {
     let r = row(&pool, id).await;
     assert_eq!((r.status.as_str(), r.attempts), ("succeeded", 1), "{r:?}");
     assert_eq!(objects(store.path()).len(), 1);
+}
+
+/// A renewal that hangs (here the row is locked by another session, as a network partition would
+/// stall it) stops the job before its lease runs out: once it has, another replica may take the
+/// row over, and two workers must never run one row. Without the bound, the renewal waits for the
+/// lock and the job runs on.
+#[sqlx::test]
+async fn a_renewal_that_hangs_stops_the_job_before_the_lease_runs_out(pool: PgPool) {
+    let fake = FakeTools::new("gate");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::new(dir.path().to_path_buf()).await.unwrap());
+    let id = enqueue(&pool).await;
+    let d = deps(&pool, store, fake.tools(), &[("LEASE_SECONDS", "4")]);
+    let backups = Backups::new(d);
+    let worker = tokio::spawn({
+        let b = backups.clone();
+        async move { b.pass(&ctx()).await.unwrap() }
+    });
+    wait_status(&pool, id, "running", Duration::from_secs(10)).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the dump tool to start",
+        || async { !fake.pids().is_empty() },
+    )
+    .await
+    .unwrap();
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM resource_backups WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let expires_when_locked = row(&pool, id).await.lease_expires_at.unwrap();
+    tokio::time::timeout(Duration::from_secs(15), worker)
+        .await
+        .expect("the job stopped while its renewal hung")
+        .unwrap();
+    let stopped_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let pid = *fake.pids().first().unwrap();
+    assert!(!alive(pid), "the dump tool was killed");
+    // Stopped no later than the lease it last held (plus scheduling slack on a loaded machine).
+    assert!(
+        stopped_at < expires_when_locked + chrono::Duration::seconds(1),
+        "stopped at {stopped_at}, lease ran out at {expires_when_locked}"
+    );
+    lock.rollback().await.unwrap();
+    let r = row(&pool, id).await;
+    assert_eq!(
+        (r.status.as_str(), r.attempts),
+        ("running", 1),
+        "nothing recorded: {r:?}"
+    );
+    assert!(objects(dir.path()).is_empty());
+}
+
+/// A job that panics (a bug) ends its lease at once and leaves no renewer behind: the row is
+/// recovered by the next sweep instead of staying `running`, its resource blocked, until the
+/// process restarts.
+#[sqlx::test]
+async fn a_panicking_job_ends_its_lease_and_leaves_no_renewer_behind(pool: PgPool) {
+    let id = enqueue(&pool).await;
+    let claimer = jobs::Claimer::new(JobTable::Backups);
+    let claimed = claimer
+        .claim(
+            &pool,
+            &format!("SELECT id FROM resource_backups WHERE id = '{id}' FOR UPDATE SKIP LOCKED"),
+            "test-worker",
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap()
+        .expect("claimed");
+    let first_expiry = row(&pool, id).await.lease_expires_at.unwrap();
+    let ran = jobs::run_leased(&pool, &claimed.lease, Duration::from_secs(2), |_lost| {
+        let pool = pool.clone();
+        async move {
+            // The renewer is alive while the job runs…
+            wait_until(Duration::from_secs(10), "a renewal", || async {
+                row(&pool, id).await.lease_expires_at.unwrap() > first_expiry
+            })
+            .await
+            .unwrap();
+            panic!("boom");
+        }
+    })
+    .await;
+    let panicked = match ran {
+        Err(p) => p,
+        Ok(()) => panic!("the job's panic was not reported"),
+    };
+    assert_eq!(panicked.0, "boom");
+    jobs::after_panic(&pool, &claimed.lease, &panicked).await;
+    let ended = row(&pool, id).await.lease_expires_at.unwrap();
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(ended < now, "the lease was ended at once");
+    // …and gone with it: over three renewal periods nothing extends the lease again.
+    let watch_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < watch_until {
+        assert_eq!(row(&pool, id).await.lease_expires_at, Some(ended));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recovered = jobs::recover_and_audit(&pool, JobTable::Backups, "backup.failed")
+        .await
+        .unwrap();
+    assert_eq!(recovered.len(), 1);
+    let r = row(&pool, id).await;
+    assert_eq!((r.status.as_str(), r.attempts), ("pending", 1), "{r:?}");
+}
+
+/// A TCP relay to `upstream` that loses the answer to the statement whose text contains `trigger`
+/// (the server still executes and commits it) and then closes the connection: an answer lost
+/// after commit, as in a Postgres restart or a broken connection.
+async fn cutting_relay(upstream: std::net::SocketAddr, trigger: &'static [u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut armed = false;
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    // sqlx prepares first (Parse + Describe, answered), then binds and executes:
+                    // the answer to lose is the one to the first Bind after the trigger's Parse.
+                    let cut = armed && buf[0] == b'B';
+                    armed |= buf[..n].windows(trigger.len()).any(|w| w == trigger);
+                    if cut {
+                        // No answer reaches the client from here on.
+                        down.abort();
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if cut {
+                        // Keep relaying the rest of the exchange (bind, execute, sync) for a
+                        // moment so the server runs and commits it, then close the connection.
+                        let until = tokio::time::Instant::now() + Duration::from_millis(500);
+                        while let Ok(Ok(n)) =
+                            tokio::time::timeout_at(until, cr.read(&mut buf)).await
+                        {
+                            if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        tokio::time::sleep_until(until).await;
+                        return;
+                    }
+                }
+                down.abort();
+            });
+        }
+    });
+    port
+}
+
+/// A claim whose answer is lost after it committed is given back — pending, the attempt not
+/// counted — at the next pass, instead of sitting `running` until its lease expires and then
+/// counting an attempt that never ran.
+#[sqlx::test]
+async fn a_claim_whose_answer_is_lost_is_given_back_without_spending_an_attempt(pool: PgPool) {
+    let fake = FakeTools::new("ok");
+    let id = enqueue(&pool).await;
+    let mut url = url::Url::parse(&db_url(&pool)).unwrap();
+    let upstream: std::net::SocketAddr =
+        format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+            .parse()
+            .unwrap();
+    let port = cutting_relay(upstream, b"claim_token = $3").await;
+    url.set_port(Some(port)).unwrap();
+    // In clear, so the relay can see the claim go by.
+    url.query_pairs_mut().append_pair("sslmode", "disable");
+    let relayed = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::new(dir.path().to_path_buf()).await.unwrap());
+    let backups = Backups::new(deps(&relayed, store, fake.tools(), &[]));
+    assert!(
+        backups.claim().await.is_err(),
+        "the claim's answer was lost"
+    );
+    // The server received the whole statement and commits it a moment after the client saw the
+    // connection drop.
+    wait_until(
+        Duration::from_secs(10),
+        "the lost claim to commit",
+        || async { row(&pool, id).await.status == "running" },
+    )
+    .await
+    .unwrap();
+    assert_eq!(row(&pool, id).await.attempts, 1);
+    // The next pass gives it back first, then claims and runs it as attempt 1 (the relay cuts
+    // every claim, so this pass runs on a direct pool, as a reconnected worker would).
+    let direct = Backups::new(deps(
+        &pool,
+        Arc::new(LocalStore::new(dir.path().to_path_buf()).await.unwrap()),
+        fake.tools(),
+        &[],
+    ));
+    backups_settle_then_pass(&backups, &direct).await;
+    let r = row(&pool, id).await;
+    assert_eq!((r.status.as_str(), r.attempts), ("succeeded", 1), "{r:?}");
+}
+
+async fn backups_settle_then_pass(relayed: &Arc<Backups>, direct: &Arc<Backups>) {
+    // Settling runs through the relay (only claims are cut).
+    backup_worker::jobs::Queue::housekeeping(relayed.as_ref()).await;
+    direct.pass(&ctx()).await.unwrap();
+}
+
+/// When the store fails mid-stream, the row says `upload` (a temporary storage problem), not
+/// `dump` ("we couldn't read your database"): the tool is stopped because of the store, and the
+/// storage error is what is recorded.
+#[sqlx::test]
+async fn a_store_failing_mid_stream_is_recorded_as_upload_not_as_the_dump(pool: PgPool) {
+    use sqlx::Executor;
+    // ~40 MB of raw dump: several 5 MiB parts, far more than a pipe buffer.
+    pool.execute(
+        "CREATE TABLE bulk AS SELECT i, md5(i::text) || md5((i * 7)::text) AS t
+           FROM generate_series(1, 500000) i",
+    )
+    .await
+    .unwrap();
+    let mut s3 = S3Server::start().await.unwrap();
+    let store = Arc::new(s3.store("backups").await.unwrap());
+    let (_, res) = team_resource(&pool, "pro").await;
+    sqlx::query("UPDATE resources SET connection_url = $2 WHERE id = $1")
+        .bind(res)
+        .bind(db_url(&pool))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let id = backup_worker::commands::enqueue_backup(&pool, res)
+        .await
+        .unwrap();
+    let d = deps(&pool, store, Tools::default(), &[]);
+    let worker = tokio::spawn({
+        let b = Backups::new(d);
+        async move { b.pass(&ctx()).await.unwrap() }
+    });
+    wait_status(&pool, id, "running", Duration::from_secs(10)).await;
+    s3.kill().await;
+    tokio::time::timeout(Duration::from_secs(60), worker)
+        .await
+        .expect("the attempt ended")
+        .unwrap();
+    let (status, reason, detail): (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT status, failure_reason, internal_detail FROM resource_backups WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("pending", Some("upload")),
+        "{detail:?}"
+    );
+    assert!(
+        detail.as_deref().unwrap_or("").contains("object storage"),
+        "the storage error is recorded: {detail:?}"
+    );
 }

@@ -24,12 +24,6 @@ use crate::retention;
 use crate::secret::Secret;
 use crate::storage::Metadata;
 
-/// Claim attempts when a concurrent claimer wins the same resource (a unique violation).
-const CLAIM_RETRIES: usize = 5;
-
-/// (id, resource_id, attempts, started_at) of a freshly claimed row.
-type ClaimedRow = (Uuid, Uuid, i32, DateTime<Utc>);
-
 /// A claimed backup row and its resource.
 #[derive(Debug)]
 pub struct Job {
@@ -100,6 +94,7 @@ struct Housekeeping {
 
 pub struct Backups {
     deps: Deps,
+    claimer: jobs::Claimer,
     housekeeping: std::sync::Mutex<Housekeeping>,
 }
 
@@ -107,6 +102,7 @@ impl Backups {
     pub fn new(deps: Deps) -> Arc<Self> {
         Arc::new(Self {
             deps,
+            claimer: jobs::Claimer::new(JobTable::Backups),
             housekeeping: std::sync::Mutex::default(),
         })
     }
@@ -124,6 +120,7 @@ impl Backups {
                 jobs::due(&mut h.orphans, ORPHAN_SWEEP_EVERY),
             )
         };
+        self.claimer.settle(self.pool()).await;
         if recover {
             if let Err(e) = self.recover_expired().await {
                 tracing::error!(error = %e, "stuck-backup recovery failed");
@@ -203,76 +200,71 @@ impl Backups {
     /// Claims the oldest due pending row whose resource has nothing running (one statement,
     /// `FOR UPDATE SKIP LOCKED`, with a lease). `None` when nothing is due.
     pub async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
-        let worker = &self.deps.config.worker_id;
-        for _ in 0..CLAIM_RETRIES {
-            let claimed: Result<Option<ClaimedRow>, sqlx::Error> = sqlx::query_as(
-                "UPDATE resource_backups
-                    SET status = 'running', attempts = attempts + 1, started_at = now(),
-                        leased_by = $1, lease_expires_at = now() + make_interval(secs => $2)
-                  WHERE id = (
-                        SELECT b.id FROM resource_backups b
-                         WHERE b.status = 'pending' AND b.run_after <= now()
-                           AND NOT EXISTS (SELECT 1 FROM resource_backups x
-                                            WHERE x.resource_id = b.resource_id AND x.status = 'running')
-                           AND NOT EXISTS (SELECT 1 FROM resource_restores x
-                                            WHERE x.resource_id = b.resource_id AND x.status = 'running')
-                         ORDER BY b.run_after, b.created_at
-                         LIMIT 1
-                         FOR UPDATE SKIP LOCKED)
-                  RETURNING id, resource_id, attempts, started_at",
+        let Some(claimed) = self
+            .claimer
+            .claim(
+                self.pool(),
+                "SELECT b.id FROM resource_backups b
+                  WHERE b.status = 'pending' AND b.run_after <= now()
+                    AND NOT EXISTS (SELECT 1 FROM resource_backups x
+                                     WHERE x.resource_id = b.resource_id AND x.status = 'running')
+                    AND NOT EXISTS (SELECT 1 FROM resource_restores x
+                                     WHERE x.resource_id = b.resource_id AND x.status = 'running')
+                  ORDER BY b.run_after, b.created_at
+                  LIMIT 1
+                  FOR UPDATE SKIP LOCKED",
+                &self.deps.config.worker_id,
+                self.deps.config.lease,
             )
-            .bind(worker)
-            .bind(self.deps.config.lease.as_secs_f64())
-            .fetch_optional(self.pool())
-            .await;
-            let (id, resource_id, attempts, started_at) = match claimed {
-                Ok(Some(row)) => row,
-                Ok(None) => return Ok(None),
-                // Another worker started an operation on the same resource between our check
-                // and our update: the database refused the second; look again.
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => continue,
-                Err(e) => return Err(e),
-            };
-            let (team_id, resource_type, resource_status, url): (Uuid, String, String, String) =
-                sqlx::query_as(
-                    "SELECT team_id, resource_type, status, connection_url FROM resources WHERE id = $1",
-                )
-                .bind(resource_id)
-                .fetch_one(self.pool())
-                .await?;
-            return Ok(Some(Job {
-                lease: Lease {
-                    table: JobTable::Backups,
-                    id,
-                    attempts,
-                    worker: worker.clone(),
-                    started_at,
-                },
-                resource_id,
-                team_id,
-                resource_type,
-                resource_status,
-                connection_url: Secret::new(url),
-            }));
-        }
-        Ok(None)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let resource: Result<(Uuid, String, String, String), sqlx::Error> = sqlx::query_as(
+            "SELECT team_id, resource_type, status, connection_url FROM resources WHERE id = $1",
+        )
+        .bind(claimed.resource_id)
+        .fetch_one(self.pool())
+        .await;
+        let (team_id, resource_type, resource_status, url) = match resource {
+            Ok(r) => r,
+            Err(e) => {
+                self.claimer.give_back(self.pool(), &claimed.lease).await;
+                return Err(e);
+            }
+        };
+        Ok(Some(Job {
+            lease: claimed.lease,
+            resource_id: claimed.resource_id,
+            team_id,
+            resource_type,
+            resource_status,
+            connection_url: Secret::new(url),
+        }))
     }
 
     /// Runs one claimed job to a written-down result.
     pub async fn run_job(self: Arc<Self>, job: Job, abort: CancellationToken) {
         let started = Instant::now();
-        let lease_lost = CancellationToken::new();
-        let renewer = tokio::spawn(jobs::renew_lease(
-            self.pool().clone(),
-            job.lease.clone(),
-            self.deps.config.lease,
-            lease_lost.clone(),
-        ));
-        let attempt = self.attempt(&job, &abort, &lease_lost).await;
-        renewer.abort();
+        let ran = jobs::run_leased(self.pool(), &job.lease, self.deps.config.lease, |lost| {
+            self.attempt(&job, &abort, lost)
+        })
+        .await;
+        let attempt = match ran {
+            Ok(attempt) => attempt,
+            Err(panicked) => return jobs::after_panic(self.pool(), &job.lease, &panicked).await,
+        };
+        let committed = match &attempt {
+            Attempt::Succeeded { key, .. } => Some(key.clone()),
+            _ => None,
+        };
         if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
-            // The row stays running; the recovery sweep returns it once the lease expires.
             tracing::error!(backup_id = %job.lease.id, error = %e, "recording the backup result failed");
+            // A committed object no row will ever point at: delete it now (the retry writes its
+            // own; the reconciliation sweep catches what this misses).
+            if let Some(key) = committed {
+                self.discard(&key, "its result could not be recorded").await;
+            }
         }
     }
 
@@ -281,7 +273,7 @@ impl Backups {
         &self,
         job: &Job,
         abort: &CancellationToken,
-        lease_lost: &CancellationToken,
+        lease_lost: CancellationToken,
     ) -> Attempt {
         let cfg = &self.deps.config;
         let Some(resource_type) = ResourceType::parse(&job.resource_type) else {
@@ -519,7 +511,11 @@ impl Backups {
                 .await?;
                 if done.rows_affected() == 0 {
                     tx.rollback().await?;
-                    self.discard_stale(job, &key).await;
+                    self.discard(
+                        &key,
+                        "the lease was taken over before the result was recorded",
+                    )
+                    .await;
                     return Ok(());
                 }
                 audit(
@@ -597,12 +593,13 @@ impl Backups {
         Ok(())
     }
 
-    /// A stale worker's object must not survive: the current owner writes its own.
-    async fn discard_stale(&self, job: &Job, key: &str) {
-        tracing::warn!(backup_id = %job.lease.id, object_key = %key,
-            "lease was taken over before the result was recorded; deleting this worker's object");
+    /// An object no row will point at must not survive: a stale worker's (the current owner
+    /// writes its own), or one whose result could not be recorded.
+    async fn discard(&self, key: &str, why: &str) {
+        tracing::warn!(object_key = %key, why, "deleting a committed backup object");
         if let Err(e) = self.deps.store.delete(key).await {
-            tracing::error!(object_key = %key, error = %e, "deleting a stale backup object failed");
+            tracing::error!(object_key = %key, error = %e,
+                "deleting a backup object failed; the reconciliation sweep removes it later");
         }
     }
 }

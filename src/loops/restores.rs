@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -49,10 +48,9 @@ enum Attempt {
     LeaseLost,
 }
 
-type ClaimedRow = (Uuid, Uuid, Uuid, i32, DateTime<Utc>);
-
 #[derive(sqlx::FromRow)]
 struct Context {
+    backup_id: Uuid,
     team_id: Uuid,
     resource_type: String,
     resource_status: String,
@@ -68,6 +66,7 @@ struct Context {
 
 pub struct Restores {
     deps: Deps,
+    claimer: jobs::Claimer,
     last_recovery: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -75,6 +74,7 @@ impl Restores {
     pub fn new(deps: Deps) -> Arc<Self> {
         Arc::new(Self {
             deps,
+            claimer: jobs::Claimer::new(JobTable::Restores),
             last_recovery: std::sync::Mutex::default(),
         })
     }
@@ -86,97 +86,95 @@ impl Restores {
     /// One statement, `FOR UPDATE SKIP LOCKED`, with a lease; never beside a running backup or
     /// restore of the same resource (the database enforces it too).
     pub async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
-        let worker = &self.deps.config.worker_id;
-        for _ in 0..5 {
-            let claimed: Result<Option<ClaimedRow>, sqlx::Error> = sqlx::query_as(
-                "UPDATE resource_restores
-                    SET status = 'running', attempts = attempts + 1, started_at = now(),
-                        leased_by = $1, lease_expires_at = now() + make_interval(secs => $2)
-                  WHERE id = (
-                        SELECT r.id FROM resource_restores r
-                         WHERE r.status = 'pending' AND r.run_after <= now()
-                           AND NOT EXISTS (SELECT 1 FROM resource_backups x
-                                            WHERE x.resource_id = r.resource_id AND x.status = 'running')
-                           AND NOT EXISTS (SELECT 1 FROM resource_restores x
-                                            WHERE x.resource_id = r.resource_id AND x.status = 'running')
-                         ORDER BY r.run_after, r.created_at
-                         LIMIT 1
-                         FOR UPDATE SKIP LOCKED)
-                  RETURNING id, resource_id, backup_id, attempts, started_at",
+        let Some(claimed) = self
+            .claimer
+            .claim(
+                self.pool(),
+                "SELECT r.id FROM resource_restores r
+                  WHERE r.status = 'pending' AND r.run_after <= now()
+                    AND NOT EXISTS (SELECT 1 FROM resource_backups x
+                                     WHERE x.resource_id = r.resource_id AND x.status = 'running')
+                    AND NOT EXISTS (SELECT 1 FROM resource_restores x
+                                     WHERE x.resource_id = r.resource_id AND x.status = 'running')
+                  ORDER BY r.run_after, r.created_at
+                  LIMIT 1
+                  FOR UPDATE SKIP LOCKED",
+                &self.deps.config.worker_id,
+                self.deps.config.lease,
             )
-            .bind(worker)
-            .bind(self.deps.config.lease.as_secs_f64())
-            .fetch_optional(self.pool())
-            .await;
-            let (id, resource_id, backup_id, attempts, started_at) = match claimed {
-                Ok(Some(row)) => row,
-                Ok(None) => return Ok(None),
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => continue,
-                Err(e) => return Err(e),
-            };
-            let c: Context = sqlx::query_as(
-                "SELECT tr.team_id, tr.resource_type, tr.status AS resource_status, tr.connection_url,
-                        b.status AS backup_status, br.team_id AS backup_team_id,
-                        br.resource_type AS backup_resource_type, br.connection_url AS backup_connection_url,
-                        b.object_key, b.sha256, b.key_id
-                   FROM resources tr, resource_backups b JOIN resources br ON br.id = b.resource_id
-                  WHERE tr.id = $1 AND b.id = $2",
-            )
-            .bind(resource_id)
-            .bind(backup_id)
-            .fetch_one(self.pool())
-            .await?;
-            return Ok(Some(Job {
-                lease: Lease {
-                    table: JobTable::Restores,
-                    id,
-                    attempts,
-                    worker: worker.clone(),
-                    started_at,
-                },
-                resource_id,
-                backup_id,
-                team_id: c.team_id,
-                resource_type: c.resource_type,
-                resource_status: c.resource_status,
-                connection_url: Secret::new(c.connection_url),
-                backup_status: c.backup_status,
-                backup_team_id: c.backup_team_id,
-                backup_resource_type: c.backup_resource_type,
-                backup_connection_url: Secret::new(c.backup_connection_url),
-                object_key: c.object_key,
-                sha256: c.sha256,
-                key_id: c.key_id,
-            }));
-        }
-        Ok(None)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let context: Result<Context, sqlx::Error> = sqlx::query_as(
+            "SELECT rr.backup_id, tr.team_id, tr.resource_type, tr.status AS resource_status,
+                    tr.connection_url, b.status AS backup_status, br.team_id AS backup_team_id,
+                    br.resource_type AS backup_resource_type, br.connection_url AS backup_connection_url,
+                    b.object_key, b.sha256, b.key_id
+               FROM resource_restores rr
+               JOIN resources tr ON tr.id = rr.resource_id
+               JOIN resource_backups b ON b.id = rr.backup_id
+               JOIN resources br ON br.id = b.resource_id
+              WHERE rr.id = $1",
+        )
+        .bind(claimed.lease.id)
+        .fetch_one(self.pool())
+        .await;
+        let c = match context {
+            Ok(c) => c,
+            Err(e) => {
+                self.claimer.give_back(self.pool(), &claimed.lease).await;
+                return Err(e);
+            }
+        };
+        Ok(Some(Job {
+            lease: claimed.lease,
+            resource_id: claimed.resource_id,
+            backup_id: c.backup_id,
+            team_id: c.team_id,
+            resource_type: c.resource_type,
+            resource_status: c.resource_status,
+            connection_url: Secret::new(c.connection_url),
+            backup_status: c.backup_status,
+            backup_team_id: c.backup_team_id,
+            backup_resource_type: c.backup_resource_type,
+            backup_connection_url: Secret::new(c.backup_connection_url),
+            object_key: c.object_key,
+            sha256: c.sha256,
+            key_id: c.key_id,
+        }))
     }
 
     pub async fn run_job(self: Arc<Self>, job: Job, abort: CancellationToken) {
         let started = Instant::now();
-        let lease_lost = CancellationToken::new();
-        let renewer = tokio::spawn(jobs::renew_lease(
-            self.pool().clone(),
-            job.lease.clone(),
-            self.deps.config.lease,
-            lease_lost.clone(),
-        ));
         let timeout = self.deps.config.backup_timeout;
-        let attempt = tokio::select! {
-            r = self.attempt(&job) => match r {
-                Ok(()) => Attempt::Succeeded,
-                Err(f) => Attempt::Failed(f),
+        let ran = jobs::run_leased(
+            self.pool(),
+            &job.lease,
+            self.deps.config.lease,
+            |lost| async {
+                let lost = lost;
+                tokio::select! {
+                    r = self.attempt(&job) => match r {
+                        Ok(()) => Attempt::Succeeded,
+                        Err(f) => Attempt::Failed(f),
+                    },
+                    // Dropping the attempt kills its children (kill_on_drop): psql's open transaction
+                    // rolls back; a Redis copy stops and is redone by the retry.
+                    _ = tokio::time::sleep(timeout) => Attempt::Failed(Failure {
+                        reason: FailureReason::Timeout,
+                        detail: format!("restore exceeded BACKUP_TIMEOUT of {timeout:?}"),
+                    }),
+                    _ = abort.cancelled() => Attempt::Cancelled,
+                    _ = lost.cancelled() => Attempt::LeaseLost,
+                }
             },
-            // Dropping the attempt kills its children (kill_on_drop): psql's open transaction
-            // rolls back; a Redis copy stops and is redone by the retry.
-            _ = tokio::time::sleep(timeout) => Attempt::Failed(Failure {
-                reason: FailureReason::Timeout,
-                detail: format!("restore exceeded BACKUP_TIMEOUT of {timeout:?}"),
-            }),
-            _ = abort.cancelled() => Attempt::Cancelled,
-            _ = lease_lost.cancelled() => Attempt::LeaseLost,
+        )
+        .await;
+        let attempt = match ran {
+            Ok(attempt) => attempt,
+            Err(panicked) => return jobs::after_panic(self.pool(), &job.lease, &panicked).await,
         };
-        renewer.abort();
         if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
             tracing::error!(restore_id = %job.lease.id, error = %e, "recording the restore result failed");
         }
@@ -380,6 +378,7 @@ impl jobs::Queue for Restores {
     }
 
     async fn housekeeping(&self) {
+        self.claimer.settle(self.pool()).await;
         let due = {
             let mut last = self.last_recovery.lock().unwrap_or_else(|p| p.into_inner());
             jobs::due(

@@ -104,6 +104,7 @@ type ClaimedRow = (Uuid, Uuid, Uuid, i32, DateTime<Utc>);
 pub struct Verifier {
     deps: Deps,
     scratch: Option<ScratchServer>,
+    claimer: jobs::Claimer,
     last_recovery: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -122,6 +123,7 @@ impl Verifier {
         Arc::new(Self {
             deps,
             scratch,
+            claimer: jobs::Claimer::new(JobTable::Verifications),
             last_recovery: std::sync::Mutex::default(),
         })
     }
@@ -215,41 +217,46 @@ impl Verifier {
     /// One statement, `FOR UPDATE SKIP LOCKED`, with a lease; never beside a running backup or
     /// restore of the same resource; fair across teams (see [`Verifier::enqueue`]).
     pub async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
-        let worker = &self.deps.config.worker_id;
         loop {
-            let claimed: Option<ClaimedRow> = sqlx::query_as(
-                "UPDATE backup_verifications
-                    SET status = 'running', attempts = attempts + 1, started_at = now(),
-                        leased_by = $1, lease_expires_at = now() + make_interval(secs => $2)
-                  WHERE id = (
-                        SELECT v.id FROM backup_verifications v
-                         WHERE v.status = 'pending' AND v.run_after <= now()
-                           AND NOT EXISTS (SELECT 1 FROM resource_backups x
-                                            WHERE x.resource_id = v.resource_id AND x.status = 'running')
-                           AND NOT EXISTS (SELECT 1 FROM resource_restores x
-                                            WHERE x.resource_id = v.resource_id AND x.status = 'running')
-                         ORDER BY v.team_rank, v.previous_at NULLS FIRST, v.created_at
-                         LIMIT 1
-                         FOR UPDATE SKIP LOCKED)
-                  RETURNING id, backup_id, resource_id, attempts, started_at",
-            )
-            .bind(worker)
-            .bind(self.deps.config.lease.as_secs_f64())
-            .fetch_optional(self.pool())
-            .await?;
-            let Some((id, backup_id, resource_id, attempts, started_at)) = claimed else {
+            let Some(claimed) = self
+                .claimer
+                .claim(
+                    self.pool(),
+                    "SELECT v.id FROM backup_verifications v
+                      WHERE v.status = 'pending' AND v.run_after <= now()
+                        AND NOT EXISTS (SELECT 1 FROM resource_backups x
+                                         WHERE x.resource_id = v.resource_id AND x.status = 'running')
+                        AND NOT EXISTS (SELECT 1 FROM resource_restores x
+                                         WHERE x.resource_id = v.resource_id AND x.status = 'running')
+                      ORDER BY v.team_rank, v.previous_at NULLS FIRST, v.created_at
+                      LIMIT 1
+                      FOR UPDATE SKIP LOCKED",
+                    &self.deps.config.worker_id,
+                    self.deps.config.lease,
+                )
+                .await?
+            else {
                 return Ok(None);
             };
-            let lease = Lease {
-                table: JobTable::Verifications,
-                id,
-                attempts,
-                worker: worker.clone(),
-                started_at,
+            let backup_id: Result<Uuid, sqlx::Error> =
+                sqlx::query_scalar("SELECT backup_id FROM backup_verifications WHERE id = $1")
+                    .bind(claimed.lease.id)
+                    .fetch_one(self.pool())
+                    .await;
+            let job = match backup_id {
+                Ok(backup_id) => {
+                    self.job(claimed.lease.clone(), backup_id, claimed.resource_id)
+                        .await
+                }
+                Err(e) => Err(e),
             };
-            match self.job(lease, backup_id, resource_id).await? {
-                Some(job) => return Ok(Some(job)),
-                None => continue,
+            match job {
+                Ok(Some(job)) => return Ok(Some(job)),
+                Ok(None) => continue,
+                Err(e) => {
+                    self.claimer.give_back(self.pool(), &claimed.lease).await;
+                    return Err(e);
+                }
             }
         }
     }
@@ -302,30 +309,26 @@ impl Verifier {
     /// Runs a claimed verification to a recorded result (or a released row on shutdown).
     pub async fn run_job(self: Arc<Self>, job: Job, abort: CancellationToken) {
         let started = Instant::now();
-        let lease_lost = CancellationToken::new();
-        let renewer = tokio::spawn(jobs::renew_lease(
-            self.pool().clone(),
-            job.lease.clone(),
-            self.deps.config.lease,
-            lease_lost.clone(),
-        ));
         let scratch =
             engines::scratch_name(job.lease.id, job.lease.attempts, Utc::now().timestamp());
         let timeout = self.deps.config.backup_timeout;
-        let attempt = tokio::select! {
-            r = self.attempt(&job, &scratch) => match r {
-                (Ok(detail), _) => Attempt::Verified(detail),
-                (Err(f), detail) => Attempt::Failed(f, detail),
-            },
-            _ = tokio::time::sleep(timeout) => Attempt::Failed(Failed {
-                failure: fail(FailureReason::Timeout, format!("verification exceeded BACKUP_TIMEOUT of {timeout:?}")),
-                backup_at_fault: false,
-                step: "restore",
-            }, json!({})),
-            _ = abort.cancelled() => Attempt::Cancelled,
-            _ = lease_lost.cancelled() => Attempt::LeaseLost,
-        };
-        renewer.abort();
+        let ran = jobs::run_leased(self.pool(), &job.lease, self.deps.config.lease, |lost| async {
+            let lost = lost;
+            tokio::select! {
+                r = self.attempt(&job, &scratch) => match r {
+                    (Ok(detail), _) => Attempt::Verified(detail),
+                    (Err(f), detail) => Attempt::Failed(f, detail),
+                },
+                _ = tokio::time::sleep(timeout) => Attempt::Failed(Failed {
+                    failure: fail(FailureReason::Timeout, format!("verification exceeded BACKUP_TIMEOUT of {timeout:?}")),
+                    backup_at_fault: false,
+                    step: "restore",
+                }, json!({})),
+                _ = abort.cancelled() => Attempt::Cancelled,
+                _ = lost.cancelled() => Attempt::LeaseLost,
+            }
+        })
+        .await;
         // Whatever happened (a dropped attempt cannot clean up after itself), the scratch
         // database does not outlive its attempt.
         if let (Some(server), true) = (&self.scratch, is_postgres(&job.resource_type)) {
@@ -334,6 +337,10 @@ impl Verifier {
                     "dropping the scratch database failed; a later pass drops it");
             }
         }
+        let attempt = match ran {
+            Ok(attempt) => attempt,
+            Err(panicked) => return jobs::after_panic(self.pool(), &job.lease, &panicked).await,
+        };
         if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
             tracing::error!(verification_id = %job.lease.id, error = %e, "recording the verification result failed");
         }
@@ -701,6 +708,7 @@ impl Verifier {
         }
         let worker = &self.deps.config.worker_id;
         let mut tx = self.pool().begin().await?;
+        let claimed_at = tokio::time::Instant::now();
         sqlx::query(
             "DELETE FROM backup_verifications WHERE resource_id = $1 AND status = 'pending'",
         )
@@ -730,6 +738,8 @@ impl Verifier {
             attempts,
             worker: worker.clone(),
             started_at,
+            claimed_at,
+            token: Uuid::nil(),
         };
         let Some(job) = self.job(lease, backup_id, resource_id).await? else {
             return Err(VerifyError::NotSucceeded {
@@ -834,6 +844,7 @@ impl jobs::Queue for Verifier {
     }
 
     async fn housekeeping(&self) {
+        self.claimer.settle(self.pool()).await;
         let due = {
             let mut last = self.last_recovery.lock().unwrap_or_else(|p| p.into_inner());
             jobs::due(
