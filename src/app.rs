@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::health::{Health, Heartbeat};
 use crate::http::HttpState;
 use crate::loops::backups::Backups;
-use crate::loops::propagations::Propagations;
+use crate::loops::propagations::{PropagationOptions, Propagations};
 use crate::loops::restores::Restores;
 use crate::loops::scheduler::Scheduler;
 use crate::loops::verifier::Verifier;
@@ -91,11 +91,16 @@ pub fn build_loops(deps: &Deps, names: &[LoopName]) -> Vec<Arc<dyn Loop>> {
                 LoopName::Backups => Arc::new(Backups::new(deps.clone())),
                 LoopName::Restores => Arc::new(Restores::new(deps.clone())),
                 LoopName::Verifier => Arc::new(Verifier::new(deps.clone())),
-                LoopName::Propagations => Arc::new(Propagations::new(
+                LoopName::Propagations => Arc::new(Propagations::with_options(
                     deps.pool.clone(),
                     deps.plans.clone(),
                     deps.metrics.clone(),
                     deps.provisioner.clone(),
+                    PropagationOptions {
+                        worker_id: deps.config.worker_id.clone(),
+                        lease: deps.config.lease,
+                        call_deadline: crate::provisioner::CALL_DEADLINE,
+                    },
                 )),
             }
         })
