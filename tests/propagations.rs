@@ -773,6 +773,12 @@ async fn superseded_rows_are_audited_and_counted(pool: PgPool) {
         seen, want,
         "the superseded row never reaches the provisioner"
     );
+    // `backup-worker status` tells superseded rows from dead letters.
+    let status = backup_worker::commands::status(&pool).await.unwrap();
+    assert!(
+        status.contains("superseded") && !status.contains("dead_lettered"),
+        "{status}"
+    );
 }
 
 /// A whole-team row and one-resource rows of the same team: an older one-resource row is
