@@ -25,9 +25,6 @@ use crate::process::Tools;
 use crate::provisioner::Provisioner;
 use crate::storage::ObjectStore;
 
-/// After the grace period, cancelled jobs get this long to kill children, abort uploads and
-/// release their rows before the process exits regardless (SIGTERM exits within grace + 1 s).
-const ABORT_WINDOW: Duration = Duration::from_millis(700);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Shared dependencies of every loop.
@@ -169,7 +166,9 @@ pub async fn run_loops(
     if !drained {
         tracing::warn!("shutdown grace elapsed: cancelling running jobs and releasing their rows");
         abort.cancel();
-        if tokio::time::timeout(ABORT_WINDOW, drain(&mut tasks))
+        // SHUTDOWN_ABORT_WINDOW: cancelled jobs kill their tools, abort their uploads and release
+        // their rows; a job still running after it is dropped and its row waits for its lease.
+        if tokio::time::timeout(deps.config.shutdown_abort_window, drain(&mut tasks))
             .await
             .is_err()
         {
