@@ -103,6 +103,17 @@ impl StderrTail {
     }
 }
 
+/// A job's private temporary directory, mode 0700: its tools' HOME and TMPDIR and its credential
+/// files. (`tempfile::tempdir()` follows the umask, 0755 with the usual 022: readable by every
+/// user of the machine.) Removed when dropped.
+pub fn private_tempdir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix("backup-worker-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+}
+
 pub struct RunningTool {
     pub program: String,
     /// The leader's pid, which is also the group id.
