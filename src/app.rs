@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::health::{Health, Heartbeat};
 use crate::http::HttpState;
 use crate::loops::backups::Backups;
-use crate::loops::propagations::Propagations;
+use crate::loops::propagations::{PropagationOptions, Propagations};
 use crate::loops::restores::Restores;
 use crate::loops::scheduler::Scheduler;
 use crate::loops::verifier::Verifier;
@@ -25,9 +25,6 @@ use crate::process::Tools;
 use crate::provisioner::Provisioner;
 use crate::storage::ObjectStore;
 
-/// After the grace period, cancelled jobs get this long to kill children, abort uploads and
-/// release their rows before the process exits regardless (SIGTERM exits within grace + 1 s).
-const ABORT_WINDOW: Duration = Duration::from_millis(700);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Shared dependencies of every loop.
@@ -91,11 +88,16 @@ pub fn build_loops(deps: &Deps, names: &[LoopName]) -> Vec<Arc<dyn Loop>> {
                 LoopName::Backups => Arc::new(Backups::new(deps.clone())),
                 LoopName::Restores => Arc::new(Restores::new(deps.clone())),
                 LoopName::Verifier => Arc::new(Verifier::new(deps.clone())),
-                LoopName::Propagations => Arc::new(Propagations::new(
+                LoopName::Propagations => Arc::new(Propagations::with_options(
                     deps.pool.clone(),
                     deps.plans.clone(),
                     deps.metrics.clone(),
                     deps.provisioner.clone(),
+                    PropagationOptions {
+                        worker_id: deps.config.worker_id.clone(),
+                        lease: deps.config.lease,
+                        call_deadline: crate::provisioner::CALL_DEADLINE,
+                    },
                 )),
             }
         })
@@ -164,7 +166,9 @@ pub async fn run_loops(
     if !drained {
         tracing::warn!("shutdown grace elapsed: cancelling running jobs and releasing their rows");
         abort.cancel();
-        if tokio::time::timeout(ABORT_WINDOW, drain(&mut tasks))
+        // SHUTDOWN_ABORT_WINDOW: cancelled jobs kill their tools, abort their uploads and release
+        // their rows; a job still running after it is dropped and its row waits for its lease.
+        if tokio::time::timeout(deps.config.shutdown_abort_window, drain(&mut tasks))
             .await
             .is_err()
         {

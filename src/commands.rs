@@ -109,7 +109,9 @@ pub async fn status(pool: &PgPool) -> Result<String, CommandError> {
          UNION ALL
          SELECT 'propagations',
                 CASE WHEN applied_at IS NOT NULL THEN 'applied'
+                     WHEN failed_at IS NOT NULL AND last_error LIKE 'superseded by %' THEN 'superseded'
                      WHEN failed_at IS NOT NULL THEN 'dead_lettered'
+                     WHEN lease_token IS NOT NULL THEN 'leased'
                      ELSE 'pending' END,
                 count(*)
            FROM pending_propagations GROUP BY 2

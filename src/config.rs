@@ -26,6 +26,7 @@ pub const ENV_VARS: &[&str] = &[
     "LEASE_SECONDS",
     "BACKUP_TIMEOUT",
     "SHUTDOWN_GRACE",
+    "SHUTDOWN_ABORT_WINDOW",
     "GZIP_LEVEL",
     "VERIFY_INTERVAL",
     "VERIFY_EVERY",
@@ -80,6 +81,9 @@ pub struct Config {
     pub lease: Duration,
     pub backup_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// After SHUTDOWN_GRACE, how long cancelled jobs get to kill their tools, abort their uploads
+    /// and release their rows before the process exits regardless.
+    pub shutdown_abort_window: Duration,
     pub gzip_level: u32,
     /// Pause between verifier passes.
     pub verify_interval: Duration,
@@ -218,6 +222,7 @@ impl Config {
             lease: Duration::from_secs(int_in(&get, "LEASE_SECONDS", 60, 2, 3600)?),
             backup_timeout: duration_in(&get, "BACKUP_TIMEOUT", 6 * 3600, 1, 7 * 24 * 3600)?,
             shutdown_grace: duration_in(&get, "SHUTDOWN_GRACE", 30, 0, 3600)?,
+            shutdown_abort_window: duration_in(&get, "SHUTDOWN_ABORT_WINDOW", 10, 1, 600)?,
             gzip_level: int_in(&get, "GZIP_LEVEL", 6, 1, 9)? as u32,
             verify_interval: duration_in(&get, "VERIFY_INTERVAL", 300, 1, 24 * 3600)?,
             verify_every: duration_in(&get, "VERIFY_EVERY", 7 * 24 * 3600, 1, 365 * 24 * 3600)?,
@@ -366,6 +371,7 @@ mod tests {
         assert_eq!(c.verify_every, Duration::from_secs(7 * 86400));
         assert_eq!(c.verify_concurrency, 1);
         assert!(c.verify_database_url.is_none());
+        assert_eq!(c.shutdown_abort_window, Duration::from_secs(10));
     }
 
     #[test]
@@ -377,6 +383,9 @@ mod tests {
             ("SCHEDULER_INTERVAL", "soon"),
             ("LEASE_SECONDS", "1"),
             ("SHUTDOWN_GRACE", "-1"),
+            ("SHUTDOWN_ABORT_WINDOW", "0"),
+            ("SHUTDOWN_ABORT_WINDOW", "soon"),
+            ("SHUTDOWN_ABORT_WINDOW", "11m"),
             ("BACKUP_TIMEOUT", "8d"),
             ("VERIFY_EVERY", "1w"),
             ("VERIFY_INTERVAL", "0"),
@@ -464,5 +473,9 @@ mod tests {
         let c = cfg(&[("SCHEDULER_INTERVAL", "5m"), ("SHUTDOWN_GRACE", "0")]).unwrap();
         assert_eq!(c.scheduler_interval, Duration::from_secs(300));
         assert_eq!(c.shutdown_grace, Duration::ZERO);
+        let c = cfg(&[("SHUTDOWN_ABORT_WINDOW", "20")]).unwrap();
+        assert_eq!(c.shutdown_abort_window, Duration::from_secs(20));
+        let c = cfg(&[("SHUTDOWN_ABORT_WINDOW", "1500ms")]).unwrap();
+        assert_eq!(c.shutdown_abort_window, Duration::from_millis(1500));
     }
 }

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub propagation_unexpected_skip: IntCounterVec,
     pub propagation_dead_lettered: IntCounterVec,
     pub propagation_unknown_kind: IntCounterVec,
+    pub propagation_superseded: IntCounterVec,
     pub unknown_tier: IntCounter,
     pub backups_expired: IntCounter,
     pub propagations_waiting: IntGauge,
@@ -193,6 +194,12 @@ impl Metrics {
                 "Propagation attempts for a kind this worker has no handler for.",
                 &["kind"],
             )?,
+            propagation_superseded: counter_vec(
+                &r,
+                "instant_propagation_superseded_total",
+                "Propagation rows superseded by a newer row for the same target (never applied).",
+                &["kind"],
+            )?,
             unknown_tier: counter(
                 &r,
                 "instant_plan_unknown_tier_total",
@@ -269,6 +276,7 @@ impl Metrics {
         }
         for k in KNOWN_PROPAGATION_KINDS.iter().chain([&UNKNOWN_KIND]) {
             self.propagation_applied.with_label_values(&[k]);
+            self.propagation_superseded.with_label_values(&[k]);
             self.propagation_dead_lettered
                 .with_label_values(&["max_attempts", k]);
             for t in SUPPORTED_RESOURCE_TYPES {
@@ -373,6 +381,15 @@ mod tests {
             "x".repeat(500).as_str(),
         ] {
             assert_eq!(skip_reason_label(r), "other", "{r}");
+        }
+    }
+
+    #[test]
+    fn superseded_is_exported_from_start_per_kind() {
+        let text = Metrics::new().unwrap().render();
+        for k in ["tier_elevation", "tier_demotion", "unknown_kind"] {
+            let line = format!("instant_propagation_superseded_total{{kind=\"{k}\"}} 0");
+            assert!(text.contains(&line), "{line} missing");
         }
     }
 

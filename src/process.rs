@@ -73,7 +73,7 @@ struct StderrTail {
 }
 
 impl StderrTail {
-    fn start(stderr: Option<tokio::process::ChildStderr>) -> Self {
+    fn start(stderr: Option<tokio::process::ChildStderr>, secrets: Vec<String>) -> Self {
         let buf = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&buf);
         let task = tokio::spawn(async move {
@@ -86,8 +86,7 @@ impl StderrTail {
                 let mut tail = sink.lock().unwrap_or_else(|p| p.into_inner());
                 tail.extend_from_slice(&chunk[..n]);
                 if tail.len() > 2 * STDERR_TAIL {
-                    let cut = tail.len() - STDERR_TAIL;
-                    tail.drain(..cut);
+                    shrink(&mut tail, &secrets);
                 }
             }
         });
@@ -101,6 +100,76 @@ impl StderrTail {
         }
         std::mem::take(&mut *self.buf.lock().unwrap_or_else(|p| p.into_inner()))
     }
+}
+
+/// Bounds the stderr buffer to [`STDERR_TAIL`] bytes: redacts first, then cuts the front, so a
+/// secret straddling the cut is masked whole instead of leaving a fragment (its tail) that no
+/// redaction recognises. The unfinished last line stays raw (its secret may still be arriving,
+/// and a half-received `password=` value masked now would leak the rest later), unless that line
+/// alone is longer than the tail; the cut never reaches into it.
+fn shrink(buf: &mut Vec<u8>, secrets: &[String]) {
+    let split = match buf.iter().rposition(|b| *b == b'\n') {
+        Some(nl) if buf.len() - (nl + 1) <= STDERR_TAIL => nl + 1,
+        _ => complete_utf8_prefix(buf),
+    };
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    let mut out = redact_known(&String::from_utf8_lossy(&buf[..split]), &secrets).into_bytes();
+    out.extend_from_slice(&buf[split..]);
+    let mut cut = out.len().saturating_sub(STDERR_TAIL);
+    while out.get(cut).is_some_and(|b| b & 0xC0 == 0x80) {
+        cut += 1; // never start inside a UTF-8 sequence
+    }
+    out.drain(..cut);
+    *buf = out;
+}
+
+/// The length of `b` without an incomplete UTF-8 sequence at its end (the rest of it is still in
+/// the pipe).
+fn complete_utf8_prefix(b: &[u8]) -> usize {
+    for back in 1..=b.len().min(3) {
+        let i = b.len() - back;
+        let byte = b[i];
+        if byte & 0xC0 == 0x80 {
+            continue;
+        }
+        let need = match byte {
+            0xF0.. => 4,
+            0xE0.. => 3,
+            0xC0.. => 2,
+            _ => 1,
+        };
+        return if need > back { i } else { b.len() };
+    }
+    b.len()
+}
+
+/// The stderr a tool leaves for logs and rows: the whole capture redacted first, then cut to its
+/// last [`STDERR_TAIL`] bytes, starting at a line boundary when the window has one.
+fn redacted_tail(raw: &[u8], secrets: &[&str]) -> String {
+    let text = redact_known(&String::from_utf8_lossy(raw), secrets);
+    let text = text.trim();
+    if text.len() <= STDERR_TAIL {
+        return text.to_owned();
+    }
+    let mut start = text.len() - STDERR_TAIL;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    if let Some(nl) = text[start..].find('\n') {
+        start += nl + 1;
+    }
+    text[start..].trim().to_owned()
+}
+
+/// A job's private temporary directory, mode 0700: its tools' HOME and TMPDIR and its credential
+/// files. (`tempfile::tempdir()` follows the umask, 0755 with the usual 022: readable by every
+/// user of the machine.) Removed when dropped.
+pub fn private_tempdir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix("backup-worker-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
 }
 
 pub struct RunningTool {
@@ -154,7 +223,7 @@ pub fn spawn(
             }
         }
     })?;
-    let stderr = StderrTail::start(child.stderr.take());
+    let stderr = StderrTail::start(child.stderr.take(), cmd.secrets.clone());
     let stdout = child.stdout.take();
     let stdin = child.stdin.take();
     let pgid = child.id().and_then(|p| i32::try_from(p).ok());
@@ -282,21 +351,13 @@ impl RunningTool {
         let killed_by_us = self.killed && status.signal() == Some(KILLED_STATUS);
         self.kill_group();
         self.finished = true;
-        // Cut at a line boundary: a cut inside a secret would leave a fragment no redaction
-        // recognises.
-        let mut start = raw.len().saturating_sub(STDERR_TAIL);
-        if start > 0 {
-            start = raw[start..]
-                .iter()
-                .position(|b| *b == b'\n')
-                .map_or(raw.len(), |nl| start + nl + 1);
-        }
-        let text = String::from_utf8_lossy(&raw[start..]);
+        // Redact the whole capture, then cut: a cut inside a secret would leave a fragment no
+        // redaction recognises.
         let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
         Finished {
             program: self.program.clone(),
             status,
-            stderr: redact_known(text.trim(), &secrets),
+            stderr: redacted_tail(raw, &secrets),
             killed: killed_by_us,
         }
     }
@@ -541,5 +602,123 @@ fn pick_cause(mut finished: Vec<Finished>, first: usize) -> PipelineFailure {
     PipelineFailure::Tool {
         finished: finished_cause,
         others: finished,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "hunter2-very-secret-value";
+
+    /// No fragment of the secret (4 characters or more of it) survives in `text`.
+    fn assert_no_fragment(text: &str) {
+        for start in 0..SECRET.len() - 4 {
+            let fragment = &SECRET[start..];
+            assert!(!text.contains(fragment), "{fragment:?} leaked");
+        }
+        for end in 4..SECRET.len() {
+            let fragment = &SECRET[..end];
+            assert!(!text.contains(fragment), "{fragment:?} leaked");
+        }
+    }
+
+    /// A stderr buffer just past twice the tail whose cut point (len - tail) falls inside the
+    /// secret: the kept tail must not start with the secret's last characters.
+    #[test]
+    fn the_stderr_buffer_redacts_before_it_cuts() {
+        let line = format!("FATAL: auth with {SECRET} failed\n");
+        let before = 2 * STDERR_TAIL + 100 - STDERR_TAIL; // bytes the cut removes
+        let secret_at = line.find(SECRET).unwrap();
+        // Filler so that the cut lands 7 bytes into the secret.
+        let filler = before - secret_at - 7;
+        let mut buf = format!("{}\n", "x".repeat(filler - 1)).into_bytes();
+        buf.extend_from_slice(line.as_bytes());
+        let rest = 2 * STDERR_TAIL + 100 - buf.len();
+        buf.extend_from_slice(format!("{}\n", "y".repeat(rest - 1)).as_bytes());
+        assert_eq!(buf.len(), 2 * STDERR_TAIL + 100);
+        assert_eq!(
+            &buf[buf.len() - STDERR_TAIL..][..SECRET.len() - 7],
+            &SECRET.as_bytes()[7..],
+            "the cut point falls inside the secret"
+        );
+        shrink(&mut buf, &[SECRET.to_owned()]);
+        assert!(buf.len() <= STDERR_TAIL, "{}", buf.len());
+        let kept = String::from_utf8(buf).unwrap();
+        assert_no_fragment(&kept);
+        assert!(kept.contains("***"), "the masked line is kept: {kept:.200}");
+    }
+
+    /// The unfinished last line is not redacted (nor cut) yet: a `password=` value still
+    /// arriving is masked whole once complete.
+    #[test]
+    fn an_unfinished_line_is_redacted_once_complete() {
+        let mut buf = format!("{}\n", "x".repeat(2 * STDERR_TAIL)).into_bytes();
+        buf.extend_from_slice(b"conninfo password=hunt");
+        shrink(&mut buf, &[]);
+        buf.extend_from_slice(b"er2-very-secret-value host=db\n");
+        let text = redacted_tail(&buf, &[]);
+        assert!(
+            text.ends_with("conninfo password=*** host=db"),
+            "{text:.200}"
+        );
+        assert_no_fragment(&text);
+    }
+
+    /// The final cut also comes after redaction, and a long line without a newline keeps its tail
+    /// (it used to be dropped whole).
+    #[test]
+    fn the_final_tail_is_cut_after_redaction() {
+        let text = format!(
+            "{}{SECRET}{}",
+            "x".repeat(STDERR_TAIL + 3),
+            "z".repeat(STDERR_TAIL + 7 - SECRET.len())
+        );
+        assert!(
+            text[text.len() - STDERR_TAIL..].starts_with(&SECRET[7..]),
+            "the cut point falls inside the secret"
+        );
+        let tail = redacted_tail(text.as_bytes(), &[SECRET]);
+        assert!(!tail.is_empty());
+        assert!(tail.len() <= STDERR_TAIL);
+        assert_no_fragment(&tail);
+        let url = format!(
+            "{} postgres://app:{SECRET}@db:5432/app {}",
+            "x".repeat(STDERR_TAIL),
+            "z".repeat(STDERR_TAIL - 40)
+        );
+        let tail = redacted_tail(url.as_bytes(), &[]);
+        assert_no_fragment(&tail);
+    }
+
+    #[test]
+    fn incomplete_utf8_at_the_end_is_kept_raw() {
+        let e_acute = "é".as_bytes();
+        assert_eq!(complete_utf8_prefix(b"abc"), 3);
+        assert_eq!(complete_utf8_prefix(&[b'a', e_acute[0]]), 1);
+        assert_eq!(complete_utf8_prefix(&[b'a', e_acute[0], e_acute[1]]), 3);
+        let euro = "€".as_bytes();
+        assert_eq!(complete_utf8_prefix(&[b'a', euro[0], euro[1]]), 1);
+    }
+
+    /// End to end: a real child writes more than twice the tail with the secret near the cut;
+    /// the reported stderr never holds a fragment of it.
+    #[tokio::test]
+    async fn a_tools_stderr_never_leaks_a_fragment() {
+        let script =
+            format!("for i in $(seq 1 1000); do printf 'line %04d %s\\n' $i {SECRET} >&2; done");
+        let cmd = ToolCommand {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            secrets: vec![SECRET.to_owned()],
+            credential_files: Vec::new(),
+        };
+        let tool = spawn(&Tools::default(), &cmd, false).unwrap();
+        let done = tool.wait().await;
+        assert!(done.status.success(), "{}", done.stderr);
+        assert!(done.stderr.len() <= STDERR_TAIL);
+        assert!(done.stderr.ends_with("line 1000 ***"), "{}", done.stderr);
+        assert_no_fragment(&done.stderr);
     }
 }

@@ -649,3 +649,58 @@ async fn secrets_stay_out_of_argv_logs_and_rows(pool: PgPool) {
         assert!(!rows_text.contains(s), "{s} in a row: {rows_text}");
     }
 }
+
+/// redis-cli runs with the job's private 0700 directory as HOME and TMPDIR (like pg_dump and
+/// mongodump), never the shared /tmp, and the directory is gone after the job.
+#[sqlx::test]
+async fn redis_cli_gets_the_jobs_private_home_and_tmpdir(pool: PgPool) {
+    let fx = tempfile::tempdir().unwrap();
+    let log = fx.path().join("env.log");
+    let fake = fx.path().join("fake-redis-cli");
+    let rdb = Path::new(FIXTURES).join("rdb/redis-7.0.rdb");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/usr/bin/env bash\n\
+             {{ echo \"HOME=$HOME\"; echo \"TMPDIR=$TMPDIR\"; echo \"MODE=$(stat -c %a \"$HOME\")\"; }} > '{}'\n\
+             exec cat '{}'\n",
+            log.display(),
+            rdb.display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let tools = Tools::default().with_override("redis-cli", fake.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(backup_worker::storage::MemoryStore::new());
+    let d = deps(&pool, store, tools, &[]);
+    // No database in the URL: instance mode, through redis-cli.
+    let (_, res) = resource(&pool, "redis", "redis://:env-pw-1234@127.0.0.1:6379").await;
+    let id = enqueue(&pool, res).await;
+    pass(&d).await;
+
+    let recorded = std::fs::read_to_string(&log).expect("the fake redis-cli ran");
+    let value = |k: &str| {
+        recorded
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} missing from {recorded}"))
+            .to_owned()
+    };
+    let (home, tmpdir, mode) = (value("HOME"), value("TMPDIR"), value("MODE"));
+    assert_eq!(home, tmpdir, "{recorded}");
+    let shared = std::env::temp_dir();
+    for shared_dir in [Path::new("/tmp"), shared.as_path()] {
+        assert_ne!(Path::new(&home), shared_dir, "{recorded}");
+    }
+    assert!(!home.is_empty() && home.starts_with('/'), "{recorded}");
+    assert_eq!(mode, "700", "{recorded}");
+    assert!(
+        !Path::new(&home).exists(),
+        "the job's directory is removed after it"
+    );
+    let r = row(&pool, id).await;
+    assert_eq!(r.status, "succeeded", "{r:?}");
+}

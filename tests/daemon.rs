@@ -234,3 +234,88 @@ async fn once_runs_one_pass_of_each_selected_loop(pool: PgPool) {
         .unwrap_err();
     assert!(err.to_string().starts_with("backups pass failed"), "{err}");
 }
+
+/// Ignores the stop signal; once aborted, takes `release_takes` to "kill its tools, abort its
+/// upload and release its row", then records that it did.
+struct SlowRelease {
+    release_takes: Duration,
+    entered: Arc<std::sync::atomic::AtomicBool>,
+    released: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl Loop for SlowRelease {
+    fn name(&self) -> LoopName {
+        LoopName::Backups
+    }
+    fn interval(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    async fn pass(&self, ctx: &PassContext) -> Result<(), LoopError> {
+        self.entered.store(true, Ordering::SeqCst);
+        ctx.abort.cancelled().await;
+        tokio::time::sleep(self.release_takes).await;
+        self.released.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+async fn shut_down_with(
+    pool: PgPool,
+    abort_window: Option<&str>,
+    release_takes: Duration,
+) -> (bool, Duration) {
+    let mut env = vec![("SHUTDOWN_GRACE", "0")];
+    if let Some(w) = abort_window {
+        env.push(("SHUTDOWN_ABORT_WINDOW", w));
+    }
+    let mut config = test_config(&env).unwrap();
+    config.shutdown_grace = Duration::from_millis(100);
+    let deps = test_deps(pool, Arc::new(MemoryStore::new()), config).unwrap();
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run_loops(
+        deps,
+        vec![Arc::new(SlowRelease {
+            release_takes,
+            entered: entered.clone(),
+            released: released.clone(),
+        })],
+        false,
+        None,
+        shutdown.clone(),
+    ));
+    wait_until(Duration::from_secs(10), "the job to run", || async {
+        entered.load(Ordering::SeqCst)
+    })
+    .await
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("the daemon exits")
+        .unwrap()
+        .unwrap();
+    (released.load(Ordering::SeqCst), started.elapsed())
+}
+
+/// After the grace, cancelled jobs get SHUTDOWN_ABORT_WINDOW (default 10 s) to release their
+/// rows: a release that takes 1.5 s completes (it was dropped at 0.7 s before).
+#[sqlx::test]
+async fn cancelled_jobs_get_the_abort_window_to_release_their_rows(pool: PgPool) {
+    let (released, took) = shut_down_with(pool, None, Duration::from_millis(1500)).await;
+    assert!(released, "the release was cut short after {took:?}");
+}
+
+/// The window bounds the exit: a job that never finishes releasing is dropped after it.
+#[sqlx::test]
+async fn the_abort_window_bounds_the_exit(pool: PgPool) {
+    let (released, took) = shut_down_with(pool, Some("1"), Duration::from_secs(60)).await;
+    assert!(!released);
+    assert!(
+        took >= Duration::from_millis(1100) && took < Duration::from_secs(5),
+        "exited after {took:?}"
+    );
+}

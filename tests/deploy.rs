@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use backup_worker::config::{Config, ENV_VARS};
 use serde_yaml::Value;
@@ -145,9 +146,10 @@ fn the_deployment_uses_only_what_the_daemon_reads() {
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let needed = config.shutdown_grace + config.shutdown_abort_window + Duration::from_secs(3);
     assert!(
-        grace > config.shutdown_grace.as_secs() + 1,
-        "terminationGracePeriodSeconds {grace} must exceed SHUTDOWN_GRACE"
+        Duration::from_secs(grace) >= needed,
+        "terminationGracePeriodSeconds {grace} must cover SHUTDOWN_GRACE + SHUTDOWN_ABORT_WINDOW + 3 s"
     );
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);

@@ -458,3 +458,123 @@ async fn backup_marks_follow_inserts_and_successes(pool: PgPool) {
     complete_all(&pool, at(22, 4)).await;
     assert_eq!(marks().await, (at(22, 3), Some(at(22, 4))));
 }
+
+fn pass_ctx() -> backup_worker::loops::PassContext {
+    backup_worker::loops::PassContext {
+        shutdown: tokio_util::sync::CancellationToken::new(),
+        abort: tokio_util::sync::CancellationToken::new(),
+        heartbeat: backup_worker::health::Heartbeat::detached("scheduler"),
+    }
+}
+
+/// The daemon's tick stamps rows with the inserting transaction's now(): a trigger records that
+/// now() beside each row's created_at and run_after (a worker clock read before the transaction
+/// can never equal it).
+#[sqlx::test]
+async fn the_daemons_tick_stamps_rows_with_the_transactions_now(pool: PgPool) {
+    use backup_worker::loops::Loop;
+    for ddl in [
+        "CREATE TABLE tick_clock (backup_id uuid, xact_now timestamptz, created_at timestamptz,
+                                  run_after timestamptz)",
+        "CREATE FUNCTION record_tick_clock() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO tick_clock VALUES (NEW.id, now(), NEW.created_at, NEW.run_after);
+             RETURN NEW;
+         END $$",
+        "CREATE TRIGGER record_tick_clock AFTER INSERT ON resource_backups
+             FOR EACH ROW EXECUTE FUNCTION record_tick_clock()",
+    ] {
+        sqlx::query(ddl).execute(&pool).await.unwrap();
+    }
+    let t = team(&pool, "pro").await;
+    for ty in ["postgres", "redis"] {
+        resource(&pool, t, ty, "active").await;
+    }
+    let (s, _) = scheduler(&pool);
+    s.pass(&pass_ctx()).await.unwrap();
+    type Stamps = (Uuid, DateTime<Utc>, DateTime<Utc>, DateTime<Utc>);
+    let rows: Vec<Stamps> =
+        sqlx::query_as("SELECT backup_id, xact_now, created_at, run_after FROM tick_clock")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (id, xact_now, created_at, run_after) in rows {
+        assert_eq!(
+            created_at, xact_now,
+            "{id}: created_at is not the database's now()"
+        );
+        assert_eq!(
+            run_after, xact_now,
+            "{id}: run_after is not the database's now()"
+        );
+    }
+}
+
+/// The due decision follows the database's clock, however far the worker's is from it: with the
+/// database's now() shifted to 2030-06-15 07:00 UTC (a `now()` shadowing pg_catalog's on the
+/// scheduler's connections), a daily team whose slot is 07 and whose last backup is 24 h 20 min
+/// old by that clock is due, and its row is stamped 07:00 — while a team with another slot is not.
+#[sqlx::test]
+async fn due_decisions_and_timestamps_follow_the_database_clock(pool: PgPool) {
+    let db_now = Utc.with_ymd_and_hms(2030, 6, 15, 7, 0, 0).unwrap();
+    sqlx::query(
+        "CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql STABLE
+             AS $$ SELECT timestamptz '2030-06-15 07:00:00+00' $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let skewed = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(
+            (*pool.connect_options())
+                .clone()
+                .options([("search_path", "public,pg_catalog")]),
+        )
+        .await
+        .unwrap();
+    let shifted: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&skewed)
+        .await
+        .unwrap();
+    assert_eq!(
+        shifted, db_now,
+        "the scheduler's connections see the shifted clock"
+    );
+
+    let slot_id = |hour: u32| loop {
+        let id = Uuid::new_v4();
+        if slot_hour(id) == hour {
+            break id;
+        }
+    };
+    let due_team = team_with_id(&pool, slot_id(7), "hobby").await;
+    let due = resource(&pool, due_team, "postgres", "active").await;
+    let other_team = team_with_id(&pool, slot_id(19), "hobby").await;
+    let not_due = resource(&pool, other_team, "postgres", "active").await;
+    for r in [due, not_due] {
+        succeeded_backup(&pool, r, db_now - chrono::Duration::minutes(24 * 60 + 20)).await;
+    }
+
+    let metrics = Metrics::new().unwrap();
+    let s = Scheduler::new(
+        skewed,
+        Arc::new(Plans::load(None).unwrap()),
+        metrics,
+        Duration::from_secs(60),
+    );
+    backup_worker::loops::Loop::pass(&s, &pass_ctx())
+        .await
+        .unwrap();
+    assert_eq!(pending(&pool, due).await, 1);
+    assert_eq!(pending(&pool, not_due).await, 0);
+    let (created_at, run_after): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
+        "SELECT created_at, run_after FROM resource_backups WHERE resource_id = $1 AND status = 'pending'",
+    )
+    .bind(due)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((created_at, run_after), (db_now, db_now));
+}

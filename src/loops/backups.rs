@@ -286,7 +286,7 @@ impl Backups {
             return failed(FailureReason::Config, "resource is deleted");
         }
         // A private 0700 directory for credential files and the tool's HOME/TMPDIR.
-        let temp = match tempfile::tempdir() {
+        let temp = match crate::process::private_tempdir() {
             Ok(t) => t,
             Err(e) => {
                 return failed(

@@ -237,7 +237,7 @@ impl Restores {
         let (Some(key), Some(sha)) = (&job.object_key, &job.sha256) else {
             return Err(config("backup row has no object".into()));
         };
-        let temp = tempfile::tempdir().map_err(|e| Failure {
+        let temp = crate::process::private_tempdir().map_err(|e| Failure {
             reason: FailureReason::Dump,
             detail: format!("cannot create a temporary directory: {e}"),
         })?;

@@ -26,6 +26,11 @@ use sqlx::Arguments;
 const TICK_LOCK_KEY: i64 = 0x6261_636b_7570_7363; // "backupsc"
 /// RPOs of a day or more back up in the team's slot hour, not whenever the window opens.
 const DAILY_RPO_MINUTES: u32 = 1440;
+/// The tick's clock in SQL. In production $7 is NULL and the database's `now()` (the tick
+/// transaction's start) is the only clock: row timestamps (`created_at`, `run_after`), the "due"
+/// window, the slot hour and the RPO gauge never depend on a worker's clock, which may be skewed
+/// between replicas. Tests and benchmarks pass an explicit time to visit every hour of the day.
+const CLOCK: &str = "coalesce($7::timestamptz, now())";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -105,9 +110,9 @@ fn tier_filter(table: &PlanArrays) -> Vec<String> {
         .collect()
 }
 
-/// The parameters of [`candidates_cte`] ($1–$6, $8) and the tick's time ($7), shared by every
-/// statement built on it.
-fn plan_args(table: &PlanArrays, now: DateTime<Utc>) -> Result<PgArguments, sqlx::Error> {
+/// The parameters of [`candidates_cte`] ($1–$6, $8) and the tick's time ($7; `None`: the
+/// database's now(), see [`CLOCK`]), shared by every statement built on it.
+fn plan_args(table: &PlanArrays, now: Option<DateTime<Utc>>) -> Result<PgArguments, sqlx::Error> {
     let mut args = PgArguments::default();
     let add = |r: Result<(), sqlx::error::BoxDynError>| r.map_err(sqlx::Error::Encode);
     add(args.add(&table.tiers))?;
@@ -121,7 +126,7 @@ fn plan_args(table: &PlanArrays, now: DateTime<Utc>) -> Result<PgArguments, sqlx
     Ok(args)
 }
 
-/// The tick statement: the plan CTE's parameters, $7 the tick's time.
+/// The tick statement: the plan CTE's parameters, [`CLOCK`] the tick's time.
 fn tick_sql(table: &PlanArrays) -> String {
     let candidates = candidates_cte(table);
     format!(
@@ -132,12 +137,12 @@ fn tick_sql(table: &PlanArrays) -> String {
                   LEFT JOIN resource_backup_marks m ON m.resource_id = c.resource_id
                  -- no backup of any status created within rpo − 10 minutes
                  WHERE (m.last_created_at IS NULL
-                        OR m.last_created_at <= $7 - make_interval(mins => c.rpo_minutes - 10))
+                        OR m.last_created_at <= {CLOCK} - make_interval(mins => c.rpo_minutes - 10))
                    AND (c.rpo_minutes < {DAILY_RPO_MINUTES}
-                        OR backup_slot_hour(c.team_id) = extract(hour FROM $7 AT TIME ZONE 'UTC')::int
+                        OR backup_slot_hour(c.team_id) = extract(hour FROM {CLOCK} AT TIME ZONE 'UTC')::int
                         -- catch-up: newest succeeded backup older than rpo + 60 (or none at all)
                         OR m.last_succeeded_at IS NULL
-                        OR m.last_succeeded_at <= $7 - make_interval(mins => c.rpo_minutes + 60))
+                        OR m.last_succeeded_at <= {CLOCK} - make_interval(mins => c.rpo_minutes + 60))
                    -- nothing already queued or running for it
                    AND NOT EXISTS (
                         SELECT 1 FROM resource_backups b
@@ -145,7 +150,7 @@ fn tick_sql(table: &PlanArrays) -> String {
             ),
             inserted AS (
                 INSERT INTO resource_backups (resource_id, kind, status, run_after, created_at)
-                SELECT resource_id, 'scheduled', 'pending', $7, $7 FROM due
+                SELECT resource_id, 'scheduled', 'pending', {CLOCK}, {CLOCK} FROM due
                 ON CONFLICT (resource_id) WHERE status = 'pending' AND kind = 'scheduled' DO NOTHING
                 RETURNING id, resource_id
             )
@@ -175,6 +180,15 @@ impl Scheduler {
 
     /// One tick at `now` (a parameter, so tests can visit every hour of the day).
     pub async fn tick(&self, now: DateTime<Utc>) -> Result<TickReport, SchedulerError> {
+        self.tick_at(Some(now)).await
+    }
+
+    /// One tick on the database's clock (what the daemon runs).
+    pub async fn tick_now(&self) -> Result<TickReport, SchedulerError> {
+        self.tick_at(None).await
+    }
+
+    async fn tick_at(&self, now: Option<DateTime<Utc>>) -> Result<TickReport, SchedulerError> {
         let table = self.plans.sql_arrays();
         let mut report = TickReport::default();
         let mut tx = self.pool.begin().await?;
@@ -248,7 +262,7 @@ impl Scheduler {
         let mut tx = self.pool.begin().await?;
         let lines: Vec<String> = sqlx::query_scalar_with(
             &format!("EXPLAIN (ANALYZE, BUFFERS) {}", tick_sql(&table)),
-            plan_args(&table, now)?,
+            plan_args(&table, Some(now))?,
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -260,14 +274,26 @@ impl Scheduler {
     /// (resources younger than that are not yet counted). Sets that gauge and the count of
     /// backed-up resources in one query; returns the breached count.
     pub async fn refresh_rpo_breached(&self, now: DateTime<Utc>) -> Result<i64, SchedulerError> {
+        self.refresh_rpo_breached_at(Some(now)).await
+    }
+
+    /// [`Self::refresh_rpo_breached`] on the database's clock (what the daemon runs).
+    pub async fn refresh_rpo_breached_now(&self) -> Result<i64, SchedulerError> {
+        self.refresh_rpo_breached_at(None).await
+    }
+
+    async fn refresh_rpo_breached_at(
+        &self,
+        now: Option<DateTime<Utc>>,
+    ) -> Result<i64, SchedulerError> {
         let table = self.plans.sql_arrays();
         let candidates = candidates_cte(&table);
         let sql = format!(
             "WITH {candidates}
             SELECT count(*) FILTER (
-                       WHERE c.created_at < $7 - make_interval(mins => c.rpo_minutes + 60)
+                       WHERE c.created_at < {CLOCK} - make_interval(mins => c.rpo_minutes + 60)
                          AND (m.last_succeeded_at IS NULL
-                              OR m.last_succeeded_at <= $7 - make_interval(mins => c.rpo_minutes + 60))),
+                              OR m.last_succeeded_at <= {CLOCK} - make_interval(mins => c.rpo_minutes + 60))),
                    count(*)
               FROM candidates c
               LEFT JOIN resource_backup_marks m ON m.resource_id = c.resource_id"
@@ -292,15 +318,14 @@ impl Loop for Scheduler {
     }
 
     async fn pass(&self, _ctx: &PassContext) -> Result<(), LoopError> {
-        let now = Utc::now();
-        let report = self.tick(now).await?;
+        let report = self.tick_now().await?;
         if report.skipped_locked {
             tracing::debug!("another replica is ticking; skipped");
         } else if report.total() > 0 || report.vetoed > 0 {
             tracing::info!(enqueued = report.total(), by_type = ?report.enqueued,
                 vetoed = report.vetoed, "scheduled backups enqueued");
         }
-        self.refresh_rpo_breached(now).await?;
+        self.refresh_rpo_breached_now().await?;
         Ok(())
     }
 }

@@ -393,7 +393,7 @@ impl Verifier {
                 "the backup row has no object",
             )));
         };
-        let temp = tempfile::tempdir().map_err(|e| {
+        let temp = crate::process::private_tempdir().map_err(|e| {
             environment(fail(
                 FailureReason::Config,
                 format!("cannot create a temporary directory: {e}"),
