@@ -5,12 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+pub use crate::deps::Deps;
 use crate::health::{Health, Heartbeat};
 use crate::http::HttpState;
 use crate::loops::backups::Backups;
@@ -19,26 +18,8 @@ use crate::loops::restores::Restores;
 use crate::loops::scheduler::Scheduler;
 use crate::loops::verifier::Verifier;
 use crate::loops::{Loop, LoopError, LoopName, PassContext};
-use crate::metrics::Metrics;
-use crate::plans::Plans;
-use crate::process::Tools;
-use crate::provisioner::Provisioner;
-use crate::storage::ObjectStore;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-
-/// Shared dependencies of every loop.
-#[derive(Clone)]
-pub struct Deps {
-    pub config: Arc<Config>,
-    pub pool: PgPool,
-    pub store: Arc<dyn ObjectStore>,
-    pub plans: Arc<Plans>,
-    pub metrics: Metrics,
-    pub tools: Tools,
-    /// `None` when PROVISIONER_ADDR is unset.
-    pub provisioner: Option<Arc<dyn Provisioner>>,
-}
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {

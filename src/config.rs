@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::secret::Secret;
+pub use crate::storage::S3Options;
 use crate::storage::StorageUrl;
 
 /// Every variable the daemon reads, for docs and for manifests cross-checks.
@@ -55,14 +56,6 @@ fn bad(var: &'static str, problem: impl Into<String>) -> ConfigError {
 pub enum LogFormat {
     Json,
     Pretty,
-}
-
-/// Options for S3-compatible stores (R2, Spaces, MinIO); credentials come from the AWS chain.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct S3Options {
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    pub force_path_style: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::loops::{LoopError, PassContext};
+use crate::pass::{LoopError, PassContext};
 
 use crate::domain::FailureReason;
 

@@ -9,6 +9,7 @@
 //! broken pipe it caused downstream or upstream.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -17,12 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use tempfile::NamedTempFile;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::{ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::engines::ToolCommand;
 use crate::secret::redact_known;
 
 /// Bytes of stderr kept (the tail: tools print the fatal line last).
@@ -33,6 +34,36 @@ const STDERR_AFTER_EXIT: Duration = Duration::from_secs(2);
 const STDERR_AFTER_KILL: Duration = Duration::from_millis(300);
 /// How long a SIGKILLed leader may take to be reaped (it is immediate; this bounds a stuck kernel).
 const REAP_AFTER_KILL: Duration = Duration::from_secs(2);
+
+/// A command ready to spawn. Dropping it removes its credential files.
+#[derive(Debug)]
+pub struct ToolCommand {
+    pub program: String,
+    pub args: Vec<OsString>,
+    /// The child's whole environment (it does not inherit ours: no stray PG*/AWS_* secrets).
+    pub env: Vec<(String, OsString)>,
+    /// Strings that must never appear in logs or rows (passwords, the URL): redacted from stderr.
+    pub secrets: Vec<String>,
+    /// 0600 files holding credentials, removed on drop.
+    pub credential_files: Vec<NamedTempFile>,
+}
+
+impl ToolCommand {
+    pub(crate) fn new(program: &str, env: Vec<(String, OsString)>) -> Self {
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+            env,
+            secrets: Vec::new(),
+            credential_files: Vec::new(),
+        }
+    }
+
+    pub(crate) fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
 
 /// Where to find each tool: by name on PATH unless overridden (tests point at fakes).
 #[derive(Debug, Clone, Default)]

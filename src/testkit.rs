@@ -15,8 +15,9 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{Deps, RunError, RunOptions};
+use crate::app::{RunError, RunOptions};
 use crate::config::Config;
+use crate::deps::Deps;
 use crate::metrics::Metrics;
 use crate::plans::Plans;
 use crate::storage::{ObjectStore, S3Settings, S3Store};

@@ -36,35 +36,7 @@ fn problem(msg: impl Into<String>) -> ConfigProblem {
     ConfigProblem(msg.into())
 }
 
-/// A command ready to spawn. Dropping it removes its credential files.
-#[derive(Debug)]
-pub struct ToolCommand {
-    pub program: String,
-    pub args: Vec<OsString>,
-    /// The child's whole environment (it does not inherit ours: no stray PG*/AWS_* secrets).
-    pub env: Vec<(String, OsString)>,
-    /// Strings that must never appear in logs or rows (passwords, the URL): redacted from stderr.
-    pub secrets: Vec<String>,
-    /// 0600 files holding credentials, removed on drop.
-    pub credential_files: Vec<NamedTempFile>,
-}
-
-impl ToolCommand {
-    fn new(program: &str, env: Vec<(String, OsString)>) -> Self {
-        Self {
-            program: program.into(),
-            args: Vec::new(),
-            env,
-            secrets: Vec::new(),
-            credential_files: Vec::new(),
-        }
-    }
-
-    fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
-        self.args.extend(args.into_iter().map(Into::into));
-        self
-    }
-}
+pub use crate::process::ToolCommand;
 
 /// How a backup's raw stream is produced.
 pub enum DumpPlan {

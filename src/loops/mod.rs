@@ -6,17 +6,14 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio_util::sync::CancellationToken;
 
-use crate::health::Heartbeat;
+pub use crate::pass::{LoopError, PassContext};
 
 pub mod backups;
 pub mod propagations;
 pub mod restores;
 pub mod scheduler;
 pub mod verifier;
-
-pub type LoopError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LoopName {
@@ -64,16 +61,6 @@ impl FromStr for LoopName {
                 format!("unknown loop {s:?}: expected scheduler, backups, restores, verifier or propagations")
             })
     }
-}
-
-/// What a pass gets from the supervisor.
-#[derive(Clone)]
-pub struct PassContext {
-    /// Cancelled on SIGTERM: stop claiming new work, let running jobs finish.
-    pub shutdown: CancellationToken,
-    /// Cancelled when the shutdown grace runs out: kill children, abort uploads, release rows.
-    pub abort: CancellationToken,
-    pub heartbeat: Heartbeat,
 }
 
 #[async_trait]

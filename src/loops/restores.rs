@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Loop, LoopError, LoopName, PassContext};
-use crate::app::Deps;
 use crate::db::audit;
+use crate::deps::Deps;
 use crate::domain::{FailureReason, ResourceType};
 use crate::engines::{self, Failure, RestoreTarget};
 use crate::jobs::{self, FailureOutcome, JobTable, Lease};

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Loop, LoopError, LoopName, PassContext};
-use crate::app::Deps;
 use crate::db::audit;
+use crate::deps::Deps;
 use crate::domain::{FailureReason, ResourceType, SUPPORTED_RESOURCE_TYPES};
 use crate::engines::{self, fail, Census, Failure, RestoreTarget, ScratchServer};
 use crate::jobs::{self, FailureOutcome, JobTable, Lease};

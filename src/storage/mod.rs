@@ -23,7 +23,13 @@ pub use local::LocalStore;
 pub use memory::MemoryStore;
 pub use s3::{S3Settings, S3Store, S3_MIN_PART_SIZE};
 
-use crate::config::S3Options;
+/// Options for S3-compatible stores (R2, Spaces, MinIO); credentials come from the AWS chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+}
 
 /// User metadata stored with an object (x-amz-meta-* on S3).
 pub type Metadata = BTreeMap<String, String>;
