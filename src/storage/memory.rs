@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    validate_key, IncompleteUpload, Metadata, ObjectInfo, ObjectReader, ObjectStore, StorageError,
-    Upload,
+    validate_key, DeleteFailure, IncompleteUpload, Metadata, ObjectInfo, ObjectReader, ObjectStore,
+    StorageError, Upload,
 };
 
 #[derive(Debug, Default)]
@@ -88,6 +88,10 @@ impl ObjectStore for MemoryStore {
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         self.lock().objects.remove(key);
         Ok(())
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> Vec<DeleteFailure> {
+        super::delete_each(self, keys).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {

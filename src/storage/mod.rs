@@ -20,6 +20,20 @@ use chrono::{DateTime, Utc};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use local::LocalStore;
+
+/// `delete_many` for stores without a batch call: one delete per key.
+async fn delete_each(store: &dyn ObjectStore, keys: &[String]) -> Vec<DeleteFailure> {
+    let mut failed = Vec::new();
+    for key in keys {
+        if let Err(e) = store.delete(key).await {
+            failed.push(DeleteFailure {
+                key: key.clone(),
+                error: e.to_string(),
+            });
+        }
+    }
+    failed
+}
 pub use memory::MemoryStore;
 pub use s3::{S3Settings, S3Store, S3_MIN_PART_SIZE};
 
@@ -55,6 +69,16 @@ pub struct ObjectInfo {
     pub last_modified: Option<DateTime<Utc>>,
 }
 
+/// A key [`ObjectStore::delete_many`] could not delete, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteFailure {
+    pub key: String,
+    pub error: String,
+}
+
+/// Most keys one S3 DeleteObjects request may carry.
+pub const DELETE_MANY_MAX_KEYS: usize = 1000;
+
 /// An upload started but neither committed nor aborted (a multipart upload on S3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncompleteUpload {
@@ -80,6 +104,11 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
 
     /// Deletes an object; deleting one that is already gone is not an error.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Deletes many objects, in requests of at most [`DELETE_MANY_MAX_KEYS`] keys (S3
+    /// DeleteObjects). A key already gone is deleted; the keys that could not be deleted are
+    /// returned with why (a request that failed as a whole reports every key it carried).
+    async fn delete_many(&self, keys: &[String]) -> Vec<DeleteFailure>;
 
     /// Every committed object whose key starts with `prefix`.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
