@@ -17,6 +17,7 @@ use crate::app::Deps;
 use crate::db::audit;
 use crate::domain::{FailureReason, ResourceType};
 use crate::engines::{self, DumpSource};
+use crate::health::Heartbeat;
 use crate::jobs::{self, FailureOutcome, JobTable, Lease};
 use crate::pipeline::{gzip_to_upload, PipelineError, Streamed};
 use crate::retention;
@@ -89,12 +90,13 @@ const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 pub const ORPHAN_UPLOAD_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// When each housekeeping task last ran in this process (`None`: never, so it runs on the first
-/// pass — which is what `--once` gets).
+/// pass — which is what `--once` gets), and where bounded retention runs continue.
 #[derive(Default)]
 struct Housekeeping {
     recovery: Option<Instant>,
     retention: Option<Instant>,
     orphans: Option<Instant>,
+    retention_state: retention::Retention,
 }
 
 pub struct Backups {
@@ -111,9 +113,10 @@ impl Backups {
     }
 
     /// Stuck-row recovery (every pass and, while jobs run, at least every lease or 10 s),
-    /// retention (every 10 min) and the orphan-upload sweep (hourly). Failures are logged: they
+    /// retention (every 10 min, bounded, continued next run) and the orphan-upload sweep
+    /// (hourly). Long work reports progress on the loop's heartbeat. Failures are logged: they
     /// must not stop backups.
-    async fn housekeeping(&self) {
+    async fn housekeeping(&self, heartbeat: &Heartbeat) {
         let (recover, retain, orphans) = {
             let mut h = self.housekeeping.lock().unwrap_or_else(|p| p.into_inner());
             let sweep_every = self.deps.config.lease.min(Duration::from_secs(10));
@@ -138,29 +141,42 @@ impl Backups {
             }
         }
         if retain {
-            match retention::apply_retention(
-                self.pool(),
-                self.deps.store.as_ref(),
-                &self.deps.plans,
-                Utc::now(),
-            )
-            .await
-            {
-                Ok(r) if r.expired > 0 => {
+            // The state leaves the lock for the run (the lock is never held across an await).
+            let mut state = {
+                let mut h = self.housekeeping.lock().unwrap_or_else(|p| p.into_inner());
+                std::mem::take(&mut h.retention_state)
+            };
+            let run = state
+                .run(
+                    self.pool(),
+                    self.deps.store.as_ref(),
+                    &self.deps.plans,
+                    Utc::now(),
+                    heartbeat,
+                )
+                .await;
+            self.housekeeping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retention_state = state;
+            match run {
+                Ok(r) => {
                     self.deps.metrics.backups_expired.inc_by(r.expired);
-                    tracing::info!(
-                        expired = r.expired,
-                        already_gone = r.already_gone,
-                        delete_failed = r.delete_failed,
-                        "retention expired backups"
-                    );
+                    if r.expired > 0 || r.incomplete {
+                        tracing::info!(
+                            expired = r.expired,
+                            batches = r.batches,
+                            delete_failed = r.delete_failed,
+                            continues_next_run = r.incomplete,
+                            "retention expired backups"
+                        );
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "retention failed"),
             }
         }
+        let prefix = self.deps.config.storage_url.prefix();
         if orphans {
-            let prefix = self.deps.config.storage_url.prefix();
             match retention::abort_stale_uploads(
                 self.deps.store.as_ref(),
                 prefix,
@@ -629,8 +645,8 @@ impl jobs::Queue for Backups {
         self.deps.config.backup_concurrency
     }
 
-    async fn housekeeping(&self) {
-        Backups::housekeeping(self).await;
+    async fn housekeeping(&self, heartbeat: &Heartbeat) {
+        Backups::housekeeping(self, heartbeat).await;
     }
 
     async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
