@@ -1,5 +1,5 @@
-//! Housekeeping of the backup store: retention per plan tier, and the sweep of multipart uploads
-//! left behind by a crashed process.
+//! Housekeeping of the backup store: retention per plan tier, the reconciliation of orphaned
+//! objects, and the sweep of multipart uploads left behind by a crashed process.
 //!
 //! Retention at fleet scale (1M resources × hourly backups is ~720M succeeded rows at 30 days) is
 //! index-driven: no statement reads every succeeded row. A run has two phases, each in batches
@@ -384,7 +384,7 @@ async fn expire(
     for f in store.delete_many(&keys).await {
         report.delete_failed += 1;
         tracing::error!(object_key = %f.key, error = %f.error,
-            "expired backup's object could not be deleted: orphan object");
+            "expired backup's object could not be deleted: orphan object (the reconciliation removes it)");
     }
     Ok(keys.len() as u64)
 }
@@ -400,6 +400,113 @@ pub async fn apply_retention(
     Retention::default()
         .run(pool, store, plans, now, &Heartbeat::detached("retention"))
         .await
+}
+
+/// How old an incomplete upload must be before the sweep aborts it: a day, and never less than
+/// a backup may run (`BACKUP_TIMEOUT`, up to days) plus an hour, so a live upload is never cut.
+pub fn orphan_upload_age(backup_timeout: Duration) -> Duration {
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    DAY.max(backup_timeout.saturating_add(Duration::from_secs(3600)))
+}
+
+/// How old an unreferenced object must be before the reconciliation removes it.
+pub fn orphan_object_age(backup_timeout: Duration) -> Duration {
+    backup_timeout.saturating_add(Duration::from_secs(3600))
+}
+
+/// The backup id in a key of this worker's shape,
+/// `<prefix><uuid>/<uuid>/<YYYYMMDDTHHMMSSZ>-<uuid>.<pgdump|archive|rdb>.gz[.age]`; `None` for
+/// any other key (which the reconciliation never touches).
+pub fn backup_object_id(prefix: &str, key: &str) -> Option<Uuid> {
+    fn uuid(s: &str) -> Option<Uuid> {
+        (s.len() == 36).then(|| Uuid::parse_str(s).ok()).flatten()
+    }
+    let mut parts = key.strip_prefix(prefix)?.split('/');
+    let (team, resource, file) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || uuid(team).is_none() || uuid(resource).is_none() {
+        return None;
+    }
+    let (stamp, rest) = (file.get(..16)?, file.get(16..)?);
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ").ok()?;
+    let rest = rest.strip_prefix('-')?;
+    let (id, tail) = (uuid(rest.get(..36)?)?, rest.get(36..)?);
+    let tail = tail.strip_suffix(".age").unwrap_or(tail);
+    matches!(tail, ".pgdump.gz" | ".archive.gz" | ".rdb.gz").then_some(id)
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Keys listed under the prefix.
+    pub listed: u64,
+    /// Backup-shaped keys old enough to be judged.
+    pub old_enough: u64,
+    /// Orphans removed.
+    pub removed: u64,
+    /// Orphans whose delete failed (tried again next time).
+    pub delete_failed: u64,
+}
+
+/// DESIGN §5: every object under the prefix is referenced by a running or succeeded row, or is
+/// removed. Lists the store, and removes backup-shaped objects older than `min_age` that no
+/// `running` or `succeeded` row references by `object_key` (nor a `running` row by the backup id
+/// in the key: an attempt in flight), and that are not queued in `pending_object_deletions`
+/// (deleted there). Compared and deleted 1000 keys at a time.
+pub async fn reconcile_orphans(
+    pool: &PgPool,
+    store: &dyn ObjectStore,
+    prefix: &str,
+    min_age: Duration,
+    now: DateTime<Utc>,
+    heartbeat: &Heartbeat,
+) -> Result<ReconcileReport, RetentionError> {
+    let mut report = ReconcileReport::default();
+    let Some(cutoff) = chrono::Duration::from_std(min_age)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+    else {
+        return Ok(report);
+    };
+    let listed = store.list(prefix).await?;
+    report.listed = listed.len() as u64;
+    heartbeat.progress();
+    let candidates: Vec<(String, Uuid)> = listed
+        .into_iter()
+        .filter(|o| o.last_modified.is_some_and(|t| t < cutoff))
+        .filter_map(|o| backup_object_id(prefix, &o.key).map(|id| (o.key, id)))
+        .collect();
+    report.old_enough = candidates.len() as u64;
+    for chunk in candidates.chunks(crate::storage::DELETE_MANY_MAX_KEYS) {
+        let (keys, ids): (Vec<String>, Vec<Uuid>) = chunk.iter().cloned().unzip();
+        let orphans: Vec<String> = sqlx::query_scalar(
+            "SELECT c.k FROM unnest($1::text[], $2::uuid[]) AS c(k, id)
+              WHERE NOT EXISTS (SELECT 1 FROM resource_backups b
+                                 WHERE b.object_key = c.k AND b.object_key IS NOT NULL
+                                   AND b.status IN ('running', 'succeeded'))
+                AND NOT EXISTS (SELECT 1 FROM resource_backups b
+                                 WHERE b.id = c.id AND b.status = 'running')
+                AND NOT EXISTS (SELECT 1 FROM pending_object_deletions d WHERE d.object_key = c.k)",
+        )
+        .bind(&keys)
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?;
+        if !orphans.is_empty() {
+            let failed = store.delete_many(&orphans).await;
+            for f in &failed {
+                tracing::warn!(object_key = %f.key, error = %f.error,
+                    "removing an orphaned backup object failed; tried again next time");
+            }
+            report.delete_failed += failed.len() as u64;
+            report.removed += (orphans.len() - failed.len()) as u64;
+            for key in &orphans {
+                if !failed.iter().any(|f| &f.key == key) {
+                    tracing::info!(object_key = %key, "removed an orphaned backup object");
+                }
+            }
+        }
+        heartbeat.progress();
+    }
+    Ok(report)
 }
 
 /// Aborts uploads under `prefix` started more than `older_than` ago and never finished (the
@@ -460,6 +567,47 @@ pub async fn delete_requested_objects(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn orphan_uploads_wait_at_least_a_day_and_longer_than_a_backup_may_run() {
+        let h = |n: u64| Duration::from_secs(n * 3600);
+        assert_eq!(orphan_upload_age(h(6)), h(24), "default BACKUP_TIMEOUT");
+        assert_eq!(orphan_upload_age(h(23)), h(24));
+        assert_eq!(orphan_upload_age(h(24)), h(25));
+        assert_eq!(
+            orphan_upload_age(h(7 * 24)),
+            h(7 * 24 + 1),
+            "a 7-day timeout"
+        );
+        assert_eq!(orphan_upload_age(Duration::MAX), Duration::MAX);
+    }
+
+    #[test]
+    fn only_this_workers_backup_keys_are_orphan_candidates() {
+        let t = "11111111-1111-1111-1111-111111111111";
+        let r = "22222222-2222-2222-2222-222222222222";
+        let b = "33333333-3333-3333-3333-333333333333";
+        let id = Uuid::parse_str(b).unwrap();
+        let key = |p: &str, tail: &str| format!("{p}{t}/{r}/20261122T030405Z-{b}{tail}");
+        for tail in [".pgdump.gz", ".archive.gz", ".rdb.gz", ".pgdump.gz.age"] {
+            assert_eq!(backup_object_id("p/", &key("p/", tail)), Some(id), "{tail}");
+            assert_eq!(backup_object_id("", &key("", tail)), Some(id), "{tail}");
+        }
+        for bad in [
+            key("q/", ".pgdump.gz"),                               // another prefix
+            key("p/", ".pgdump.gz.meta.json"),                     // a sidecar
+            key("p/", ".sql.gz"),                                  // not our extension
+            key("p/", ".pgdump"),                                  // not gzip
+            format!("p/{t}/{r}/2026-11-22T030405Z-{b}.pgdump.gz"), // not our stamp
+            format!("p/{t}/{r}/x/20261122T030405Z-{b}.pgdump.gz"), // too deep
+            format!("p/{t}/20261122T030405Z-{b}.pgdump.gz"),       // too shallow
+            format!("p/team/{r}/20261122T030405Z-{b}.pgdump.gz"),  // not a uuid
+            format!("p/{t}/{r}/20261122T030405Z-{}.pgdump.gz", id.simple()), // not hyphenated
+            "p/notes.txt".to_owned(),
+        ] {
+            assert_eq!(backup_object_id("p/", &bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn a_retention_zero_tier_ages_out_on_the_default_plan() {

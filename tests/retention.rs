@@ -1,16 +1,23 @@
-//! Retention (DESIGN §5, as changed for issue 15) against a real Postgres and a real store (a
-//! local directory).
+//! Retention (DESIGN §5, as changed for issue 15) and the reconciliation of orphaned objects,
+//! against a real Postgres and a real store (a local directory; S3 where the store matters).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backup_worker::health::{Health, Heartbeat};
+use backup_worker::loops::backups::Backups;
+use backup_worker::loops::{Loop, PassContext};
 use backup_worker::metrics::Metrics;
 use backup_worker::plans::{Plans, EMBEDDED_PLANS};
-use backup_worker::retention::{apply_retention, Retention, RetentionCursor, RetentionLimits};
+use backup_worker::retention::{
+    apply_retention, reconcile_orphans, Retention, RetentionCursor, RetentionLimits,
+};
 use backup_worker::storage::{put_reader, LocalStore, Metadata, ObjectStore};
+use backup_worker::testkit::{test_config, test_deps, S3Server};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 async fn team(pool: &PgPool, tier: &str) -> Uuid {
@@ -432,4 +439,213 @@ async fn backups_being_read_are_never_expired(pool: PgPool) {
     assert_eq!(status(&pool, verifying).await, "succeeded");
     assert_eq!(status(&pool, free).await, "expired");
     assert!(object_exists(s, &pool, restoring).await);
+}
+
+/// Sets a local object's modification time `age` back.
+fn age_file(root: &Path, key: &str, age: Duration) {
+    let f = std::fs::File::options()
+        .write(true)
+        .open(root.join(key))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() - age).unwrap();
+}
+
+#[sqlx::test]
+async fn reconciliation_removes_old_unreferenced_backup_objects_only(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(root.clone()).await.unwrap());
+    let s = store.as_ref();
+    let now = Utc::now();
+    let t = team(&pool, "pro").await;
+    let r = resource(&pool, t, "active").await;
+    let put = |key: String| {
+        let store = store.clone();
+        async move {
+            put_reader(store.as_ref(), &key, &b"dump"[..], Metadata::new())
+                .await
+                .unwrap();
+            key
+        }
+    };
+    let eight_hours = Duration::from_secs(8 * 3600);
+    // Committed, never recorded (the result could not be written), 8 h old: an orphan.
+    let orphan = put(key_of(t, r, Uuid::new_v4(), now)).await;
+    age_file(&root, &orphan, eight_hours);
+    let orphan_age = put(format!("{}.age", key_of(t, r, Uuid::new_v4(), now))).await;
+    age_file(&root, &orphan_age, eight_hours);
+    // The same, but only 10 minutes old: its worker may still be recording it.
+    let young = put(key_of(t, r, Uuid::new_v4(), now)).await;
+    age_file(&root, &young, Duration::from_secs(600));
+    // Referenced by a succeeded row, old.
+    let kept = backup(&pool, s, t, r, now, 10 * DAY).await;
+    let kept_key: String =
+        sqlx::query_scalar("SELECT object_key FROM resource_backups WHERE id = $1")
+            .bind(kept)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    age_file(&root, &kept_key, eight_hours);
+    // A running row (an attempt in flight, by the id in its key), and one referencing its key.
+    let running_id: Uuid = sqlx::query_scalar(
+        "INSERT INTO resource_backups (resource_id, status, attempts, leased_by, lease_expires_at)
+         VALUES ($1, 'running', 1, 'w', now() + interval '1 minute') RETURNING id",
+    )
+    .bind(r)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let running = put(key_of(t, r, running_id, now)).await;
+    age_file(&root, &running, eight_hours);
+    let r2 = resource(&pool, t, "active").await;
+    let running_ref = put(key_of(t, r2, Uuid::new_v4(), now)).await;
+    age_file(&root, &running_ref, eight_hours);
+    sqlx::query(
+        "INSERT INTO resource_backups (resource_id, status, attempts, leased_by, lease_expires_at, object_key)
+         VALUES ($1, 'running', 1, 'w', now() + interval '1 minute', $2)",
+    )
+    .bind(r2)
+    .bind(&running_ref)
+    .execute(&pool)
+    .await
+    .unwrap();
+    // An expired row's object that survived its delete: an orphan too.
+    let expired = backup(&pool, s, t, r, now, 40 * DAY).await;
+    sqlx::query("UPDATE resource_backups SET status = 'expired' WHERE id = $1")
+        .bind(expired)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let expired_key: String =
+        sqlx::query_scalar("SELECT object_key FROM resource_backups WHERE id = $1")
+            .bind(expired)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    age_file(&root, &expired_key, eight_hours);
+    // Queued for deletion elsewhere (a destroyed key): not this sweep's.
+    let queued = put(key_of(t, r, Uuid::new_v4(), now)).await;
+    age_file(&root, &queued, eight_hours);
+    sqlx::query("INSERT INTO pending_object_deletions (object_key, reason) VALUES ($1, 'test')")
+        .bind(&queued)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Not a backup object of this worker's shape: never touched.
+    let foreign = put("p/README.txt".to_owned()).await;
+    age_file(&root, &foreign, eight_hours);
+    let foreign2 = put(format!("p/{t}/{r}/manual-copy.pgdump.gz")).await;
+    age_file(&root, &foreign2, eight_hours);
+
+    let report = reconcile_orphans(
+        &pool,
+        s,
+        "p/",
+        Duration::from_secs(6 * 3600 + 3600),
+        now,
+        &Heartbeat::detached("backups"),
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.removed, report.delete_failed), (3, 0), "{report:?}");
+    let exists = |k: &String| {
+        let store = store.clone();
+        let k = k.clone();
+        async move { store.head(&k).await.is_ok() }
+    };
+    for k in [&orphan, &orphan_age, &expired_key] {
+        assert!(!exists(k).await, "{k} removed");
+    }
+    for k in [
+        &young,
+        &kept_key,
+        &running,
+        &running_ref,
+        &queued,
+        &foreign,
+        &foreign2,
+    ] {
+        assert!(exists(k).await, "{k} kept");
+    }
+}
+
+#[sqlx::test]
+async fn the_backups_loop_reconciles_and_counts_removed_orphans(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(root.clone()).await.unwrap());
+    let t = team(&pool, "pro").await;
+    let r = resource(&pool, t, "active").await;
+    let now = Utc::now();
+    // file:// has no prefix: keys start with the team id.
+    let key = |id: Uuid| backup_worker::loops::backups::object_key("", t, r, now, id, "rdb");
+    let (old, young) = (key(Uuid::new_v4()), key(Uuid::new_v4()));
+    for k in [&old, &young] {
+        put_reader(store.as_ref(), k, &b"dump"[..], Metadata::new())
+            .await
+            .unwrap();
+    }
+    // BACKUP_TIMEOUT 1 h: objects over 2 h old are judged.
+    age_file(&root, &old, Duration::from_secs(2 * 3600 + 60));
+    age_file(&root, &young, Duration::from_secs(3600));
+    let config = test_config(&[
+        ("STORAGE_URL", &format!("file://{}", root.display())),
+        ("BACKUP_TIMEOUT", "1h"),
+    ])
+    .unwrap();
+    let deps = test_deps(pool.clone(), store.clone(), config).unwrap();
+    let metrics = deps.metrics.clone();
+    let ctx = PassContext {
+        shutdown: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        heartbeat: Heartbeat::detached("backups"),
+    };
+    // The first pass runs every housekeeping task (what `run --once` gets).
+    Backups::new(deps).pass(&ctx).await.unwrap();
+    assert!(store.head(&old).await.is_err(), "orphan removed");
+    assert!(
+        store.head(&young).await.is_ok(),
+        "younger than BACKUP_TIMEOUT + 1 h"
+    );
+    let text = metrics.render();
+    assert!(
+        text.contains("backup_worker_orphan_objects_removed_total 1"),
+        "{text}"
+    );
+}
+
+#[sqlx::test]
+async fn reconciliation_on_s3(pool: PgPool) {
+    // moto: the listing, LastModified from the server, the batched delete. Objects there are
+    // fresh, so they are judged at a later `now`.
+    let s3 = S3Server::start().await.unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(s3.store("backups").await.unwrap());
+    let s = store.as_ref();
+    let t = team(&pool, "pro").await;
+    let r = resource(&pool, t, "active").await;
+    let now = Utc::now();
+    let mut orphans = Vec::new();
+    for _ in 0..3 {
+        let k = key_of(t, r, Uuid::new_v4(), now);
+        put_reader(s, &k, &b"dump"[..], Metadata::new())
+            .await
+            .unwrap();
+        orphans.push(k);
+    }
+    let kept = backup(&pool, s, t, r, now, 2).await;
+    let age = backup_worker::retention::orphan_object_age(Duration::from_secs(3600));
+    let hb = Heartbeat::detached("backups");
+    let report = reconcile_orphans(&pool, s, "p/", age, now, &hb)
+        .await
+        .unwrap();
+    assert_eq!(report.removed, 0, "all young: {report:?}");
+    let later = now + chrono::Duration::minutes(121);
+    let report = reconcile_orphans(&pool, s, "p/", age, later, &hb)
+        .await
+        .unwrap();
+    assert_eq!((report.listed, report.removed), (4, 3), "{report:?}");
+    for k in &orphans {
+        assert!(s.head(k).await.is_err());
+    }
+    assert!(object_exists(s, &pool, kept).await);
 }

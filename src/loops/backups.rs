@@ -83,10 +83,13 @@ pub fn object_key(
     )
 }
 
-/// How often each replica runs retention, and the orphan-upload sweep (and how old an
-/// incomplete upload must be to count as orphaned).
+/// How often each replica runs retention, the orphan-upload sweep and the reconciliation of
+/// orphaned objects.
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
 const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+const RECONCILE_EVERY: Duration = Duration::from_secs(3600);
+/// The least age of an incomplete upload the sweep aborts; the age applied is
+/// [`retention::orphan_upload_age`] (never less than `BACKUP_TIMEOUT` + 1 h).
 pub const ORPHAN_UPLOAD_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// When each housekeeping task last ran in this process (`None`: never, so it runs on the first
@@ -96,6 +99,7 @@ struct Housekeeping {
     recovery: Option<Instant>,
     retention: Option<Instant>,
     orphans: Option<Instant>,
+    reconcile: Option<Instant>,
     retention_state: retention::Retention,
 }
 
@@ -113,17 +117,18 @@ impl Backups {
     }
 
     /// Stuck-row recovery (every pass and, while jobs run, at least every lease or 10 s),
-    /// retention (every 10 min, bounded, continued next run) and the orphan-upload sweep
-    /// (hourly). Long work reports progress on the loop's heartbeat. Failures are logged: they
-    /// must not stop backups.
+    /// retention (every 10 min, bounded, continued next run), the orphan-upload sweep and the
+    /// reconciliation of orphaned objects (hourly). Long work reports progress on the loop's
+    /// heartbeat. Failures are logged: they must not stop backups.
     async fn housekeeping(&self, heartbeat: &Heartbeat) {
-        let (recover, retain, orphans) = {
+        let (recover, retain, orphans, reconcile) = {
             let mut h = self.housekeeping.lock().unwrap_or_else(|p| p.into_inner());
             let sweep_every = self.deps.config.lease.min(Duration::from_secs(10));
             (
                 jobs::due(&mut h.recovery, sweep_every),
                 jobs::due(&mut h.retention, RETENTION_EVERY),
                 jobs::due(&mut h.orphans, ORPHAN_SWEEP_EVERY),
+                jobs::due(&mut h.reconcile, RECONCILE_EVERY),
             )
         };
         if recover {
@@ -180,13 +185,38 @@ impl Backups {
             match retention::abort_stale_uploads(
                 self.deps.store.as_ref(),
                 prefix,
-                ORPHAN_UPLOAD_AGE,
+                retention::orphan_upload_age(self.deps.config.backup_timeout),
                 Utc::now(),
             )
             .await
             {
                 Ok(n) => self.deps.metrics.stale_uploads_aborted.inc_by(n as u64),
                 Err(e) => tracing::error!(error = %e, "orphan upload sweep failed"),
+            }
+        }
+        if reconcile {
+            match retention::reconcile_orphans(
+                self.pool(),
+                self.deps.store.as_ref(),
+                prefix,
+                retention::orphan_object_age(self.deps.config.backup_timeout),
+                Utc::now(),
+                heartbeat,
+            )
+            .await
+            {
+                Ok(r) => {
+                    self.deps.metrics.orphan_objects_removed.inc_by(r.removed);
+                    if r.removed > 0 || r.delete_failed > 0 {
+                        tracing::info!(
+                            listed = r.listed,
+                            removed = r.removed,
+                            delete_failed = r.delete_failed,
+                            "reconciliation removed orphaned backup objects"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reconciliation of orphaned objects failed"),
             }
         }
     }
