@@ -442,15 +442,136 @@ pub struct ReconcileReport {
     pub old_enough: u64,
     /// Orphans removed.
     pub removed: u64,
-    /// Orphans whose delete failed (tried again next time).
+    /// Orphans whose delete failed (tried again next cycle).
     pub delete_failed: u64,
+    /// The listing reached its end: the cycle is complete.
+    pub complete: bool,
 }
 
+/// Keys listed per page (one ListObjectsV2 request), compared (one query) and deleted (one
+/// DeleteObjects request) together.
+const RECONCILE_PAGE: usize = 1000;
+/// Keys one call of [`Reconciler::run`] walks; the cycle continues at the next call.
+pub const RECONCILE_KEYS_PER_RUN: usize = 20_000;
+
 /// DESIGN §5: every object under the prefix is referenced by a running or succeeded row, or is
-/// removed. Lists the store, and removes backup-shaped objects older than `min_age` that no
-/// `running` or `succeeded` row references by `object_key` (nor a `running` row by the backup id
-/// in the key: an attempt in flight), and that are not queued in `pending_object_deletions`
-/// (deleted there). Compared and deleted 1000 keys at a time.
+/// removed. The store is walked in key order a page at a time (bounded memory however many
+/// objects it holds); a page's backup-shaped keys older than `min_age` that no `running` or
+/// `succeeded` row references by `object_key` (nor a `running` row by the backup id in the key:
+/// an attempt in flight), and that are not queued in `pending_object_deletions` (deleted there),
+/// are deleted with one `delete_many`. A call walks at most `keys_per_run` keys; the next call
+/// continues after the last key seen.
+#[derive(Debug)]
+pub struct Reconciler {
+    pub keys_per_run: usize,
+    /// Keys per listing page (at most 1000).
+    pub page: usize,
+    /// The last key seen; `None`: the cycle starts at the beginning of the prefix.
+    pub after: Option<String>,
+}
+
+impl Default for Reconciler {
+    fn default() -> Self {
+        Self {
+            keys_per_run: RECONCILE_KEYS_PER_RUN,
+            page: RECONCILE_PAGE,
+            after: None,
+        }
+    }
+}
+
+impl Reconciler {
+    /// True while a cycle is under way (the next call continues it).
+    pub fn in_progress(&self) -> bool {
+        self.after.is_some()
+    }
+
+    pub async fn run(
+        &mut self,
+        pool: &PgPool,
+        store: &dyn ObjectStore,
+        prefix: &str,
+        min_age: Duration,
+        now: DateTime<Utc>,
+        heartbeat: &Heartbeat,
+    ) -> Result<ReconcileReport, RetentionError> {
+        let mut report = ReconcileReport::default();
+        let cutoff = chrono::Duration::from_std(min_age)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d));
+        while (report.listed as usize) < self.keys_per_run.max(1) {
+            let (page, more) = store
+                .list_page(
+                    prefix,
+                    self.after.as_deref(),
+                    self.page.clamp(1, RECONCILE_PAGE),
+                )
+                .await?;
+            report.listed += page.len() as u64;
+            if let Some(last) = page.last() {
+                self.after = Some(last.key.clone());
+            }
+            let candidates: Vec<(String, Uuid)> = page
+                .into_iter()
+                .filter(|o| cutoff.is_some_and(|c| o.last_modified.is_some_and(|t| t < c)))
+                .filter_map(|o| backup_object_id(prefix, &o.key).map(|id| (o.key, id)))
+                .collect();
+            report.old_enough += candidates.len() as u64;
+            remove_orphans(pool, store, candidates, &mut report).await?;
+            heartbeat.progress();
+            if !more {
+                self.after = None;
+                report.complete = true;
+                break;
+            }
+        }
+        Ok(report)
+    }
+}
+
+async fn remove_orphans(
+    pool: &PgPool,
+    store: &dyn ObjectStore,
+    candidates: Vec<(String, Uuid)>,
+    report: &mut ReconcileReport,
+) -> Result<(), RetentionError> {
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let (keys, ids): (Vec<String>, Vec<Uuid>) = candidates.into_iter().unzip();
+    let orphans: Vec<String> = sqlx::query_scalar(
+        "SELECT c.k FROM unnest($1::text[], $2::uuid[]) AS c(k, id)
+          WHERE NOT EXISTS (SELECT 1 FROM resource_backups b
+                             WHERE b.object_key = c.k AND b.object_key IS NOT NULL
+                               AND b.status IN ('running', 'succeeded'))
+            AND NOT EXISTS (SELECT 1 FROM resource_backups b
+                             WHERE b.id = c.id AND b.status = 'running')
+            AND NOT EXISTS (SELECT 1 FROM pending_object_deletions d WHERE d.object_key = c.k)",
+    )
+    .bind(&keys)
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    let failed = store.delete_many(&orphans).await;
+    for f in &failed {
+        tracing::warn!(object_key = %f.key, error = %f.error,
+            "removing an orphaned backup object failed; tried again next cycle");
+    }
+    report.delete_failed += failed.len() as u64;
+    report.removed += (orphans.len() - failed.len()) as u64;
+    for key in &orphans {
+        if !failed.iter().any(|f| &f.key == key) {
+            tracing::info!(object_key = %key, "removed an orphaned backup object");
+        }
+    }
+    Ok(())
+}
+
+/// One whole reconciliation cycle (tools and tests); the backups loop keeps a [`Reconciler`] so a
+/// cycle over millions of keys is spread over passes.
 pub async fn reconcile_orphans(
     pool: &PgPool,
     store: &dyn ObjectStore,
@@ -459,54 +580,11 @@ pub async fn reconcile_orphans(
     now: DateTime<Utc>,
     heartbeat: &Heartbeat,
 ) -> Result<ReconcileReport, RetentionError> {
-    let mut report = ReconcileReport::default();
-    let Some(cutoff) = chrono::Duration::from_std(min_age)
-        .ok()
-        .and_then(|d| now.checked_sub_signed(d))
-    else {
-        return Ok(report);
+    let mut r = Reconciler {
+        keys_per_run: usize::MAX,
+        ..Reconciler::default()
     };
-    let listed = store.list(prefix).await?;
-    report.listed = listed.len() as u64;
-    heartbeat.progress();
-    let candidates: Vec<(String, Uuid)> = listed
-        .into_iter()
-        .filter(|o| o.last_modified.is_some_and(|t| t < cutoff))
-        .filter_map(|o| backup_object_id(prefix, &o.key).map(|id| (o.key, id)))
-        .collect();
-    report.old_enough = candidates.len() as u64;
-    for chunk in candidates.chunks(crate::storage::DELETE_MANY_MAX_KEYS) {
-        let (keys, ids): (Vec<String>, Vec<Uuid>) = chunk.iter().cloned().unzip();
-        let orphans: Vec<String> = sqlx::query_scalar(
-            "SELECT c.k FROM unnest($1::text[], $2::uuid[]) AS c(k, id)
-              WHERE NOT EXISTS (SELECT 1 FROM resource_backups b
-                                 WHERE b.object_key = c.k AND b.object_key IS NOT NULL
-                                   AND b.status IN ('running', 'succeeded'))
-                AND NOT EXISTS (SELECT 1 FROM resource_backups b
-                                 WHERE b.id = c.id AND b.status = 'running')
-                AND NOT EXISTS (SELECT 1 FROM pending_object_deletions d WHERE d.object_key = c.k)",
-        )
-        .bind(&keys)
-        .bind(&ids)
-        .fetch_all(pool)
-        .await?;
-        if !orphans.is_empty() {
-            let failed = store.delete_many(&orphans).await;
-            for f in &failed {
-                tracing::warn!(object_key = %f.key, error = %f.error,
-                    "removing an orphaned backup object failed; tried again next time");
-            }
-            report.delete_failed += failed.len() as u64;
-            report.removed += (orphans.len() - failed.len()) as u64;
-            for key in &orphans {
-                if !failed.iter().any(|f| &f.key == key) {
-                    tracing::info!(object_key = %key, "removed an orphaned backup object");
-                }
-            }
-        }
-        heartbeat.progress();
-    }
-    Ok(report)
+    r.run(pool, store, prefix, min_age, now, heartbeat).await
 }
 
 /// Aborts uploads under `prefix` started more than `older_than` ago and never finished (the

@@ -11,7 +11,7 @@ use backup_worker::loops::{Loop, PassContext};
 use backup_worker::metrics::Metrics;
 use backup_worker::plans::{Plans, EMBEDDED_PLANS};
 use backup_worker::retention::{
-    apply_retention, reconcile_orphans, Retention, RetentionCursor, RetentionLimits,
+    apply_retention, reconcile_orphans, Reconciler, Retention, RetentionCursor, RetentionLimits,
 };
 use backup_worker::storage::{put_reader, LocalStore, Metadata, ObjectStore};
 use backup_worker::testkit::{test_config, test_deps, S3Server};
@@ -537,17 +537,38 @@ async fn reconciliation_removes_old_unreferenced_backup_objects_only(pool: PgPoo
     let foreign2 = put(format!("p/{t}/{r}/manual-copy.pgdump.gz")).await;
     age_file(&root, &foreign2, eight_hours);
 
-    let report = reconcile_orphans(
-        &pool,
-        s,
-        "p/",
-        Duration::from_secs(6 * 3600 + 3600),
-        now,
-        &Heartbeat::detached("backups"),
-    )
-    .await
-    .unwrap();
-    assert_eq!((report.removed, report.delete_failed), (3, 0), "{report:?}");
+    // Pages of 2 keys, 4 keys a run: the cycle spreads over runs, each continuing after the last
+    // key the previous one saw.
+    let mut reconciler = Reconciler {
+        keys_per_run: 4,
+        page: 2,
+        after: None,
+    };
+    let (mut removed, mut listed, mut runs) = (0, 0, 0);
+    loop {
+        let report = reconciler
+            .run(
+                &pool,
+                s,
+                "p/",
+                Duration::from_secs(6 * 3600 + 3600),
+                now,
+                &Heartbeat::detached("backups"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(report.delete_failed, 0);
+        assert!(report.listed <= 4, "{report:?}");
+        removed += report.removed;
+        listed += report.listed;
+        runs += 1;
+        if report.complete {
+            break;
+        }
+        assert!(reconciler.in_progress() && runs < 10, "{report:?}");
+    }
+    assert!(!reconciler.in_progress());
+    assert_eq!((removed, listed, runs), (3, 10, 3));
     let exists = |k: &String| {
         let store = store.clone();
         let k = k.clone();

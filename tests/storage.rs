@@ -301,6 +301,46 @@ async fn delete_many_contract(store: &dyn ObjectStore, n: usize) {
     assert!(store.delete_many(&[]).await.is_empty());
 }
 
+/// `list_page` on any store: key order, `start_after`, `more` until the last page, the prefix.
+async fn list_page_contract(store: &dyn ObjectStore) {
+    for k in ["lp/e", "lp/a", "lp/c", "lp/b", "lp/d", "lq/x"] {
+        put_reader(store, k, &b"x"[..], Metadata::new())
+            .await
+            .unwrap();
+    }
+    let mut after: Option<String> = None;
+    let mut pages = Vec::new();
+    loop {
+        let (page, more) = store.list_page("lp/", after.as_deref(), 2).await.unwrap();
+        let keys: Vec<String> = page.into_iter().map(|o| o.key).collect();
+        after = keys.last().cloned();
+        pages.push(keys);
+        if !more {
+            break;
+        }
+        assert!(pages.len() < 10, "{pages:?}");
+    }
+    assert_eq!(
+        pages,
+        [
+            vec!["lp/a".to_owned(), "lp/b".into()],
+            vec!["lp/c".into(), "lp/d".into()],
+            vec!["lp/e".into()]
+        ]
+    );
+    let (rest, more) = store.list_page("lp/", Some("lp/e"), 2).await.unwrap();
+    assert!(rest.is_empty() && !more);
+}
+
+#[tokio::test]
+async fn stores_list_a_page_at_a_time() {
+    let server = S3Server::start().await.unwrap();
+    list_page_contract(&server.store("backups").await.unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    list_page_contract(&LocalStore::new(dir.path().to_path_buf()).await.unwrap()).await;
+    list_page_contract(&MemoryStore::new()).await;
+}
+
 #[tokio::test]
 async fn s3_delete_many_batches_over_1000_keys_and_reports_failures() {
     let server = S3Server::start().await.unwrap();

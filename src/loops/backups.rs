@@ -101,6 +101,7 @@ struct Housekeeping {
     orphans: Option<Instant>,
     reconcile: Option<Instant>,
     retention_state: retention::Retention,
+    reconciler: retention::Reconciler,
 }
 
 pub struct Backups {
@@ -194,17 +195,25 @@ impl Backups {
                 Err(e) => tracing::error!(error = %e, "orphan upload sweep failed"),
             }
         }
+        // A cycle starts hourly; a store of millions of keys is walked over several passes, a
+        // bounded slice each, so claims are never starved.
+        let (reconcile, mut reconciler) = {
+            let mut h = self.housekeeping.lock().unwrap_or_else(|p| p.into_inner());
+            let go = reconcile || h.reconciler.in_progress();
+            (go, std::mem::take(&mut h.reconciler))
+        };
         if reconcile {
-            match retention::reconcile_orphans(
-                self.pool(),
-                self.deps.store.as_ref(),
-                prefix,
-                retention::orphan_object_age(self.deps.config.backup_timeout),
-                Utc::now(),
-                heartbeat,
-            )
-            .await
-            {
+            let run = reconciler
+                .run(
+                    self.pool(),
+                    self.deps.store.as_ref(),
+                    prefix,
+                    retention::orphan_object_age(self.deps.config.backup_timeout),
+                    Utc::now(),
+                    heartbeat,
+                )
+                .await;
+            match run {
                 Ok(r) => {
                     self.deps.metrics.orphan_objects_removed.inc_by(r.removed);
                     if r.removed > 0 || r.delete_failed > 0 {
@@ -212,13 +221,22 @@ impl Backups {
                             listed = r.listed,
                             removed = r.removed,
                             delete_failed = r.delete_failed,
+                            cycle_complete = r.complete,
                             "reconciliation removed orphaned backup objects"
                         );
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "reconciliation of orphaned objects failed"),
+                Err(e) => {
+                    // Start over at the next hourly cycle.
+                    reconciler.after = None;
+                    tracing::error!(error = %e, "reconciliation of orphaned objects failed");
+                }
             }
         }
+        self.housekeeping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reconciler = reconciler;
     }
 
     /// Returns rows whose lease expired (a killed pod) to pending, or fails them after their

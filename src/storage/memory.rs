@@ -108,6 +108,15 @@ impl ObjectStore for MemoryStore {
             .collect())
     }
 
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: usize,
+    ) -> Result<(Vec<ObjectInfo>, bool), StorageError> {
+        super::page_of_list(self, prefix, start_after, max_keys).await
+    }
+
     async fn list_incomplete_uploads(
         &self,
         prefix: &str,

@@ -21,6 +21,25 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use local::LocalStore;
 
+/// `list_page` for stores that list everything at once (small, local).
+async fn page_of_list(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    start_after: Option<&str>,
+    max_keys: usize,
+) -> Result<(Vec<ObjectInfo>, bool), StorageError> {
+    let mut all = store.list(prefix).await?;
+    all.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut page: Vec<ObjectInfo> = all
+        .into_iter()
+        .filter(|o| start_after.is_none_or(|after| o.key.as_str() > after))
+        .take(max_keys.saturating_add(1))
+        .collect();
+    let more = page.len() > max_keys;
+    page.truncate(max_keys);
+    Ok((page, more))
+}
+
 /// `delete_many` for stores without a batch call: one delete per key.
 async fn delete_each(store: &dyn ObjectStore, keys: &[String]) -> Vec<DeleteFailure> {
     let mut failed = Vec::new();
@@ -112,6 +131,16 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
 
     /// Every committed object whose key starts with `prefix`.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
+
+    /// One page of [`ObjectStore::list`] in key order: up to `max_keys` (at most 1000) committed
+    /// objects under `prefix` whose key sorts after `start_after`, and whether more follow. A
+    /// listing of millions of keys is walked a page at a time, in bounded memory.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: usize,
+    ) -> Result<(Vec<ObjectInfo>, bool), StorageError>;
 
     /// Uploads under `prefix` that were started but never committed or aborted.
     async fn list_incomplete_uploads(

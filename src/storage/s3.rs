@@ -318,6 +318,35 @@ impl ObjectStore for S3Store {
         Ok(out)
     }
 
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: usize,
+    ) -> Result<(Vec<ObjectInfo>, bool), StorageError> {
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_start_after(start_after.map(str::to_owned))
+            .max_keys(max_keys.clamp(1, 1000) as i32)
+            .send()
+            .await
+            .map_err(|e| request_error("ListObjectsV2", e))?;
+        let objects = page
+            .contents
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| ObjectInfo {
+                key: o.key.unwrap_or_default(),
+                size: o.size.unwrap_or(0).max(0) as u64,
+                last_modified: o.last_modified.as_ref().and_then(to_chrono),
+            })
+            .collect();
+        Ok((objects, page.is_truncated == Some(true)))
+    }
+
     async fn list_incomplete_uploads(
         &self,
         prefix: &str,
