@@ -79,9 +79,10 @@ impl Default for RetentionLimits {
 /// Where a bounded run stopped; the next run continues from here.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum RetentionCursor {
-    /// Phase A, after this (finished_at, id); `None`: from the oldest.
+    /// A new cycle: phase A from the oldest row.
     #[default]
     Start,
+    /// Phase A, after this (finished_at, id).
     ByAge(DateTime<Utc>, Uuid),
     /// Phase B, after this team id (`None`: from the first).
     ByTeam(Option<Uuid>),
