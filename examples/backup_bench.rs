@@ -26,7 +26,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use backup_worker::gzip::{Deflate, GzipEncoder};
-use backup_worker::testkit::{S3Server, TEST_ACCESS_KEY};
+use backup_worker_testkit::{S3Server, TEST_ACCESS_KEY};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Executor};
 

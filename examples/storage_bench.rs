@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use backup_worker::storage::{LocalStore, Metadata, ObjectStore};
-use backup_worker::testkit::S3Server;
+use backup_worker_testkit::S3Server;
 
 fn parse_size(s: &str) -> Option<u64> {
     let (num, mult) = match s.chars().last()? {

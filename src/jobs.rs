@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::health::Heartbeat;
 use crate::pass::{LoopError, PassContext};
 
 use crate::domain::FailureReason;
@@ -505,7 +506,9 @@ pub trait Queue: Send + Sync + 'static {
     /// Jobs at once in this replica.
     fn concurrency(&self) -> usize;
     /// Recovery sweeps and the like; called before each round of claims. Logs its own errors.
-    async fn housekeeping(&self);
+    /// Long housekeeping (retention, reconciliation) calls `heartbeat.progress()` as it goes, so
+    /// /healthz never takes it for a stall.
+    async fn housekeeping(&self, heartbeat: &Heartbeat);
     /// Claims one due row, or `None`.
     async fn claim(&self) -> Result<Option<Self::Job>, sqlx::Error>;
     /// Runs a claimed job to a written-down result; `abort` cancels it (shutdown grace over).
@@ -519,7 +522,7 @@ pub async fn drive<Q: Queue>(queue: &Arc<Q>, ctx: &PassContext) -> Result<(), Lo
     let mut running = JoinSet::new();
     let mut claim_error = None;
     loop {
-        queue.housekeeping().await;
+        queue.housekeeping(&ctx.heartbeat).await;
         while claim_error.is_none()
             && running.len() < queue.concurrency()
             && !ctx.shutdown.is_cancelled()

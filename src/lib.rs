@@ -26,7 +26,5 @@ pub mod restore;
 pub mod retention;
 pub mod secret;
 pub mod storage;
-#[doc(hidden)]
-pub mod testkit;
 
 pub use app::{run, Deps, RunOptions};

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub propagations_waiting: IntGauge,
     pub backed_up_resources: IntGauge,
     pub stale_uploads_aborted: IntCounter,
+    pub orphan_objects_removed: IntCounter,
     pub loop_restarts: IntCounterVec,
     pub loop_busy: IntGaugeVec,
     pub loop_last_progress: IntGaugeVec,
@@ -229,7 +230,12 @@ impl Metrics {
             stale_uploads_aborted: counter(
                 &r,
                 "backup_worker_stale_uploads_aborted_total",
-                "Incomplete multipart uploads older than a day aborted by the orphan sweep.",
+                "Incomplete uploads aborted by the orphan sweep (older than max(1 day, BACKUP_TIMEOUT + 1 h)).",
+            )?,
+            orphan_objects_removed: counter(
+                &r,
+                "backup_worker_orphan_objects_removed_total",
+                "Backup objects no running or succeeded row references, older than BACKUP_TIMEOUT + 1 h, removed by the reconciliation.",
             )?,
             loop_restarts: counter_vec(
                 &r,

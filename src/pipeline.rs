@@ -198,12 +198,13 @@ pub async fn gzip_to_upload<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{MemoryStore, Metadata, ObjectStore};
+    use crate::storage::{LocalStore, Metadata, ObjectStore};
     use std::io::Read;
 
     #[tokio::test]
     async fn gzip_and_hash_what_is_stored() {
-        let store = MemoryStore::new();
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf()).await.unwrap();
         let raw: Vec<u8> = b"PGDMP"
             .iter()
             .copied()
@@ -235,7 +236,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.check, Ok(String::new()));
         up.commit(Metadata::new()).await.unwrap();
-        let stored = store.bytes("k").unwrap();
+        let stored = std::fs::read(dir.path().join("k")).unwrap();
         assert_eq!(s.raw_bytes, raw.len() as u64);
         assert_eq!(s.stored_bytes, stored.len() as u64);
         assert_eq!(s.sha256, hex::encode(Sha256::digest(&stored)));

@@ -13,7 +13,7 @@ use backup_worker::loops::backups::Backups;
 use backup_worker::loops::{Loop, PassContext};
 use backup_worker::process::Tools;
 use backup_worker::storage::{LocalStore, ObjectStore};
-use backup_worker::testkit::{test_config, test_deps, PgServer, RedisServer, S3Server};
+use backup_worker_testkit::{test_config, test_deps, PgServer, RedisServer, S3Server};
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -221,14 +221,14 @@ async fn postgres_failures_are_classified(pool: PgPool) {
     let pg = PgServer::start().await.unwrap();
     let url = source_db(&pg).await;
     let wrong = url.replace(&pg.password, "wrong-password-zz9");
-    let store: Arc<dyn ObjectStore> = Arc::new(backup_worker::storage::MemoryStore::new());
+    let store: Arc<dyn ObjectStore> = Arc::new(backup_worker_testkit::MemoryStore::new());
     let d = deps(&pool, store.clone(), Tools::default(), &[]);
 
     let (_, auth_res) = resource(&pool, "postgres", &wrong).await;
     let auth = enqueue(&pool, auth_res).await;
     let closed = format!(
         "postgres://postgres:pw@127.0.0.1:{}/db",
-        backup_worker::testkit::free_port().unwrap()
+        backup_worker_testkit::free_port().unwrap()
     );
     let (_, closed_res) = resource(&pool, "vector", &closed).await;
     let unreachable = enqueue(&pool, closed_res).await;
@@ -604,7 +604,7 @@ async fn secrets_stay_out_of_argv_logs_and_rows(pool: PgPool) {
         "sentinel-redis-wrong-7373",
     ];
 
-    let db = backup_worker::testkit::database_url(&pool);
+    let db = backup_worker_testkit::database_url(&pool);
     let store = tempfile::tempdir().unwrap();
     let path = format!("{}:{}", wrappers.display(), std::env::var("PATH").unwrap());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"))
@@ -674,7 +674,7 @@ async fn redis_cli_gets_the_jobs_private_home_and_tmpdir(pool: PgPool) {
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     let tools = Tools::default().with_override("redis-cli", fake.clone());
-    let store: Arc<dyn ObjectStore> = Arc::new(backup_worker::storage::MemoryStore::new());
+    let store: Arc<dyn ObjectStore> = Arc::new(backup_worker_testkit::MemoryStore::new());
     let d = deps(&pool, store, tools, &[]);
     // No database in the URL: instance mode, through redis-cli.
     let (_, res) = resource(&pool, "redis", "redis://:env-pw-1234@127.0.0.1:6379").await;

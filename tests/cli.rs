@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use backup_worker::config::ENV_VARS;
-use backup_worker::testkit::{free_port, http_get, wait_until};
+use backup_worker_testkit::{free_port, http_get, wait_until};
 use sqlx::PgPool;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
@@ -16,7 +16,7 @@ const PASSWORD: &str = "pw-never-logged-7f3a";
 
 /// The per-test database's URL, with a password (trust auth ignores it; it must never be shown).
 fn db_url(pool: &PgPool) -> String {
-    let mut url = url::Url::parse(&backup_worker::testkit::database_url(pool)).unwrap();
+    let mut url = url::Url::parse(&backup_worker_testkit::database_url(pool)).unwrap();
     let _ = url.set_password(Some(PASSWORD));
     url.to_string()
 }

@@ -13,7 +13,7 @@ use backup_worker::loops::backups::Backups;
 use backup_worker::loops::restores::Restores;
 use backup_worker::loops::{Loop, PassContext};
 use backup_worker::storage::{put_reader, LocalStore, Metadata, ObjectStore};
-use backup_worker::testkit::{database_url, test_config, test_deps};
+use backup_worker_testkit::{database_url, test_config, test_deps};
 use sha2::Digest;
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;

@@ -13,7 +13,7 @@ use backup_worker::loops::verifier::Verifier;
 use backup_worker::loops::{Loop, PassContext};
 use backup_worker::process::Tools;
 use backup_worker::storage::ObjectStore;
-use backup_worker::testkit::{database_url, test_config, test_deps, PgServer, RedisServer};
+use backup_worker_testkit::{database_url, test_config, test_deps, PgServer, RedisServer};
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

@@ -531,7 +531,7 @@ async fn the_binary_applies_rows_through_a_host_port_provisioner_addr(pool: PgPo
     let h = harness(&pool, Duration::ZERO, Box::new(|_, _| ok())).await;
     let (team, res) = team_with(&pool, 2).await;
     let id = propagation(&pool, "tier_elevation", team, None, 0).await;
-    let url = backup_worker::testkit::database_url(&pool);
+    let url = backup_worker_testkit::database_url(&pool);
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"));
     for v in backup_worker::config::ENV_VARS {
         cmd.env_remove(v);
@@ -560,7 +560,7 @@ fn gated() -> Arc<Semaphore> {
 }
 
 async fn wait_for_calls(fake: &Fake, n: usize) {
-    backup_worker::testkit::wait_until(
+    backup_worker_testkit::wait_until(
         Duration::from_secs(20),
         "the provisioner to receive a call",
         || async { fake.started.load(Ordering::SeqCst) >= n },

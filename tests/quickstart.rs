@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use backup_worker::testkit::PgServer;
+use backup_worker_testkit::PgServer;
 use sqlx::{Connection, Executor, PgConnection};
 
 const BIN: &str = env!("CARGO_BIN_EXE_backup-worker");

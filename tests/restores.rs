@@ -13,7 +13,7 @@ use backup_worker::loops::restores::Restores;
 use backup_worker::loops::{Loop, PassContext};
 use backup_worker::process::Tools;
 use backup_worker::storage::{put_reader, Metadata, ObjectStore};
-use backup_worker::testkit::{test_config, test_deps, PgServer, RedisServer, S3Server};
+use backup_worker_testkit::{test_config, test_deps, PgServer, RedisServer, S3Server};
 use sqlx::{Connection, Executor, PgConnection, PgPool, Row as _};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
@@ -1718,7 +1718,7 @@ async fn mongodb_clones_across_database_names_and_refuses_a_restore_of_nothing(p
 
 #[sqlx::test]
 async fn a_restore_into_the_workers_own_control_database_is_refused(pool: PgPool) {
-    let control = backup_worker::testkit::database_url(&pool);
+    let control = backup_worker_testkit::database_url(&pool);
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(
         backup_worker::storage::LocalStore::new(dir.path().to_path_buf())

@@ -380,7 +380,7 @@ async fn rpo_breached_gauge(pool: PgPool) {
 async fn run_once_only_scheduler_is_one_tick(pool: PgPool) {
     let t = team(&pool, "pro").await;
     let r = resource(&pool, t, "postgres", "active").await;
-    let url = backup_worker::testkit::database_url(&pool);
+    let url = backup_worker_testkit::database_url(&pool);
     let dir = tempfile::tempdir().unwrap();
     for _ in 0..2 {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"))
@@ -577,4 +577,124 @@ async fn due_decisions_and_timestamps_follow_the_database_clock(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!((created_at, run_after), (db_now, db_now));
+}
+
+/// The API cancels a pending manual backup by deleting its row: the marks forget it, so the
+/// resource's next scheduled backup is not held back by the window of a row that no longer exists.
+#[sqlx::test]
+async fn a_deleted_pending_backup_does_not_delay_the_next_scheduled_one(pool: PgPool) {
+    let (s, _) = scheduler(&pool);
+    let r = resource(&pool, team(&pool, "pro").await, "postgres", "active").await;
+    // Hourly plan, last backed up two hours ago: due.
+    succeeded_backup(&pool, r, at(22, 1)).await;
+    let manual: Uuid = sqlx::query_scalar(
+        "INSERT INTO resource_backups (resource_id, kind, created_at) VALUES ($1, 'manual', $2)
+         RETURNING id",
+    )
+    .bind(r)
+    .bind(at(22, 3))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    // While the manual row waits, nothing else is queued for the resource.
+    assert_eq!(
+        s.tick(at(22, 3) + chrono::Duration::minutes(1))
+            .await
+            .unwrap()
+            .total(),
+        0
+    );
+    sqlx::query("DELETE FROM resource_backups WHERE id = $1")
+        .bind(manual)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = s
+        .tick(at(22, 3) + chrono::Duration::minutes(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        report.total(),
+        1,
+        "enqueued again at once, not an RPO later"
+    );
+    assert_eq!(pending(&pool, r).await, 1);
+}
+
+#[sqlx::test]
+async fn backup_marks_are_recomputed_from_the_rows_left_after_a_delete(pool: PgPool) {
+    let r = resource(&pool, team(&pool, "pro").await, "redis", "active").await;
+    let other = resource(&pool, team(&pool, "pro").await, "redis", "active").await;
+    let marks = |id: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (DateTime<Utc>, Option<DateTime<Utc>>)>(
+                "SELECT last_created_at, last_succeeded_at FROM resource_backup_marks
+                  WHERE resource_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let delete = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query(sql).execute(&pool).await.unwrap() }
+    };
+    succeeded_backup(&pool, r, at(20, 1)).await;
+    succeeded_backup(&pool, r, at(21, 1)).await;
+    succeeded_backup(&pool, other, at(21, 5)).await;
+    // A newer backup that failed verification is not a good backup (as 20261124000001 counts).
+    succeeded_backup(&pool, r, at(21, 9)).await;
+    sqlx::query("UPDATE resource_backups SET verify_status = 'failed' WHERE created_at = $1")
+        .bind(at(21, 9))
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO resource_backups (resource_id, kind, status, created_at) VALUES ($1, 'manual', 'failed', $2)")
+        .bind(r)
+        .bind(at(22, 2))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(marks(r).await, Some((at(22, 2), Some(at(21, 1)))));
+
+    // Deleting the newest row (of any status) moves last_created_at back to the next one, and the
+    // succeeded mark is recomputed with the same rule: the backup that failed verification still
+    // does not count.
+    delete("DELETE FROM resource_backups WHERE status = 'failed'").await;
+    assert_eq!(marks(r).await, Some((at(21, 9), Some(at(21, 1)))));
+    delete("DELETE FROM resource_backups WHERE verify_status = 'failed'").await;
+    assert_eq!(marks(r).await, Some((at(21, 1), Some(at(21, 1)))));
+    // Deleting the newest succeeded row moves last_succeeded_at back.
+    succeeded_backup(&pool, r, at(21, 12)).await;
+    assert_eq!(marks(r).await, Some((at(21, 12), Some(at(21, 12)))));
+    sqlx::query("DELETE FROM resource_backups WHERE resource_id = $1 AND created_at = $2")
+        .bind(r)
+        .bind(at(21, 12))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(marks(r).await, Some((at(21, 1), Some(at(21, 1)))));
+    // Deleting an older row changes nothing; another resource's marks are never touched.
+    sqlx::query("DELETE FROM resource_backups WHERE resource_id = $1 AND created_at = $2")
+        .bind(r)
+        .bind(at(20, 1))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(marks(r).await, Some((at(21, 1), Some(at(21, 1)))));
+    assert_eq!(marks(other).await, Some((at(21, 5), Some(at(21, 5)))));
+    // Expired rows still count as backed up (the catch-up rule): only their deletion moves it.
+    sqlx::query("UPDATE resource_backups SET status = 'expired' WHERE resource_id = $1")
+        .bind(r)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(marks(r).await, Some((at(21, 1), Some(at(21, 1)))));
+    // A resource with no rows left has no marks: never backed up, so overdue.
+    delete("DELETE FROM resource_backups").await;
+    assert_eq!(marks(r).await, None);
+    assert_eq!(marks(other).await, None);
 }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backup_worker::storage::{
-    put_reader, LocalStore, MemoryStore, Metadata, ObjectStore, StorageError, S3_MIN_PART_SIZE,
+    put_reader, LocalStore, Metadata, ObjectStore, StorageError, S3_MIN_PART_SIZE,
 };
-use backup_worker::testkit::{wait_until, S3Server};
+use backup_worker_testkit::MemoryStore;
+use backup_worker_testkit::{wait_until, S3Server};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
@@ -267,4 +268,166 @@ async fn local_store_contract() {
 async fn memory_store_contract() {
     let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
     store_contract(store.as_ref()).await;
+}
+
+/// `delete_many` on any store: more keys than one DeleteObjects request carries, some of them
+/// never written; every object goes, other objects stay, nothing is reported failed.
+async fn delete_many_contract(store: &dyn ObjectStore, n: usize) {
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let key = format!("dm/res/{i:05}.pgdump.gz");
+        put_reader(store, &key, &b"x"[..], Metadata::new())
+            .await
+            .unwrap();
+        keys.push(key);
+    }
+    put_reader(store, "dm/keep/other.gz", &b"y"[..], Metadata::new())
+        .await
+        .unwrap();
+    // Missing keys (never written) inside each request's range.
+    keys.insert(3, "dm/res/missing-a.gz".into());
+    keys.push("dm/res/missing-b.gz".into());
+    let failed = store.delete_many(&keys).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let left: Vec<String> = store
+        .list("dm/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(left, ["dm/keep/other.gz"]);
+    // Deleting them again (all gone) is no failure either, and an empty list does nothing.
+    assert!(store.delete_many(&keys[..10]).await.is_empty());
+    assert!(store.delete_many(&[]).await.is_empty());
+}
+
+/// `list_page` on any store: key order, `start_after`, `more` until the last page, the prefix.
+async fn list_page_contract(store: &dyn ObjectStore) {
+    for k in ["lp/e", "lp/a", "lp/c", "lp/b", "lp/d", "lq/x"] {
+        put_reader(store, k, &b"x"[..], Metadata::new())
+            .await
+            .unwrap();
+    }
+    let mut after: Option<String> = None;
+    let mut pages = Vec::new();
+    loop {
+        let (page, more) = store.list_page("lp/", after.as_deref(), 2).await.unwrap();
+        let keys: Vec<String> = page.into_iter().map(|o| o.key).collect();
+        after = keys.last().cloned();
+        pages.push(keys);
+        if !more {
+            break;
+        }
+        assert!(pages.len() < 10, "{pages:?}");
+    }
+    assert_eq!(
+        pages,
+        [
+            vec!["lp/a".to_owned(), "lp/b".into()],
+            vec!["lp/c".into(), "lp/d".into()],
+            vec!["lp/e".into()]
+        ]
+    );
+    let (rest, more) = store.list_page("lp/", Some("lp/e"), 2).await.unwrap();
+    assert!(rest.is_empty() && !more);
+}
+
+#[tokio::test]
+async fn stores_list_a_page_at_a_time() {
+    let server = S3Server::start().await.unwrap();
+    list_page_contract(&server.store("backups").await.unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    list_page_contract(&LocalStore::new(dir.path().to_path_buf()).await.unwrap()).await;
+    list_page_contract(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn s3_delete_many_batches_over_1000_keys_and_reports_failures() {
+    let server = S3Server::start().await.unwrap();
+    let store = server.store("backups").await.unwrap();
+    // 1,203 keys + 2 missing: two DeleteObjects requests, each with the checksum S3 requires.
+    delete_many_contract(&store, 1203).await;
+
+    // A request that fails as a whole reports every key it carried, each once.
+    let missing = backup_worker::storage::S3Store::new(server.settings("no-such-bucket")).await;
+    let keys: Vec<String> = (0..1001).map(|i| format!("k/{i}")).collect();
+    let failed = missing.delete_many(&keys).await;
+    assert_eq!(failed.len(), keys.len());
+    assert_eq!(failed[1000].key, "k/1000");
+    assert!(
+        failed[0].error.contains("DeleteObjects"),
+        "{}",
+        failed[0].error
+    );
+}
+
+#[tokio::test]
+async fn local_and_memory_delete_many() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalStore::new(dir.path().join("objects")).await.unwrap();
+    delete_many_contract(&local, 1005).await;
+    // Sidecars went with their objects.
+    let sidecars = std::fs::read_dir(dir.path().join("objects/dm/res"))
+        .unwrap()
+        .count();
+    assert_eq!(sidecars, 0);
+    delete_many_contract(&MemoryStore::new(), 1005).await;
+
+    // A key the local store cannot delete is reported, the others still go.
+    put_reader(&local, "dm/a.gz", &b"x"[..], Metadata::new())
+        .await
+        .unwrap();
+    let failed = local
+        .delete_many(&["../escape".to_owned(), "dm/a.gz".to_owned()])
+        .await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].key, "../escape");
+    assert!(local.list("dm/a").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn local_objects_are_private_files_in_private_directories() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("a/objects");
+    let store = LocalStore::new(root.clone()).await.unwrap();
+    let key = "p/team/res/20261122T101500Z-id.pgdump.gz";
+    let mut up = store.begin_upload(key, Metadata::new()).await.unwrap();
+    up.write(b"secret rows").await.unwrap();
+    // The partial file is private from its first byte.
+    let partial = std::fs::read_dir(root.join("p/team/res"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains(".partial-"))
+        .unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&partial), 0o600);
+    up.commit(meta(&[("sha256", "x")])).await.unwrap();
+    assert_eq!(mode(&root.join(key)), 0o600, "object");
+    assert_eq!(
+        mode(&root.join(format!("{key}.meta.json"))),
+        0o600,
+        "sidecar"
+    );
+    for d in [
+        "a",
+        "a/objects",
+        "a/objects/p",
+        "a/objects/p/team",
+        "a/objects/p/team/res",
+    ] {
+        assert_eq!(mode(&dir.path().join(d)), 0o700, "{d}");
+    }
+    // A directory that existed before is left as it was (the root may be a shared volume).
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s2 = LocalStore::new(shared.clone()).await.unwrap();
+    put_reader(&s2, "t/r/o.gz", &b"x"[..], Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(mode(&shared), 0o755);
+    assert_eq!(mode(&shared.join("t")), 0o700);
+    assert_eq!(mode(&shared.join("t/r/o.gz")), 0o600);
 }

@@ -15,7 +15,7 @@ use backup_worker::loops::verifier::Verifier;
 use backup_worker::loops::{Loop, PassContext};
 use backup_worker::process::Tools;
 use backup_worker::storage::ObjectStore;
-use backup_worker::testkit::{
+use backup_worker_testkit::{
     database_url, test_config, test_deps, wait_until, PgServer, RedisServer,
 };
 use serde_json::Value;

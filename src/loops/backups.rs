@@ -18,6 +18,7 @@ use crate::deps::Deps;
 use crate::domain::{FailureReason, ResourceType};
 use crate::engines::{self, DumpSource};
 use crate::gzip::Deflate;
+use crate::health::Heartbeat;
 use crate::jobs::{self, FailureOutcome, JobTable, Lease};
 use crate::pipeline::{gzip_to_upload, PipelineError, Streamed};
 use crate::retention;
@@ -77,19 +78,25 @@ pub fn object_key(
     )
 }
 
-/// How often each replica runs retention, and the orphan-upload sweep (and how old an
-/// incomplete upload must be to count as orphaned).
+/// How often each replica runs retention, the orphan-upload sweep and the reconciliation of
+/// orphaned objects.
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
 const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+const RECONCILE_EVERY: Duration = Duration::from_secs(3600);
+/// The least age of an incomplete upload the sweep aborts; the age applied is
+/// [`retention::orphan_upload_age`] (never less than `BACKUP_TIMEOUT` + 1 h).
 pub const ORPHAN_UPLOAD_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// When each housekeeping task last ran in this process (`None`: never, so it runs on the first
-/// pass — which is what `--once` gets).
+/// pass — which is what `--once` gets), and where bounded retention runs continue.
 #[derive(Default)]
 struct Housekeeping {
     recovery: Option<Instant>,
     retention: Option<Instant>,
     orphans: Option<Instant>,
+    reconcile: Option<Instant>,
+    retention_state: retention::Retention,
+    reconciler: retention::Reconciler,
 }
 
 pub struct Backups {
@@ -108,16 +115,18 @@ impl Backups {
     }
 
     /// Stuck-row recovery (every pass and, while jobs run, at least every lease or 10 s),
-    /// retention (every 10 min) and the orphan-upload sweep (hourly). Failures are logged: they
-    /// must not stop backups.
-    async fn housekeeping(&self) {
-        let (recover, retain, orphans) = {
+    /// retention (every 10 min, bounded, continued next run), the orphan-upload sweep and the
+    /// reconciliation of orphaned objects (hourly). Long work reports progress on the loop's
+    /// heartbeat. Failures are logged: they must not stop backups.
+    async fn housekeeping(&self, heartbeat: &Heartbeat) {
+        let (recover, retain, orphans, reconcile) = {
             let mut h = self.housekeeping.lock().unwrap_or_else(|p| p.into_inner());
             let sweep_every = self.deps.config.lease.min(Duration::from_secs(10));
             (
                 jobs::due(&mut h.recovery, sweep_every),
                 jobs::due(&mut h.retention, RETENTION_EVERY),
                 jobs::due(&mut h.orphans, ORPHAN_SWEEP_EVERY),
+                jobs::due(&mut h.reconcile, RECONCILE_EVERY),
             )
         };
         self.claimer.settle(self.pool()).await;
@@ -136,33 +145,46 @@ impl Backups {
             }
         }
         if retain {
-            match retention::apply_retention(
-                self.pool(),
-                self.deps.store.as_ref(),
-                &self.deps.plans,
-                Utc::now(),
-            )
-            .await
-            {
-                Ok(r) if r.expired > 0 => {
+            // The state leaves the lock for the run (the lock is never held across an await).
+            let mut state = {
+                let mut h = self.housekeeping.lock().unwrap_or_else(|p| p.into_inner());
+                std::mem::take(&mut h.retention_state)
+            };
+            let run = state
+                .run(
+                    self.pool(),
+                    self.deps.store.as_ref(),
+                    &self.deps.plans,
+                    Utc::now(),
+                    heartbeat,
+                )
+                .await;
+            self.housekeeping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retention_state = state;
+            match run {
+                Ok(r) => {
                     self.deps.metrics.backups_expired.inc_by(r.expired);
-                    tracing::info!(
-                        expired = r.expired,
-                        already_gone = r.already_gone,
-                        delete_failed = r.delete_failed,
-                        "retention expired backups"
-                    );
+                    if r.expired > 0 || r.incomplete {
+                        tracing::info!(
+                            expired = r.expired,
+                            batches = r.batches,
+                            delete_failed = r.delete_failed,
+                            continues_next_run = r.incomplete,
+                            "retention expired backups"
+                        );
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "retention failed"),
             }
         }
+        let prefix = self.deps.config.storage_url.prefix();
         if orphans {
-            let prefix = self.deps.config.storage_url.prefix();
             match retention::abort_stale_uploads(
                 self.deps.store.as_ref(),
                 prefix,
-                ORPHAN_UPLOAD_AGE,
+                retention::orphan_upload_age(self.deps.config.backup_timeout),
                 Utc::now(),
             )
             .await
@@ -171,6 +193,48 @@ impl Backups {
                 Err(e) => tracing::error!(error = %e, "orphan upload sweep failed"),
             }
         }
+        // A cycle starts hourly; a store of millions of keys is walked over several passes, a
+        // bounded slice each, so claims are never starved.
+        let (reconcile, mut reconciler) = {
+            let mut h = self.housekeeping.lock().unwrap_or_else(|p| p.into_inner());
+            let go = reconcile || h.reconciler.in_progress();
+            (go, std::mem::take(&mut h.reconciler))
+        };
+        if reconcile {
+            let run = reconciler
+                .run(
+                    self.pool(),
+                    self.deps.store.as_ref(),
+                    prefix,
+                    retention::orphan_object_age(self.deps.config.backup_timeout),
+                    Utc::now(),
+                    heartbeat,
+                )
+                .await;
+            match run {
+                Ok(r) => {
+                    self.deps.metrics.orphan_objects_removed.inc_by(r.removed);
+                    if r.removed > 0 || r.delete_failed > 0 {
+                        tracing::info!(
+                            listed = r.listed,
+                            removed = r.removed,
+                            delete_failed = r.delete_failed,
+                            cycle_complete = r.complete,
+                            "reconciliation removed orphaned backup objects"
+                        );
+                    }
+                }
+                Err(e) => {
+                    // Start over at the next hourly cycle.
+                    reconciler.after = None;
+                    tracing::error!(error = %e, "reconciliation of orphaned objects failed");
+                }
+            }
+        }
+        self.housekeeping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reconciler = reconciler;
     }
 
     /// Returns rows whose lease expired (a killed pod) to pending, or fails them after their
@@ -627,8 +691,8 @@ impl jobs::Queue for Backups {
         self.deps.config.backup_concurrency
     }
 
-    async fn housekeeping(&self) {
-        Backups::housekeeping(self).await;
+    async fn housekeeping(&self, heartbeat: &Heartbeat) {
+        Backups::housekeeping(self, heartbeat).await;
     }
 
     async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {

@@ -377,7 +377,7 @@ impl jobs::Queue for Restores {
         self.deps.config.restore_concurrency
     }
 
-    async fn housekeeping(&self) {
+    async fn housekeeping(&self, _heartbeat: &crate::health::Heartbeat) {
         self.claimer.settle(self.pool()).await;
         let due = {
             let mut last = self.last_recovery.lock().unwrap_or_else(|p| p.into_inner());

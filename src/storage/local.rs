@@ -1,6 +1,9 @@
 //! A local directory as object store (`file://`): the embedded default, for a laptop or a volume.
 //! Writes go to a hidden `.name.partial-<id>` file beside the target and are renamed on commit, so
 //! readers never see half an object. Metadata lives in a `<key>.meta.json` sidecar.
+//!
+//! Backups are customer data: every file is created 0600 and every directory the store creates
+//! 0700, whatever the process umask (the mode is set explicitly after creation).
 
 use std::path::{Path, PathBuf};
 
@@ -10,12 +13,16 @@ use tokio::fs;
 use tokio::io::{AsyncWriteExt, BufWriter};
 
 use super::{
-    validate_key, IncompleteUpload, Metadata, ObjectInfo, ObjectReader, ObjectStore, StorageError,
-    Upload,
+    validate_key, DeleteFailure, IncompleteUpload, Metadata, ObjectInfo, ObjectReader, ObjectStore,
+    StorageError, Upload,
 };
 
 const META_SUFFIX: &str = ".meta.json";
 const PARTIAL_MARKER: &str = ".partial-";
+/// Objects and sidecars: readable by the worker's user only.
+const FILE_MODE: u32 = 0o600;
+/// Directories the store creates.
+const DIR_MODE: u32 = 0o700;
 
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -39,11 +46,62 @@ fn meta_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Creates `dir` and any missing parents, each new one 0700 whatever the umask. Directories that
+/// already exist are left as they are (the root may be a volume someone else owns).
+async fn create_private_dirs(dir: &Path) -> Result<(), StorageError> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        match fs::metadata(d).await {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => break, // not a directory: create_dir below reports it
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                missing.push(d.to_path_buf());
+                cur = d.parent().filter(|p| !p.as_os_str().is_empty());
+            }
+            Err(e) => return Err(io_err("stat", d)(e)),
+        }
+    }
+    for d in missing.into_iter().rev() {
+        let mut builder = fs::DirBuilder::new();
+        builder.mode(DIR_MODE);
+        match builder.create(&d).await {
+            Ok(()) => {}
+            // Another upload created it meanwhile: it is ours all the same.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err("create", &d)(e)),
+        }
+        set_mode(&d, DIR_MODE).await?;
+    }
+    Ok(())
+}
+
+async fn set_mode(path: &Path, mode: u32) -> Result<(), StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .await
+        .map_err(io_err("chmod", path))
+}
+
+/// Creates a new file 0600 (whatever the umask) for writing; fails if it exists.
+async fn create_private_file(path: &Path) -> Result<fs::File, StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .await
+        .map_err(io_err("create", path))?;
+    file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
+        .await
+        .map_err(io_err("chmod", path))?;
+    Ok(file)
+}
+
 impl LocalStore {
     pub async fn new(root: PathBuf) -> Result<Self, StorageError> {
-        fs::create_dir_all(&root)
-            .await
-            .map_err(io_err("create", &root))?;
+        create_private_dirs(&root).await?;
         Ok(Self { root })
     }
 
@@ -111,20 +169,13 @@ impl ObjectStore for LocalStore {
     ) -> Result<Box<dyn Upload>, StorageError> {
         let path = self.path_of(key)?;
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        fs::create_dir_all(&dir)
-            .await
-            .map_err(io_err("create", &dir))?;
+        create_private_dirs(&dir).await?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let partial = dir.join(format!(".{name}{PARTIAL_MARKER}{}", uuid::Uuid::new_v4()));
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&partial)
-            .await
-            .map_err(io_err("create", &partial))?;
+        let file = create_private_file(&partial).await?;
         Ok(Box::new(LocalUpload {
             file: Some(BufWriter::with_capacity(256 * 1024, file)),
             partial,
@@ -183,6 +234,10 @@ impl ObjectStore for LocalStore {
         Ok(())
     }
 
+    async fn delete_many(&self, keys: &[String]) -> Vec<DeleteFailure> {
+        super::delete_each(self, keys).await
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         Ok(self
             .walk()
@@ -197,6 +252,15 @@ impl ObjectStore for LocalStore {
                 last_modified: mtime(&meta),
             })
             .collect())
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: usize,
+    ) -> Result<(Vec<ObjectInfo>, bool), StorageError> {
+        super::page_of_list(self, prefix, start_after, max_keys).await
     }
 
     async fn list_incomplete_uploads(
@@ -269,9 +333,17 @@ impl LocalUpload {
             path: sidecar.display().to_string(),
             source: std::io::Error::other(e),
         })?;
-        fs::write(&sidecar_tmp, json)
+        let _ = fs::remove_file(&sidecar_tmp).await;
+        let mut meta_file = create_private_file(&sidecar_tmp).await?;
+        meta_file
+            .write_all(&json)
             .await
             .map_err(io_err("write", &sidecar_tmp))?;
+        meta_file
+            .flush()
+            .await
+            .map_err(io_err("write", &sidecar_tmp))?;
+        drop(meta_file);
         fs::rename(&sidecar_tmp, &sidecar)
             .await
             .map_err(io_err("rename", &sidecar))?;

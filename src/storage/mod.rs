@@ -1,12 +1,11 @@
-//! The object-storage seam: one narrow trait, with S3 (any S3-compatible store), local-directory
-//! and in-memory implementations. Keys are bucket-relative and include the configured prefix.
+//! The object-storage seam: one narrow trait, with S3 (any S3-compatible store) and local-directory
+//! implementations (an in-memory one for tests lives in the dev-only testkit crate). Keys are bucket-relative and include the configured prefix.
 //!
 //! Uploads are streamed: [`ObjectStore::begin_upload`] returns an [`Upload`] that buffers at most a
 //! few parts, and nothing is visible under the key until [`Upload::commit`]. An upload that is
 //! aborted, fails, or is dropped uncommitted leaves nothing behind (no object, no multipart parts).
 
 mod local;
-mod memory;
 mod s3;
 
 use std::collections::BTreeMap;
@@ -20,7 +19,39 @@ use chrono::{DateTime, Utc};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use local::LocalStore;
-pub use memory::MemoryStore;
+
+/// `list_page` for stores that list everything at once (small, local).
+pub async fn page_of_list(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    start_after: Option<&str>,
+    max_keys: usize,
+) -> Result<(Vec<ObjectInfo>, bool), StorageError> {
+    let mut all = store.list(prefix).await?;
+    all.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut page: Vec<ObjectInfo> = all
+        .into_iter()
+        .filter(|o| start_after.is_none_or(|after| o.key.as_str() > after))
+        .take(max_keys.saturating_add(1))
+        .collect();
+    let more = page.len() > max_keys;
+    page.truncate(max_keys);
+    Ok((page, more))
+}
+
+/// `delete_many` for stores without a batch call: one delete per key.
+pub async fn delete_each(store: &dyn ObjectStore, keys: &[String]) -> Vec<DeleteFailure> {
+    let mut failed = Vec::new();
+    for key in keys {
+        if let Err(e) = store.delete(key).await {
+            failed.push(DeleteFailure {
+                key: key.clone(),
+                error: e.to_string(),
+            });
+        }
+    }
+    failed
+}
 pub use s3::{S3Settings, S3Store, S3_MIN_PART_SIZE};
 
 /// Options for S3-compatible stores (R2, Spaces, MinIO); credentials come from the AWS chain.
@@ -61,6 +92,16 @@ pub struct ObjectInfo {
     pub last_modified: Option<DateTime<Utc>>,
 }
 
+/// A key [`ObjectStore::delete_many`] could not delete, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteFailure {
+    pub key: String,
+    pub error: String,
+}
+
+/// Most keys one S3 DeleteObjects request may carry.
+pub const DELETE_MANY_MAX_KEYS: usize = 1000;
+
 /// An upload started but neither committed nor aborted (a multipart upload on S3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncompleteUpload {
@@ -87,8 +128,23 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// Deletes an object; deleting one that is already gone is not an error.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
+    /// Deletes many objects, in requests of at most [`DELETE_MANY_MAX_KEYS`] keys (S3
+    /// DeleteObjects). A key already gone is deleted; the keys that could not be deleted are
+    /// returned with why (a request that failed as a whole reports every key it carried).
+    async fn delete_many(&self, keys: &[String]) -> Vec<DeleteFailure>;
+
     /// Every committed object whose key starts with `prefix`.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
+
+    /// One page of [`ObjectStore::list`] in key order: up to `max_keys` (at most 1000) committed
+    /// objects under `prefix` whose key sorts after `start_after`, and whether more follow. A
+    /// listing of millions of keys is walked a page at a time, in bounded memory.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: usize,
+    ) -> Result<(Vec<ObjectInfo>, bool), StorageError>;
 
     /// Uploads under `prefix` that were started but never committed or aborted.
     async fn list_incomplete_uploads(

@@ -11,15 +11,17 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, Delete, MetadataDirective, ObjectIdentifier,
+};
 use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use tokio::task::JoinSet;
 
 use super::{
-    validate_key, IncompleteUpload, Metadata, ObjectInfo, ObjectReader, ObjectStore, StorageError,
-    Upload,
+    validate_key, DeleteFailure, IncompleteUpload, Metadata, ObjectInfo, ObjectReader, ObjectStore,
+    StorageError, Upload,
 };
 
 /// S3's minimum size for every part but the last.
@@ -225,6 +227,75 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
+    /// DeleteObjects, 1000 keys a request, quiet (only failures come back). The operation
+    /// requires a body checksum; with `RequestChecksumCalculation::WhenRequired` the SDK still
+    /// computes one for it (and only for such operations), so S3 and compatible stores accept it.
+    async fn delete_many(&self, keys: &[String]) -> Vec<DeleteFailure> {
+        let mut failed = Vec::new();
+        for chunk in keys.chunks(super::DELETE_MANY_MAX_KEYS) {
+            let whole = |error: String| {
+                chunk
+                    .iter()
+                    .map(|k| DeleteFailure {
+                        key: k.clone(),
+                        error: error.clone(),
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let mut objects = Vec::with_capacity(chunk.len());
+            for key in chunk {
+                match ObjectIdentifier::builder().key(key).build() {
+                    Ok(o) => objects.push(o),
+                    Err(e) => failed.push(DeleteFailure {
+                        key: key.clone(),
+                        error: e.to_string(),
+                    }),
+                }
+            }
+            if objects.is_empty() {
+                continue;
+            }
+            let delete = match Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    failed.extend(whole(e.to_string()));
+                    continue;
+                }
+            };
+            match self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+            {
+                Ok(out) => {
+                    for e in out.errors.unwrap_or_default() {
+                        // A key already gone is what we wanted.
+                        if e.code.as_deref() == Some("NoSuchKey") {
+                            continue;
+                        }
+                        failed.push(DeleteFailure {
+                            key: e.key.unwrap_or_default(),
+                            error: format!(
+                                "{}: {}",
+                                e.code.as_deref().unwrap_or("error"),
+                                e.message.as_deref().unwrap_or("")
+                            ),
+                        });
+                    }
+                }
+                Err(e) => failed.extend(whole(request_error("DeleteObjects", e).to_string())),
+            }
+        }
+        failed
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         let mut out = Vec::new();
         let mut pages = self
@@ -245,6 +316,35 @@ impl ObjectStore for S3Store {
             }
         }
         Ok(out)
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: usize,
+    ) -> Result<(Vec<ObjectInfo>, bool), StorageError> {
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_start_after(start_after.map(str::to_owned))
+            .max_keys(max_keys.clamp(1, 1000) as i32)
+            .send()
+            .await
+            .map_err(|e| request_error("ListObjectsV2", e))?;
+        let objects = page
+            .contents
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| ObjectInfo {
+                key: o.key.unwrap_or_default(),
+                size: o.size.unwrap_or(0).max(0) as u64,
+                last_modified: o.last_modified.as_ref().and_then(to_chrono),
+            })
+            .collect();
+        Ok((objects, page.is_truncated == Some(true)))
     }
 
     async fn list_incomplete_uploads(

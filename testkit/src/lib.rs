@@ -1,6 +1,11 @@
-//! Test harness shared by the integration tests and the benchmarks: real servers on loopback
-//! (an S3-protocol server, redis-server), the daemon in-process, and a tiny HTTP client.
-//! Every process started here is killed when its handle drops.
+//! Test harness shared by the integration tests and the benchmarks — a dev-only crate of the
+//! workspace, never part of the worker: real servers on loopback (an S3-protocol server,
+//! redis-server, private Postgres servers), the daemon in-process, a tiny HTTP client, and an
+//! in-memory object store. Every process started here is killed when its handle drops.
+
+mod memory;
+
+pub use memory::MemoryStore;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,12 +20,12 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{RunError, RunOptions};
-use crate::config::Config;
-use crate::deps::Deps;
-use crate::metrics::Metrics;
-use crate::plans::Plans;
-use crate::storage::{ObjectStore, S3Settings, S3Store};
+use backup_worker::app::{RunError, RunOptions};
+use backup_worker::config::Config;
+use backup_worker::deps::Deps;
+use backup_worker::metrics::Metrics;
+use backup_worker::plans::Plans;
+use backup_worker::storage::{ObjectStore, S3Settings, S3Store};
 
 pub type TestError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -230,7 +235,7 @@ impl S3Server {
             region: Some("us-east-1".into()),
             force_path_style: true,
             static_credentials: Some((TEST_ACCESS_KEY.into(), TEST_ACCESS_KEY.into())),
-            part_size: crate::storage::S3_MIN_PART_SIZE,
+            part_size: backup_worker::storage::S3_MIN_PART_SIZE,
             parts_in_flight: 2,
         }
     }
@@ -380,7 +385,7 @@ pub fn test_deps(
         store,
         plans: Arc::new(Plans::load(None)?),
         metrics: Metrics::new()?,
-        tools: crate::process::Tools::default(),
+        tools: backup_worker::process::Tools::default(),
         provisioner: None,
     })
 }
@@ -397,7 +402,7 @@ impl TestDaemon {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(crate::app::run(
+        let task = tokio::spawn(backup_worker::app::run(
             deps,
             options,
             Some(listener),

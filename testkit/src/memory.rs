@@ -1,4 +1,4 @@
-//! An in-memory store for unit tests of code that uses the seam. Uploads become visible only on
+//! An in-memory store for tests of code that uses the object-storage seam. Uploads become visible only on
 //! commit; uncommitted ones are listed as incomplete until aborted or dropped.
 
 use std::collections::BTreeMap;
@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{
-    validate_key, IncompleteUpload, Metadata, ObjectInfo, ObjectReader, ObjectStore, StorageError,
-    Upload,
+use backup_worker::storage::{
+    validate_key, DeleteFailure, IncompleteUpload, Metadata, ObjectInfo, ObjectReader, ObjectStore,
+    StorageError, Upload,
 };
 
 #[derive(Debug, Default)]
@@ -90,6 +90,10 @@ impl ObjectStore for MemoryStore {
         Ok(())
     }
 
+    async fn delete_many(&self, keys: &[String]) -> Vec<DeleteFailure> {
+        backup_worker::storage::delete_each(self, keys).await
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         Ok(self
             .lock()
@@ -102,6 +106,15 @@ impl ObjectStore for MemoryStore {
                 last_modified: Some(*at),
             })
             .collect())
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: usize,
+    ) -> Result<(Vec<ObjectInfo>, bool), StorageError> {
+        backup_worker::storage::page_of_list(self, prefix, start_after, max_keys).await
     }
 
     async fn list_incomplete_uploads(
