@@ -128,8 +128,11 @@ unsafe impl Send for IsalDeflate {}
 
 impl IsalDeflate {
     fn new(level: u32) -> Self {
-        let mut stream: Box<MaybeUninit<isal::isal_zstream>> = Box::new_uninit();
-        // SAFETY: isal_deflate_init initialises every field of the struct.
+        // Zeroed first: isal_deflate_init sets the fields the library reads before writing, not
+        // its buffers, and an all-zero struct is a valid value of every field.
+        let mut stream: Box<MaybeUninit<isal::isal_zstream>> = Box::new(MaybeUninit::zeroed());
+        // SAFETY: zeroed memory is a valid isal_zstream (integers and null pointers), then
+        // initialised by the library.
         let mut stream = unsafe {
             isal::isal_deflate_init(stream.as_mut_ptr());
             stream.assume_init()
@@ -224,8 +227,9 @@ unsafe impl<R: Send> Send for GzipDecoder<R> {}
 
 impl<R: Read> GzipDecoder<R> {
     pub fn new(inner: R) -> Self {
-        let mut state: Box<MaybeUninit<isal::inflate_state>> = Box::new_uninit();
-        // SAFETY: isal_inflate_init initialises the struct.
+        let mut state: Box<MaybeUninit<isal::inflate_state>> = Box::new(MaybeUninit::zeroed());
+        // SAFETY: zeroed memory is a valid inflate_state (integers, arrays and null pointers),
+        // then initialised by the library.
         let mut state = unsafe {
             isal::isal_inflate_init(state.as_mut_ptr());
             state.assume_init()
@@ -355,9 +359,11 @@ const OUT_CHUNK: usize = 256 * 1024;
 /// A local gzip file decompressed on a blocking thread, read asynchronously (restores stream it
 /// into a tool's stdin). Dropping the reader ends the thread at its next chunk.
 pub struct GunzipReader {
-    rx: tokio::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    /// Chunks, then `None` at the clean end of the stream.
+    rx: tokio::sync::mpsc::Receiver<io::Result<Option<Vec<u8>>>>,
     current: Vec<u8>,
     pos: usize,
+    ended: bool,
 }
 
 /// Opens `path` and starts decompressing it.
@@ -383,12 +389,16 @@ pub fn gunzip_file(path: &std::path::Path) -> io::Result<GunzipReader> {
                 }
             };
             chunk.truncate(filled);
-            if !chunk.is_empty() && tx.blocking_send(Ok(chunk)).is_err() {
+            if !chunk.is_empty() && tx.blocking_send(Ok(Some(chunk))).is_err() {
                 return;
             }
             match end {
                 Ok(false) => {}
-                Ok(true) => return,
+                Ok(true) => {
+                    // The end, said explicitly: a thread that died says nothing.
+                    let _ = tx.blocking_send(Ok(None));
+                    return;
+                }
                 Err(e) => {
                     let _ = tx.blocking_send(Err(e));
                     return;
@@ -400,6 +410,7 @@ pub fn gunzip_file(path: &std::path::Path) -> io::Result<GunzipReader> {
         rx,
         current: Vec::new(),
         pos: 0,
+        ended: false,
     })
 }
 
@@ -418,13 +429,27 @@ impl tokio::io::AsyncRead for GunzipReader {
                 self.pos += n;
                 return Poll::Ready(Ok(()));
             }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
             match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
+                Poll::Ready(Some(Ok(Some(chunk)))) => {
                     self.current = chunk;
                     self.pos = 0;
                 }
+                Poll::Ready(Some(Ok(None))) => {
+                    self.ended = true;
+                    return Poll::Ready(Ok(()));
+                }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                // The decoding thread went away without saying the stream ended: a truncated
+                // stream must never look complete to the tool reading it.
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the gzip decoder stopped before the end of the stream",
+                    )))
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }

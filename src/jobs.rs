@@ -221,11 +221,15 @@ pub async fn renew_lease(pool: PgPool, lease: Lease, length: Duration, lost: Can
     // Stop this much before the lease's end: room for killing tools and for clock drift.
     let margin = (length / 10).clamp(Duration::from_millis(200), Duration::from_secs(5));
     let mut valid_until = lease.claimed_at + length.saturating_sub(margin);
+    let mut retrying = false;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = tokio::time::sleep_until(valid_until) => {}
+        if !retrying {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep_until(valid_until) => {}
+            }
         }
+        retrying = false;
         let sent = tokio::time::Instant::now();
         if sent >= valid_until {
             tracing::error!(id = %lease.id, "lease ran out without a successful renewal; stopping the job");
@@ -240,7 +244,12 @@ pub async fn renew_lease(pool: PgPool, lease: Lease, length: Duration, lost: Can
                 return;
             }
             Ok(Err(e)) => {
-                tracing::warn!(id = %lease.id, error = %e, "lease renewal failed; retrying")
+                tracing::warn!(id = %lease.id, error = %e, "lease renewal failed; retrying");
+                // Retry soon, not a third of the lease later: a database back within the lease
+                // must not cost a long job its run.
+                let soon = (sent + Duration::from_secs(1).min(every)).min(valid_until);
+                tokio::time::sleep_until(soon).await;
+                retrying = true;
             }
             Err(_) => {
                 tracing::error!(id = %lease.id, "lease renewal did not answer before the lease ran out; stopping the job");
@@ -356,6 +365,31 @@ impl Claimer {
         self.unsettled.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Claims the first due `pending` row in `order_by` order whose resource has no backup or
+    /// restore running (the rule every queue shares; the database enforces it too), in one
+    /// statement with `FOR UPDATE SKIP LOCKED`. `order_by` names the table as `x`.
+    pub async fn claim_next(
+        &self,
+        pool: &PgPool,
+        order_by: &str,
+        worker: &str,
+        length: Duration,
+    ) -> Result<Option<Claimed>, sqlx::Error> {
+        let candidates = format!(
+            "SELECT x.id FROM {t} x
+              WHERE x.status = 'pending' AND x.run_after <= now()
+                AND NOT EXISTS (SELECT 1 FROM resource_backups o
+                                 WHERE o.resource_id = x.resource_id AND o.status = 'running')
+                AND NOT EXISTS (SELECT 1 FROM resource_restores o
+                                 WHERE o.resource_id = x.resource_id AND o.status = 'running')
+              ORDER BY {order_by}
+              LIMIT 1
+              FOR UPDATE SKIP LOCKED",
+            t = self.table.table()
+        );
+        self.claim(pool, &candidates, worker, length).await
+    }
+
     /// Claims the first row `candidates` selects (a `SELECT x.id FROM <table> x … ORDER BY …
     /// LIMIT 1 FOR UPDATE SKIP LOCKED` that may bind nothing), in one statement, with a lease of
     /// `length`. A unique violation (another worker started an operation on the same resource
@@ -411,9 +445,14 @@ impl Claimer {
         Ok(None)
     }
 
-    /// The claim of `lease` could not be followed through (its job failed to load): its row goes
-    /// back as if never claimed, now or at the next settle.
-    pub async fn give_back(&self, pool: &PgPool, lease: &Lease) {
+    /// The claim of `lease` could not be followed through (its job failed to load): on a
+    /// connection-class error its row goes back as if never claimed, now or at the next settle.
+    /// Any other error (one that would recur every time) leaves the row to its lease, so its
+    /// attempts count and it ends `failed` rather than being claimed and given back forever.
+    pub async fn give_back(&self, pool: &PgPool, lease: &Lease, error: &sqlx::Error) {
+        if !is_connection_error(error) {
+            return;
+        }
         self.unsettled().push(lease.token);
         self.settle(pool).await;
     }
@@ -450,6 +489,20 @@ impl Claimer {
 
 /// Claim attempts when a concurrent claimer wins the same resource (a unique violation).
 const CLAIM_RETRIES: usize = 5;
+
+/// Errors after which the database may or may not have done what was asked: the connection or
+/// the pool failed, not the statement.
+fn is_connection_error(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    )
+}
 
 /// (id, resource_id, attempts, started_at) of a freshly claimed row.
 type ClaimedRow = (Uuid, Uuid, i32, DateTime<Utc>);

@@ -16,6 +16,7 @@
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::gzip::{Deflate, GzipEncoder};
 use crate::storage::{StorageError, Upload};
@@ -71,13 +72,20 @@ async fn read_source<R: AsyncRead + Unpin>(
     mut source: R,
     mut check: Box<dyn StreamCheck>,
     to_compressor: mpsc::Sender<Vec<u8>>,
+    sink_failed: CancellationToken,
 ) -> Result<Raw, std::io::Error> {
     let mut raw = 0u64;
     let mut head = Vec::with_capacity(HEAD_LEN);
     loop {
         let mut chunk = Vec::with_capacity(CHUNK);
         while chunk.len() < CHUNK {
-            if source.read_buf(&mut chunk).await? == 0 {
+            // A failed store ends the read at once, even while the tool is silent (waiting on a
+            // lock): its error is recorded now, not at BACKUP_TIMEOUT.
+            let n = tokio::select! {
+                n = source.read_buf(&mut chunk) => n?,
+                _ = sink_failed.cancelled() => return Ok(Raw { bytes: raw, head, check }),
+            };
+            if n == 0 {
                 break;
             }
         }
@@ -125,6 +133,19 @@ fn compress(
 async fn store(
     mut from_compressor: mpsc::Receiver<Vec<u8>>,
     upload: &mut dyn Upload,
+    encrypt: Option<crate::crypto::Encrypt>,
+    failed: CancellationToken,
+) -> Result<(u64, String), PipelineError> {
+    // Cancelled unless this stage finishes cleanly (an error return drops the guard).
+    let guard = failed.drop_guard();
+    let stored = store_all(&mut from_compressor, upload, encrypt).await?;
+    guard.disarm();
+    Ok(stored)
+}
+
+async fn store_all(
+    from_compressor: &mut mpsc::Receiver<Vec<u8>>,
+    upload: &mut dyn Upload,
     mut encrypt: Option<crate::crypto::Encrypt>,
 ) -> Result<(u64, String), PipelineError> {
     let mut hasher = Sha256::new();
@@ -169,9 +190,10 @@ pub async fn gzip_to_upload<R: AsyncRead + Unpin>(
     // Dropping this future (timeout, shutdown) drops both channel ends it holds, which ends the
     // compressor thread at its next chunk.
     let compressor = tokio::task::spawn_blocking(move || compress(deflate, raw_rx, gz_tx));
+    let sink_failed = CancellationToken::new();
     let (read, stored) = tokio::join!(
-        read_source(source, check, raw_tx),
-        store(gz_rx, upload, encrypt)
+        read_source(source, check, raw_tx, sink_failed.clone()),
+        store(gz_rx, upload, encrypt, sink_failed)
     );
     let compressed = match compressor.await {
         Ok(r) => r,

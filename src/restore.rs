@@ -105,12 +105,25 @@ pub async fn download_verified(
     }
     // Decode it all once before anything destructive: a truncated or corrupt stream fails here.
     // ISA-L's inflate and the engine's check run on a blocking thread, off the runtime.
+    // Dropping this future (a timeout, shutdown, a lost lease) stops the thread at its next
+    // chunk rather than letting it decode gigabytes nobody waits for.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _stop_on_drop = StopOnDrop(stop.clone());
     let decode_path = path.clone();
     let decoded = tokio::task::spawn_blocking(move || -> Result<Box<dyn StreamCheck>, String> {
         let file = std::fs::File::open(&decode_path).map_err(|e| e.to_string())?;
         let mut decoder = crate::gzip::GzipDecoder::new(file);
         let mut buf = vec![0u8; 256 * 1024];
         loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("stopped".into());
+            }
             match std::io::Read::read(&mut decoder, &mut buf) {
                 Ok(0) => return Ok(check),
                 Ok(n) => check.update(&buf[..n]),
@@ -120,7 +133,8 @@ pub async fn download_verified(
         }
     })
     .await
-    .map_err(|e| fail(FailureReason::Integrity, format!("decoding {key}: {e}")))?;
+    // The thread failing (a panic) is ours, not the backup's.
+    .map_err(|e| fail(FailureReason::Upload, format!("decoding {key}: {e}")))?;
     let check = decoded.map_err(|e| {
         fail(
             FailureReason::Integrity,

@@ -266,17 +266,9 @@ impl Backups {
     pub async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
         let Some(claimed) = self
             .claimer
-            .claim(
+            .claim_next(
                 self.pool(),
-                "SELECT b.id FROM resource_backups b
-                  WHERE b.status = 'pending' AND b.run_after <= now()
-                    AND NOT EXISTS (SELECT 1 FROM resource_backups x
-                                     WHERE x.resource_id = b.resource_id AND x.status = 'running')
-                    AND NOT EXISTS (SELECT 1 FROM resource_restores x
-                                     WHERE x.resource_id = b.resource_id AND x.status = 'running')
-                  ORDER BY b.run_after, b.created_at
-                  LIMIT 1
-                  FOR UPDATE SKIP LOCKED",
+                "x.run_after, x.created_at",
                 &self.deps.config.worker_id,
                 self.deps.config.lease,
             )
@@ -293,7 +285,9 @@ impl Backups {
         let (team_id, resource_type, resource_status, url) = match resource {
             Ok(r) => r,
             Err(e) => {
-                self.claimer.give_back(self.pool(), &claimed.lease).await;
+                self.claimer
+                    .give_back(self.pool(), &claimed.lease, &e)
+                    .await;
                 return Err(e);
             }
         };
@@ -324,10 +318,28 @@ impl Backups {
         };
         if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
             tracing::error!(backup_id = %job.lease.id, error = %e, "recording the backup result failed");
-            // A committed object no row will ever point at: delete it now (the retry writes its
-            // own; the reconciliation sweep catches what this misses).
+            // A committed object no row will ever point at is deleted now (the retry writes its
+            // own). But the failed write may be a COMMIT that took while its answer was lost: only
+            // a row read afterwards that does not point at the object proves it unreferenced. In
+            // doubt the object stays, for the reconciliation sweep to judge later.
             if let Some(key) = committed {
-                self.discard(&key, "its result could not be recorded").await;
+                let referenced: Result<bool, sqlx::Error> = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM resource_backups
+                                     WHERE id = $1 AND object_key = $2 AND status = 'succeeded')",
+                )
+                .bind(job.lease.id)
+                .bind(&key)
+                .fetch_one(self.pool())
+                .await;
+                match referenced {
+                    Ok(false) => self.discard(&key, "its result could not be recorded").await,
+                    Ok(true) => tracing::info!(backup_id = %job.lease.id,
+                        "the result was recorded after all (its commit's answer was lost)"),
+                    Err(e) => {
+                        tracing::warn!(backup_id = %job.lease.id, object_key = %key, error = %e,
+                        "cannot tell whether the result was recorded; the object is left to the reconciliation sweep")
+                    }
+                }
             }
         }
     }
@@ -460,9 +472,13 @@ impl Backups {
                 return stopped(stop);
             }
         };
-        // Our storage failing first kills the source with a broken pipe: the storage error is
-        // the cause, not the tool's exit.
-        if let Err(PipelineError::Storage(e)) = &streamed {
+        // Our side failing first (the store, the compressor, the encryptor) stops reading, and
+        // the tool dies of a broken pipe: our error is the cause, not the tool's exit.
+        if let Err(
+            e
+            @ (PipelineError::Storage(_) | PipelineError::Compress(_) | PipelineError::Encrypt(_)),
+        ) = &streamed
+        {
             let detail = e.to_string();
             source.stop().await;
             let _ = upload.abort().await;

@@ -88,17 +88,9 @@ impl Restores {
     pub async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
         let Some(claimed) = self
             .claimer
-            .claim(
+            .claim_next(
                 self.pool(),
-                "SELECT r.id FROM resource_restores r
-                  WHERE r.status = 'pending' AND r.run_after <= now()
-                    AND NOT EXISTS (SELECT 1 FROM resource_backups x
-                                     WHERE x.resource_id = r.resource_id AND x.status = 'running')
-                    AND NOT EXISTS (SELECT 1 FROM resource_restores x
-                                     WHERE x.resource_id = r.resource_id AND x.status = 'running')
-                  ORDER BY r.run_after, r.created_at
-                  LIMIT 1
-                  FOR UPDATE SKIP LOCKED",
+                "x.run_after, x.created_at",
                 &self.deps.config.worker_id,
                 self.deps.config.lease,
             )
@@ -123,7 +115,9 @@ impl Restores {
         let c = match context {
             Ok(c) => c,
             Err(e) => {
-                self.claimer.give_back(self.pool(), &claimed.lease).await;
+                self.claimer
+                    .give_back(self.pool(), &claimed.lease, &e)
+                    .await;
                 return Err(e);
             }
         };

@@ -220,17 +220,9 @@ impl Verifier {
         loop {
             let Some(claimed) = self
                 .claimer
-                .claim(
+                .claim_next(
                     self.pool(),
-                    "SELECT v.id FROM backup_verifications v
-                      WHERE v.status = 'pending' AND v.run_after <= now()
-                        AND NOT EXISTS (SELECT 1 FROM resource_backups x
-                                         WHERE x.resource_id = v.resource_id AND x.status = 'running')
-                        AND NOT EXISTS (SELECT 1 FROM resource_restores x
-                                         WHERE x.resource_id = v.resource_id AND x.status = 'running')
-                      ORDER BY v.team_rank, v.previous_at NULLS FIRST, v.created_at
-                      LIMIT 1
-                      FOR UPDATE SKIP LOCKED",
+                    "x.team_rank, x.previous_at NULLS FIRST, x.created_at",
                     &self.deps.config.worker_id,
                     self.deps.config.lease,
                 )
@@ -254,7 +246,9 @@ impl Verifier {
                 Ok(Some(job)) => return Ok(Some(job)),
                 Ok(None) => continue,
                 Err(e) => {
-                    self.claimer.give_back(self.pool(), &claimed.lease).await;
+                    self.claimer
+                        .give_back(self.pool(), &claimed.lease, &e)
+                        .await;
                     return Err(e);
                 }
             }

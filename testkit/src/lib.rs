@@ -144,6 +144,7 @@ fn find_tool(env_var: &str, venv_name: &str) -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
         .join("target/test-tools/venv/bin")
         .join(venv_name);
     if venv.exists() {
@@ -160,7 +161,9 @@ fn old_redis_server() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("OLD_REDIS_SERVER") {
         return Some(PathBuf::from(p));
     }
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/venv/lib");
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target/test-tools/venv/lib");
     std::fs::read_dir(lib).ok()?.find_map(|python| {
         let bin = python
             .ok()?
