@@ -1,7 +1,7 @@
 //! One standard gzip stream (DESIGN §5), written and read fast.
 //!
 //! Writing: `GZIP_LEVEL` picks a deflate implementation ([`Deflate::for_gzip_level`]): Intel's
-//! ISA-L (igzip, SIMD deflate, 5–10× zlib's speed at gzip -6's size) for 1–7, zlib-rs for 8–9 where
+//! ISA-L (igzip, SIMD deflate, ~20× gzip -6's speed at its size) for 1–7, zlib-rs for 8–9 where
 //! a user asks for the smallest object whatever it costs. Either way the object is one gzip member
 //! that `gunzip` reads. Reading: ISA-L's inflate, which decodes any writer's gzip (objects written
 //! by the worker's earlier zlib-rs pipeline included), checking the CRC and length of every member.
@@ -25,15 +25,16 @@ pub enum Deflate {
 }
 
 impl Deflate {
-    /// `GZIP_LEVEL` 1–9 onto an implementation: 1 → igzip 1 (fastest, ~3 % larger than gzip -6),
-    /// 2–6 → igzip 2 (as fast, within 1 % of gzip -6's size; the default), 7 → igzip 3,
-    /// 8–9 → zlib-rs 8–9 (the smallest objects, at a tenth of the speed).
+    /// `GZIP_LEVEL` 1–9 onto an implementation, chosen by measurement (`backup_bench --levels`,
+    /// figures in the README): ISA-L's level 2 is, on pg_dump streams, both its fastest and its
+    /// smallest level (its levels 1 and 3 measured slower *and* larger), at about 20× gzip -6's
+    /// speed and 1–2 % under gzip -6's size — so 1–7 all take it; 8–9 take zlib-rs level 8, the
+    /// smallest stream measured (~5 % under gzip -6) at about gzip -6's speed (zlib-rs level 9
+    /// measured larger than its 8).
     pub fn for_gzip_level(level: u32) -> Self {
         match level {
-            0 | 1 => Deflate::Isal(1),
-            2..=6 => Deflate::Isal(2),
-            7 => Deflate::Isal(3),
-            l => Deflate::Zlib(l.min(9)),
+            0..=7 => Deflate::Isal(2),
+            _ => Deflate::Zlib(8),
         }
     }
 }
