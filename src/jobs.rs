@@ -160,6 +160,8 @@ pub struct Recovered {
     pub resource_id: Uuid,
     pub team_id: Uuid,
     pub resource_type: String,
+    /// When the dead attempt began (`started_at`, untouched): it names the attempt's object.
+    pub started_at: DateTime<Utc>,
     /// True when it had used its last attempt and is now `failed` (reason `timeout`).
     pub failed: bool,
 }
@@ -187,10 +189,11 @@ pub async fn recover_expired(
           WHERE j.id IN (SELECT id FROM {t} WHERE status = 'running' AND lease_expires_at < now()
                           FOR UPDATE SKIP LOCKED)
             AND r.id = j.resource_id
-         RETURNING j.id, j.resource_id, r.team_id, r.resource_type, j.status = 'failed'",
+         RETURNING j.id, j.resource_id, r.team_id, r.resource_type, j.started_at,
+                   j.status = 'failed'",
         t = table.table()
     );
-    let rows: Vec<(Uuid, Uuid, Uuid, String, bool)> = sqlx::query_as(&sql)
+    let rows: Vec<(Uuid, Uuid, Uuid, String, DateTime<Utc>, bool)> = sqlx::query_as(&sql)
         .bind(MAX_ATTEMPTS)
         .bind(FailureReason::Timeout.final_summary())
         .fetch_all(&mut **tx)
@@ -198,11 +201,12 @@ pub async fn recover_expired(
     Ok(rows
         .into_iter()
         .map(
-            |(id, resource_id, team_id, resource_type, failed)| Recovered {
+            |(id, resource_id, team_id, resource_type, started_at, failed)| Recovered {
                 id,
                 resource_id,
                 team_id,
                 resource_type,
+                started_at,
                 failed,
             },
         )

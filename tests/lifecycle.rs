@@ -618,6 +618,77 @@ async fn recovery_never_touches_started_at(pool: PgPool) {
     assert!(Backups::new(d).recover_expired().await.unwrap().is_empty());
 }
 
+/// A worker SIGKILLed between committing its object and recording the row (or mid-upload)
+/// leaves storage no row will ever reference: the recovery of its expired lease deletes the
+/// dead attempt's object and aborts its incomplete upload (found by the attempt's key stem), and
+/// touches nothing of any other attempt.
+#[sqlx::test]
+async fn recovery_removes_a_dead_attempts_object_and_upload(pool: PgPool) {
+    let started: DateTime<Utc> = "2026-11-22T01:02:03Z".parse().unwrap();
+    let (team, res) = team_resource(&pool, "pro").await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let id = backup_worker::commands::enqueue_backup(&pool, res)
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    sqlx::query(
+        "UPDATE resource_backups SET status = 'running', attempts = 1, started_at = $2,
+                leased_by = 'dead-pod', lease_expires_at = now() - interval '1 second'
+          WHERE id = $1",
+    )
+    .bind(ids[0])
+    .bind(started)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let store = Arc::new(backup_worker::storage::MemoryStore::new());
+    let key = |id, at, ext| backup_worker::loops::backups::object_key("", team, res, at, id, ext);
+    // The dead attempt's committed object and another of its uploads, never finished.
+    let committed = key(ids[0], started, "pgdump");
+    backup_worker::storage::put_reader(store.as_ref(), &committed, &b"dump"[..], Metadata::new())
+        .await
+        .unwrap();
+    let stuck = store
+        .begin_upload(&format!("{committed}.age"), Metadata::new())
+        .await
+        .unwrap();
+    // Another attempt of the same row (a second later) and another row: not the dead attempt's.
+    let other_attempt = key(ids[0], started + chrono::Duration::seconds(1), "pgdump");
+    let other_row = key(ids[1], started, "pgdump");
+    for k in [&other_attempt, &other_row] {
+        backup_worker::storage::put_reader(store.as_ref(), k, &b"x"[..], Metadata::new())
+            .await
+            .unwrap();
+    }
+    let d = deps(&pool, store.clone(), Tools::default(), &[]);
+    let recovered = Backups::new(d).recover_expired().await.unwrap();
+    assert_eq!(recovered.len(), 1);
+    wait_until(
+        Duration::from_secs(10),
+        "the dead attempt's storage to be cleaned up",
+        || async {
+            store.list("").await.unwrap().len() == 2
+                && store.list_incomplete_uploads("").await.unwrap().is_empty()
+        },
+    )
+    .await
+    .unwrap();
+    let mut left: Vec<String> = store
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    left.sort();
+    let mut want = vec![other_attempt, other_row];
+    want.sort();
+    assert_eq!(left, want);
+    drop(stuck);
+}
+
 async fn succeeded_backup(
     pool: &PgPool,
     store: &dyn ObjectStore,

@@ -72,10 +72,30 @@ pub fn object_key(
     extension: &str,
 ) -> String {
     format!(
-        "{prefix}{team_id}/{resource_id}/{}-{backup_id}.{extension}.gz",
+        "{}{extension}.gz",
+        attempt_stem(prefix, team_id, resource_id, at, backup_id)
+    )
+}
+
+/// `<prefix><team>/<resource>/<YYYYMMDDTHHMMSSZ>-<backup id>.`: what every object and upload of
+/// one attempt (started at `at`) starts with, whatever its engine and encryption. Attempts of one
+/// row start at least a lease apart (a new claim follows the recovery of the old lease), so no
+/// two attempts share a stem.
+pub fn attempt_stem(
+    prefix: &str,
+    team_id: Uuid,
+    resource_id: Uuid,
+    at: DateTime<Utc>,
+    backup_id: Uuid,
+) -> String {
+    format!(
+        "{prefix}{team_id}/{resource_id}/{}-{backup_id}.",
         at.format("%Y%m%dT%H%M%SZ")
     )
 }
+
+/// How long the clean-up of a dead attempt's storage may take before it is left to the sweeps.
+const DEAD_ATTEMPT_CLEANUP: Duration = Duration::from_secs(120);
 
 /// How often each replica runs retention, and the orphan-upload sweep (and how old an
 /// incomplete upload must be to count as orphaned).
@@ -178,6 +198,7 @@ impl Backups {
     pub async fn recover_expired(&self) -> Result<Vec<jobs::Recovered>, sqlx::Error> {
         let recovered =
             jobs::recover_and_audit(self.pool(), JobTable::Backups, "backup.failed").await?;
+        self.clean_up_dead_attempts(&recovered);
         let m = &self.deps.metrics;
         for r in &recovered {
             m.backup_stuck_recovered.inc();
@@ -191,6 +212,42 @@ impl Backups {
             }
         }
         Ok(recovered)
+    }
+
+    /// A worker that died (SIGKILL, a lost node) between committing its object and recording
+    /// the row leaves a committed object no row will ever reference, and one that died mid-upload
+    /// leaves an incomplete multipart upload. The recovered attempt's stem names both: delete and
+    /// abort them now, in the background (a frozen store must not hold up claims), instead of
+    /// leaving them to the hourly/daily sweeps. A worker that is not dead but only lost its lease
+    /// is fenced: its late commit is discarded by its own `finish`.
+    fn clean_up_dead_attempts(&self, recovered: &[jobs::Recovered]) {
+        if recovered.is_empty() {
+            return;
+        }
+        let prefix = self.deps.config.storage_url.prefix();
+        let stems: Vec<String> = recovered
+            .iter()
+            .map(|r| attempt_stem(prefix, r.team_id, r.resource_id, r.started_at, r.id))
+            .collect();
+        let store = Arc::clone(&self.deps.store);
+        tokio::spawn(async move {
+            let cleanup = async {
+                for stem in &stems {
+                    if let Err(e) = clean_up_attempt(store.as_ref(), stem).await {
+                        tracing::warn!(attempt = %stem, error = %e,
+                            "cleaning up a dead attempt's storage failed; the sweeps remove it later");
+                    }
+                }
+            };
+            if tokio::time::timeout(DEAD_ATTEMPT_CLEANUP, cleanup)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "cleaning up dead attempts' storage timed out; the sweeps remove the rest"
+                );
+            }
+        });
     }
 
     fn pool(&self) -> &PgPool {
@@ -602,6 +659,23 @@ impl Backups {
                 "deleting a backup object failed; the reconciliation sweep removes it later");
         }
     }
+}
+
+/// Deletes every object and aborts every incomplete upload of one dead attempt (`stem`).
+pub async fn clean_up_attempt(
+    store: &dyn crate::storage::ObjectStore,
+    stem: &str,
+) -> Result<(), crate::storage::StorageError> {
+    for upload in store.list_incomplete_uploads(stem).await? {
+        store.abort_incomplete_upload(&upload).await?;
+        tracing::info!(object_key = %upload.key, "aborted a dead attempt's incomplete upload");
+    }
+    for object in store.list(stem).await? {
+        store.delete(&object.key).await?;
+        tracing::warn!(object_key = %object.key,
+            "deleted the object of an attempt whose worker died before recording it");
+    }
+    Ok(())
 }
 
 #[async_trait]
