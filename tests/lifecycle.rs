@@ -788,6 +788,59 @@ async fn retention_by_tier_with_keep_last(pool: PgPool) {
     assert_eq!(again.expired, 0, "idempotent");
 }
 
+async fn nothing_running() -> Result<Vec<String>, sqlx::Error> {
+    Ok(Vec::new())
+}
+
+/// moto reports every incomplete upload as initiated in 2010 (a store's clock is not ours): a
+/// replica's first orphan sweep — a replacement pod starting — must still never abort the upload
+/// of an attempt running on another replica (it did: that backup failed `upload` with a retry an
+/// hour's backoff away), only a dead attempt's.
+#[sqlx::test]
+async fn the_orphan_sweep_never_aborts_a_running_attempts_upload(pool: PgPool) {
+    let (team, res) = team_resource(&pool, "pro").await;
+    let id = backup_worker::commands::enqueue_backup(&pool, res)
+        .await
+        .unwrap();
+    let started: DateTime<Utc> = sqlx::query_scalar(
+        "UPDATE resource_backups SET status = 'running', attempts = 1, started_at = now(),
+                leased_by = 'other-pod', lease_expires_at = now() + interval '1 hour'
+          WHERE id = $1 RETURNING started_at",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let s3 = S3Server::start().await.unwrap();
+    let store = Arc::new(s3.store("backups").await.unwrap());
+    let live_key = backup_worker::loops::backups::object_key("", team, res, started, id, "pgdump");
+    let dead_key = backup_worker::loops::backups::object_key(
+        "",
+        team,
+        res,
+        started - chrono::Duration::minutes(5),
+        id,
+        "pgdump",
+    );
+    for key in [&live_key, &dead_key] {
+        let mut up = store.begin_upload(key, Metadata::new()).await.unwrap();
+        up.write(&vec![7u8; backup_worker::storage::S3_MIN_PART_SIZE + 1])
+            .await
+            .unwrap();
+        std::mem::forget(up);
+    }
+    let d = deps(&pool, store.clone(), Tools::default(), &[]);
+    Backups::new(d).pass(&ctx()).await.unwrap();
+    let left: Vec<String> = store
+        .list_incomplete_uploads("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.key)
+        .collect();
+    assert_eq!(left, [live_key]);
+}
+
 #[tokio::test]
 async fn orphaned_uploads_older_than_a_day_are_aborted() {
     let dir = tempfile::tempdir().unwrap();
@@ -818,7 +871,7 @@ async fn orphaned_uploads_older_than_a_day_are_aborted() {
     }
     let day = backup_worker::loops::backups::ORPHAN_UPLOAD_AGE;
     assert_eq!(
-        abort_stale_uploads(&local, "p/", day, Utc::now())
+        abort_stale_uploads(&local, "p/", day, Utc::now(), nothing_running)
             .await
             .unwrap(),
         1
@@ -838,7 +891,7 @@ async fn orphaned_uploads_older_than_a_day_are_aborted() {
     // (the age filter is checked on the local store above).
     assert_eq!(store.list_incomplete_uploads("p/").await.unwrap().len(), 1);
     assert_eq!(
-        abort_stale_uploads(&store, "p/", day, Utc::now())
+        abort_stale_uploads(&store, "p/", day, Utc::now(), nothing_running)
             .await
             .unwrap(),
         1

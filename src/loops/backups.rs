@@ -178,19 +178,30 @@ impl Backups {
             }
         }
         if orphans {
-            let prefix = self.deps.config.storage_url.prefix();
-            match retention::abort_stale_uploads(
-                self.deps.store.as_ref(),
-                prefix,
-                ORPHAN_UPLOAD_AGE,
-                Utc::now(),
-            )
-            .await
-            {
-                Ok(n) => self.deps.metrics.stale_uploads_aborted.inc_by(n as u64),
-                Err(e) => tracing::error!(error = %e, "orphan upload sweep failed"),
+            if let Err(e) = self.sweep_orphan_uploads().await {
+                tracing::error!(error = %e, "orphan upload sweep failed");
             }
         }
+    }
+
+    /// Aborts incomplete uploads older than ORPHAN_UPLOAD_AGE, never one of an attempt that is
+    /// running now (however old the store says it is).
+    async fn sweep_orphan_uploads(&self) -> Result<(), retention::RetentionError> {
+        let prefix = self.deps.config.storage_url.prefix();
+        let pool = self.pool().clone();
+        let aborted = retention::abort_stale_uploads(
+            self.deps.store.as_ref(),
+            prefix,
+            ORPHAN_UPLOAD_AGE,
+            Utc::now(),
+            || running_attempt_stems(pool, prefix.to_owned()),
+        )
+        .await?;
+        self.deps
+            .metrics
+            .stale_uploads_aborted
+            .inc_by(aborted as u64);
+        Ok(())
     }
 
     /// Returns rows whose lease expired (a killed pod) to pending, or fails them after their
@@ -659,6 +670,24 @@ impl Backups {
                 "deleting a backup object failed; the reconciliation sweep removes it later");
         }
     }
+}
+
+/// The key stems of every backup attempt running now (any replica's).
+pub async fn running_attempt_stems(
+    pool: PgPool,
+    prefix: String,
+) -> Result<Vec<String>, sqlx::Error> {
+    let running: Vec<(Uuid, Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT b.id, b.resource_id, r.team_id, b.started_at
+           FROM resource_backups b JOIN resources r ON r.id = b.resource_id
+          WHERE b.status = 'running'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    Ok(running
+        .into_iter()
+        .map(|(id, resource, team, started)| attempt_stem(&prefix, team, resource, started, id))
+        .collect())
 }
 
 /// Deletes every object and aborts every incomplete upload of one dead attempt (`stem`).
