@@ -153,6 +153,28 @@ pub async fn record_failure(
     })
 }
 
+/// A database error that says nothing about the statement, only that the database could not be
+/// reached or answer (a restart, a failover, a broken connection): worth retrying.
+pub fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        // 08: connection exception, 57: operator intervention (admin shutdown, crash recovery,
+        // cannot connect now), 53: insufficient resources, 40001/40P01: serialization/deadlock.
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+            c.starts_with("08")
+                || c.starts_with("57")
+                || c.starts_with("53")
+                || c == "40001"
+                || c == "40P01"
+        }),
+        _ => false,
+    }
+}
+
 /// A running row whose lease had expired (its worker died or hung), as the sweep left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovered {
@@ -558,6 +580,15 @@ pub async fn drive<Q: Queue>(queue: &Arc<Q>, ctx: &PassContext) -> Result<(), Lo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_connection_trouble_is_transient() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(transient(&sqlx::Error::Io(io)));
+        assert!(transient(&sqlx::Error::PoolTimedOut));
+        assert!(!transient(&sqlx::Error::RowNotFound));
+        assert!(!transient(&sqlx::Error::ColumnNotFound("x".into())));
+    }
 
     #[test]
     fn backoff_schedule() {

@@ -615,9 +615,10 @@ impl PgServer {
         .await
     }
 
-    /// Stops the server (SIGINT: Postgres' fast shutdown — every connection is cut) and starts
-    /// it again on the same port and data directory; returns once it accepts connections.
-    pub async fn restart(&mut self) -> Result<(), TestError> {
+    /// Stops the server (SIGINT: Postgres' fast shutdown — every connection is cut), leaves it
+    /// down for `down`, and starts it again on the same port and data directory; returns once it
+    /// accepts connections.
+    pub async fn restart(&mut self, down: Duration) -> Result<(), TestError> {
         if let Some(pid) = self
             ._child
             .id()
@@ -628,6 +629,7 @@ impl PgServer {
         tokio::time::timeout(Duration::from_secs(30), self._child.wait())
             .await
             .map_err(|_| "the private Postgres did not stop within 30 s")??;
+        tokio::time::sleep(down).await;
         let data = self._dir.path().join("data");
         let mut child = postgres_command(&pg_bin("postgres")?, &data, self._dir.path(), self.port)
             .kill_on_drop(true)

@@ -31,6 +31,9 @@ const ROWS: usize = 102;
 const SETTLE_DEADLINE: Duration = Duration::from_secs(150);
 /// Longer than a part upload takes: the store answers nothing for this long.
 const FREEZE: Duration = Duration::from_secs(9);
+/// How long the control database stays down: claims, renewals and results fail meanwhile, but a
+/// lease (renewed every third of it) outlives it.
+const CONTROL_DOWN: Duration = Duration::from_secs(3);
 
 fn ppid_and_pgid(pid: u32) -> Option<(u32, i32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -408,7 +411,7 @@ async fn replicas_survive_kills_a_control_database_restart_and_a_frozen_store() 
         "restarting the control Postgres ({:?})",
         counts(&pool).await
     ));
-    control.restart().await.unwrap();
+    control.restart(CONTROL_DOWN).await.unwrap();
     say("control Postgres back");
 
     // 3. Freeze the store for longer than a part upload takes, while a heavy object uploads if

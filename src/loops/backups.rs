@@ -94,6 +94,13 @@ pub fn attempt_stem(
     )
 }
 
+/// Each try at recording a result is bounded by a quarter of the lease within these limits (a
+/// connection being re-established after a database restart backs off for up to seconds; a fresh
+/// try starts a fresh connection), and tries are this far apart.
+const RECORD_TRY_MIN: Duration = Duration::from_millis(500);
+const RECORD_TRY_MAX: Duration = Duration::from_secs(10);
+const RECORD_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
 /// How long the clean-up of a dead attempt's storage may take before it is left to the sweeps.
 const DEAD_ATTEMPT_CLEANUP: Duration = Duration::from_secs(120);
 
@@ -311,28 +318,92 @@ impl Backups {
         }))
     }
 
-    /// Runs one claimed job to a written-down result.
+    /// Runs one claimed job to a written-down result. The lease is renewed until the result is
+    /// recorded, not only while the data moves: a result that waits for the database (a restart)
+    /// must not lose its lease meanwhile.
     pub async fn run_job(self: Arc<Self>, job: Job, abort: CancellationToken) {
         let started = Instant::now();
-        let ran = jobs::run_leased(self.pool(), &job.lease, self.deps.config.lease, |lost| {
-            self.attempt(&job, &abort, lost)
-        })
+        let this = &self;
+        let job_ref = &job;
+        let ran = jobs::run_leased(
+            self.pool(),
+            &job.lease,
+            self.deps.config.lease,
+            |lost| async move {
+                let attempt = this.attempt(job_ref, &abort, lost.clone()).await;
+                this.record(job_ref, attempt, started, &lost).await;
+            },
+        )
         .await;
-        let attempt = match ran {
-            Ok(attempt) => attempt,
-            Err(panicked) => return jobs::after_panic(self.pool(), &job.lease, &panicked).await,
-        };
-        let committed = match &attempt {
-            Attempt::Succeeded { key, .. } => Some(key.clone()),
-            _ => None,
-        };
-        if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
-            tracing::error!(backup_id = %job.lease.id, error = %e, "recording the backup result failed");
-            // A committed object no row will ever point at: delete it now (the retry writes its
-            // own; the reconciliation sweep catches what this misses).
-            if let Some(key) = committed {
-                self.discard(&key, "its result could not be recorded").await;
+        if let Err(panicked) = ran {
+            jobs::after_panic(self.pool(), &job.lease, &panicked).await;
+        }
+    }
+
+    /// Writes the attempt down. While the database is unreachable (a restart, a failover) and
+    /// the lease is still ours, the write is retried, each try bounded so a fresh connection is
+    /// sought soon after the database is back: giving up at the first error threw away finished
+    /// backups (their objects deleted, their attempts counted) for an outage shorter than the
+    /// lease. If it cannot be written, a committed object is deleted unless the row records it
+    /// (a commit whose answer was lost); when even that cannot be checked it is left to whoever
+    /// recovers the expired lease, which removes the attempt's objects.
+    async fn record(
+        &self,
+        job: &Job,
+        attempt: Attempt,
+        started: Instant,
+        lost: &CancellationToken,
+    ) {
+        let per_try = (self.deps.config.lease / 4).clamp(RECORD_TRY_MIN, RECORD_TRY_MAX);
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let (error, transient) =
+                match tokio::time::timeout(per_try, self.finish(job, &attempt, started.elapsed()))
+                    .await
+                {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => (e.to_string(), jobs::transient(&e)),
+                    Err(_) => (format!("no answer within {per_try:?}"), true),
+                };
+            if !transient || lost.is_cancelled() {
+                tracing::error!(backup_id = %job.lease.id, tries, error = %error,
+                    "recording the backup result failed");
+                if let Attempt::Succeeded { key, .. } = &attempt {
+                    self.discard_unrecorded(job, key, per_try).await;
+                }
+                return;
             }
+            tracing::warn!(backup_id = %job.lease.id, tries, error = %error,
+                "recording the backup result failed; retrying while the lease holds");
+            tokio::select! {
+                _ = tokio::time::sleep(RECORD_RETRY_PAUSE) => {}
+                _ = lost.cancelled() => {}
+            }
+        }
+    }
+
+    /// Deletes the committed object of a result that could not be recorded — unless the row
+    /// records it after all (the commit went through, its answer was lost), or that cannot be
+    /// known now.
+    async fn discard_unrecorded(&self, job: &Job, key: &str, within: Duration) {
+        let recorded = tokio::time::timeout(
+            within,
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM resource_backups WHERE id = $1 AND object_key = $2)",
+            )
+            .bind(job.lease.id)
+            .bind(key)
+            .fetch_one(self.pool()),
+        )
+        .await;
+        match recorded {
+            Ok(Ok(false)) => self.discard(key, "its result could not be recorded").await,
+            Ok(Ok(true)) => tracing::info!(backup_id = %job.lease.id, object_key = %key,
+                "the result was recorded after all (its commit's answer was lost); object kept"),
+            Ok(Err(_)) | Err(_) => tracing::warn!(backup_id = %job.lease.id, object_key = %key,
+                "cannot tell whether the result was recorded: the object is kept; the recovery of \
+                 the expired lease removes it if the row does not reference it"),
         }
     }
 
@@ -540,7 +611,7 @@ impl Backups {
     async fn finish(
         &self,
         job: &Job,
-        attempt: Attempt,
+        attempt: &Attempt,
         elapsed: Duration,
     ) -> Result<(), sqlx::Error> {
         let m = &self.deps.metrics;
@@ -569,18 +640,32 @@ impl Backups {
                 .bind(lease.id)
                 .bind(&lease.worker)
                 .bind(lease.attempts)
-                .bind(&key)
+                .bind(key)
                 .bind(streamed.stored_bytes as i64)
                 .bind(streamed.raw_bytes as i64)
                 .bind(&streamed.sha256)
-                .bind(mode)
-                .bind(key_id)
+                .bind(*mode)
+                .bind(*key_id)
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 0 {
+                    // A retry after a commit whose answer was lost finds its own result there.
+                    let ours: bool = sqlx::query_scalar(
+                        "SELECT EXISTS (SELECT 1 FROM resource_backups
+                                         WHERE id = $1 AND status = 'succeeded' AND object_key = $2)",
+                    )
+                    .bind(lease.id)
+                    .bind(key)
+                    .fetch_one(&mut *tx)
+                    .await?;
                     tx.rollback().await?;
+                    if ours {
+                        tracing::info!(backup_id = %lease.id, object_key = %key,
+                            "backup result already recorded by an earlier try");
+                        return Ok(());
+                    }
                     self.discard(
-                        &key,
+                        key,
                         "the lease was taken over before the result was recorded",
                     )
                     .await;
@@ -615,10 +700,10 @@ impl Backups {
             }
             Attempt::Failed { reason, detail } => {
                 let secrets = [job.connection_url.expose()];
-                let detail = crate::secret::redact_known(&detail, &secrets);
+                let detail = crate::secret::redact_known(detail, &secrets);
                 let detail: String = detail.chars().take(8192).collect();
                 let mut tx = self.pool().begin().await?;
-                let outcome = jobs::record_failure(&mut tx, lease, reason, &detail).await?;
+                let outcome = jobs::record_failure(&mut tx, lease, *reason, &detail).await?;
                 if outcome == FailureOutcome::Failed {
                     audit(
                         &mut *tx,
