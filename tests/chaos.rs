@@ -332,6 +332,7 @@ async fn replicas_survive_kills_a_control_database_restart_and_a_frozen_store() 
         resource_urls.push(("redis", heavy.url()));
     }
     let mut resources = Vec::new();
+    let mut heavy_resources = Vec::new();
     for (kind, url) in &resource_urls {
         let team: Uuid =
             sqlx::query_scalar("INSERT INTO teams (plan_tier) VALUES ('pro') RETURNING id")
@@ -348,6 +349,9 @@ async fn replicas_survive_kills_a_control_database_restart_and_a_frozen_store() 
         .fetch_one(&pool)
         .await
         .unwrap();
+        if *url == heavy.url() {
+            heavy_resources.push(res);
+        }
         resources.push(res);
     }
     for i in 0..ROWS {
@@ -417,6 +421,16 @@ async fn replicas_survive_kills_a_control_database_restart_and_a_frozen_store() 
     // 3. Freeze the store for longer than a part upload takes, while a heavy object uploads if
     //    one is running.
     until(start, "45 final rows", &logs, final_at_least(45)).await;
+    until(start, "a 10 MB Redis backup to run", &logs, || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM resource_backups WHERE status = 'running' AND resource_id = ANY($1)",
+        )
+        .bind(&heavy_resources)
+        .fetch_one(&pool)
+        .map(|n| n.is_ok_and(|n| n > 0))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // into its multipart upload
     say(&format!(
         "freezing S3 for {FREEZE:?} ({:?})",
         counts(&pool).await
