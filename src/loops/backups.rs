@@ -385,18 +385,21 @@ impl Backups {
 
     /// Deletes the committed object of a result that could not be recorded — unless the row
     /// records it after all (the commit went through, its answer was lost), or that cannot be
-    /// known now.
+    /// known now. The row is read `FOR UPDATE`: a try of ours that timed out after its UPDATE
+    /// holds the row's lock until its COMMIT lands or rolls back, and the answer must come after.
     async fn discard_unrecorded(&self, job: &Job, key: &str, within: Duration) {
         let recorded = tokio::time::timeout(
             within,
             sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM resource_backups WHERE id = $1 AND object_key = $2)",
+                "SELECT coalesce(object_key = $2, false) FROM resource_backups
+                  WHERE id = $1 FOR UPDATE",
             )
             .bind(job.lease.id)
             .bind(key)
-            .fetch_one(self.pool()),
+            .fetch_optional(self.pool()),
         )
-        .await;
+        .await
+        .map(|r| r.map(|row| row.unwrap_or(false)));
         match recorded {
             Ok(Ok(false)) => self.discard(key, "its result could not be recorded").await,
             Ok(Ok(true)) => tracing::info!(backup_id = %job.lease.id, object_key = %key,
