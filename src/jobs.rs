@@ -154,6 +154,28 @@ pub async fn record_failure(
     })
 }
 
+/// A database error that says nothing about the statement, only that the database could not be
+/// reached or answer (a restart, a failover, a broken connection): worth retrying.
+pub fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        // 08: connection exception, 57: operator intervention (admin shutdown, crash recovery,
+        // cannot connect now), 53: insufficient resources, 40001/40P01: serialization/deadlock.
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+            c.starts_with("08")
+                || c.starts_with("57")
+                || c.starts_with("53")
+                || c == "40001"
+                || c == "40P01"
+        }),
+        _ => false,
+    }
+}
+
 /// A running row whose lease had expired (its worker died or hung), as the sweep left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovered {
@@ -161,6 +183,8 @@ pub struct Recovered {
     pub resource_id: Uuid,
     pub team_id: Uuid,
     pub resource_type: String,
+    /// When the dead attempt began (`started_at`, untouched): it names the attempt's object.
+    pub started_at: DateTime<Utc>,
     /// True when it had used its last attempt and is now `failed` (reason `timeout`).
     pub failed: bool,
 }
@@ -188,10 +212,11 @@ pub async fn recover_expired(
           WHERE j.id IN (SELECT id FROM {t} WHERE status = 'running' AND lease_expires_at < now()
                           FOR UPDATE SKIP LOCKED)
             AND r.id = j.resource_id
-         RETURNING j.id, j.resource_id, r.team_id, r.resource_type, j.status = 'failed'",
+         RETURNING j.id, j.resource_id, r.team_id, r.resource_type, j.started_at,
+                   j.status = 'failed'",
         t = table.table()
     );
-    let rows: Vec<(Uuid, Uuid, Uuid, String, bool)> = sqlx::query_as(&sql)
+    let rows: Vec<(Uuid, Uuid, Uuid, String, DateTime<Utc>, bool)> = sqlx::query_as(&sql)
         .bind(MAX_ATTEMPTS)
         .bind(FailureReason::Timeout.final_summary())
         .fetch_all(&mut **tx)
@@ -199,11 +224,12 @@ pub async fn recover_expired(
     Ok(rows
         .into_iter()
         .map(
-            |(id, resource_id, team_id, resource_type, failed)| Recovered {
+            |(id, resource_id, team_id, resource_type, started_at, failed)| Recovered {
                 id,
                 resource_id,
                 team_id,
                 resource_type,
+                started_at,
                 failed,
             },
         )
@@ -446,11 +472,11 @@ impl Claimer {
     }
 
     /// The claim of `lease` could not be followed through (its job failed to load): on a
-    /// connection-class error its row goes back as if never claimed, now or at the next settle.
+    /// [`transient`] error its row goes back as if never claimed, now or at the next settle.
     /// Any other error (one that would recur every time) leaves the row to its lease, so its
     /// attempts count and it ends `failed` rather than being claimed and given back forever.
     pub async fn give_back(&self, pool: &PgPool, lease: &Lease, error: &sqlx::Error) {
-        if !is_connection_error(error) {
+        if !transient(error) {
             return;
         }
         self.unsettled().push(lease.token);
@@ -489,20 +515,6 @@ impl Claimer {
 
 /// Claim attempts when a concurrent claimer wins the same resource (a unique violation).
 const CLAIM_RETRIES: usize = 5;
-
-/// Errors after which the database may or may not have done what was asked: the connection or
-/// the pool failed, not the statement.
-fn is_connection_error(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-    )
-}
 
 /// (id, resource_id, attempts, started_at) of a freshly claimed row.
 type ClaimedRow = (Uuid, Uuid, i32, DateTime<Utc>);
@@ -610,6 +622,15 @@ pub async fn drive<Q: Queue>(queue: &Arc<Q>, ctx: &PassContext) -> Result<(), Lo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_connection_trouble_is_transient() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(transient(&sqlx::Error::Io(io)));
+        assert!(transient(&sqlx::Error::PoolTimedOut));
+        assert!(!transient(&sqlx::Error::RowNotFound));
+        assert!(!transient(&sqlx::Error::ColumnNotFound("x".into())));
+    }
 
     #[test]
     fn backoff_schedule() {

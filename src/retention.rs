@@ -589,26 +589,52 @@ pub async fn reconcile_orphans(
 }
 
 /// Aborts uploads under `prefix` started more than `older_than` ago and never finished (the
-/// process writing them died). Returns how many were aborted.
-pub async fn abort_stale_uploads(
+/// process writing them died), except those whose key starts with one of the stems `in_use`
+/// returns (attempts running now). A store's `Initiated` is its own clock, and some report
+/// nonsense (moto: always 2010), so age alone must never abort a live worker's upload. `in_use`
+/// is asked after the listing: an upload listed belongs either to an attempt still running then,
+/// or to one that has completed or aborted it already (aborting it again is a no-op). Returns
+/// how many were aborted.
+pub async fn abort_stale_uploads<F, Fut>(
     store: &dyn ObjectStore,
     prefix: &str,
     older_than: Duration,
     now: DateTime<Utc>,
-) -> Result<usize, StorageError> {
+    in_use: F,
+) -> Result<usize, RetentionError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<String>, sqlx::Error>>,
+{
     let Some(cutoff) = chrono::Duration::from_std(older_than)
         .ok()
         .and_then(|d| now.checked_sub_signed(d))
     else {
         return Ok(0);
     };
+    let old: Vec<_> = store
+        .list_incomplete_uploads(prefix)
+        .await?
+        .into_iter()
+        .filter(|u| u.initiated.is_some_and(|t| t < cutoff))
+        .collect();
+    if old.is_empty() {
+        return Ok(0);
+    }
+    let in_use = in_use().await?;
     let mut aborted = 0;
-    for upload in store.list_incomplete_uploads(prefix).await? {
-        if upload.initiated.is_some_and(|t| t < cutoff) {
-            store.abort_incomplete_upload(&upload).await?;
-            tracing::info!(key = %upload.key, upload_id = %upload.upload_id, "aborted a stale incomplete upload");
-            aborted += 1;
+    for upload in old {
+        if in_use
+            .iter()
+            .any(|stem| upload.key.starts_with(stem.as_str()))
+        {
+            tracing::warn!(key = %upload.key, initiated = ?upload.initiated,
+                "an incomplete upload the store calls stale belongs to a running attempt; kept");
+            continue;
         }
+        store.abort_incomplete_upload(&upload).await?;
+        tracing::info!(key = %upload.key, upload_id = %upload.upload_id, "aborted a stale incomplete upload");
+        aborted += 1;
     }
     Ok(aborted)
 }

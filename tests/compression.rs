@@ -179,11 +179,12 @@ async fn every_gzip_level_writes_one_gzip_stream_that_the_real_gunzip_decodes_ex
         );
         sizes.push((level, row.size_bytes));
     }
-    // The mapping is monotone where it should be: the fastest level is the largest, and the
-    // zlib-rs levels (8–9) are the smallest.
+    // Levels 1–7 share one implementation (ISA-L level 2) and 8–9 another (zlib-rs level 8),
+    // the smaller: the sizes differ within a group only by what the source grew between
+    // backups (each backup adds its own rows to this database).
     let size = |l: u32| sizes.iter().find(|(x, _)| *x == l).unwrap().1;
-    assert!(size(1) >= size(6), "{sizes:?}");
-    assert!(size(9) <= size(6), "{sizes:?}");
+    assert!((size(1) - size(7)).abs() < size(6) / 500, "{sizes:?}");
+    assert!(size(8) < size(6) && size(9) < size(6), "{sizes:?}");
 }
 
 /// Objects written before ISA-L (zlib-rs through async-compression, level 6) restore unchanged.

@@ -618,6 +618,77 @@ async fn recovery_never_touches_started_at(pool: PgPool) {
     assert!(Backups::new(d).recover_expired().await.unwrap().is_empty());
 }
 
+/// A worker SIGKILLed between committing its object and recording the row (or mid-upload)
+/// leaves storage no row will ever reference: the recovery of its expired lease deletes the
+/// dead attempt's object and aborts its incomplete upload (found by the attempt's key stem), and
+/// touches nothing of any other attempt.
+#[sqlx::test]
+async fn recovery_removes_a_dead_attempts_object_and_upload(pool: PgPool) {
+    let started: DateTime<Utc> = "2026-11-22T01:02:03Z".parse().unwrap();
+    let (team, res) = team_resource(&pool, "pro").await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let id = backup_worker::commands::enqueue_backup(&pool, res)
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    sqlx::query(
+        "UPDATE resource_backups SET status = 'running', attempts = 1, started_at = $2,
+                leased_by = 'dead-pod', lease_expires_at = now() - interval '1 second'
+          WHERE id = $1",
+    )
+    .bind(ids[0])
+    .bind(started)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let store = Arc::new(backup_worker_testkit::MemoryStore::new());
+    let key = |id, at, ext| backup_worker::loops::backups::object_key("", team, res, at, id, ext);
+    // The dead attempt's committed object and another of its uploads, never finished.
+    let committed = key(ids[0], started, "pgdump");
+    backup_worker::storage::put_reader(store.as_ref(), &committed, &b"dump"[..], Metadata::new())
+        .await
+        .unwrap();
+    let stuck = store
+        .begin_upload(&format!("{committed}.age"), Metadata::new())
+        .await
+        .unwrap();
+    // Another attempt of the same row (a second later) and another row: not the dead attempt's.
+    let other_attempt = key(ids[0], started + chrono::Duration::seconds(1), "pgdump");
+    let other_row = key(ids[1], started, "pgdump");
+    for k in [&other_attempt, &other_row] {
+        backup_worker::storage::put_reader(store.as_ref(), k, &b"x"[..], Metadata::new())
+            .await
+            .unwrap();
+    }
+    let d = deps(&pool, store.clone(), Tools::default(), &[]);
+    let recovered = Backups::new(d).recover_expired().await.unwrap();
+    assert_eq!(recovered.len(), 1);
+    wait_until(
+        Duration::from_secs(10),
+        "the dead attempt's storage to be cleaned up",
+        || async {
+            store.list("").await.unwrap().len() == 2
+                && store.list_incomplete_uploads("").await.unwrap().is_empty()
+        },
+    )
+    .await
+    .unwrap();
+    let mut left: Vec<String> = store
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    left.sort();
+    let mut want = vec![other_attempt, other_row];
+    want.sort();
+    assert_eq!(left, want);
+    drop(stuck);
+}
+
 async fn succeeded_backup(
     pool: &PgPool,
     store: &dyn ObjectStore,
@@ -717,6 +788,59 @@ async fn retention_by_tier_with_keep_last(pool: PgPool) {
     assert_eq!(again.expired, 0, "idempotent");
 }
 
+async fn nothing_running() -> Result<Vec<String>, sqlx::Error> {
+    Ok(Vec::new())
+}
+
+/// moto reports every incomplete upload as initiated in 2010 (a store's clock is not ours): a
+/// replica's first orphan sweep — a replacement pod starting — must still never abort the upload
+/// of an attempt running on another replica (it did: that backup failed `upload` with a retry an
+/// hour's backoff away), only a dead attempt's.
+#[sqlx::test]
+async fn the_orphan_sweep_never_aborts_a_running_attempts_upload(pool: PgPool) {
+    let (team, res) = team_resource(&pool, "pro").await;
+    let id = backup_worker::commands::enqueue_backup(&pool, res)
+        .await
+        .unwrap();
+    let started: DateTime<Utc> = sqlx::query_scalar(
+        "UPDATE resource_backups SET status = 'running', attempts = 1, started_at = now(),
+                leased_by = 'other-pod', lease_expires_at = now() + interval '1 hour'
+          WHERE id = $1 RETURNING started_at",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let s3 = S3Server::start().await.unwrap();
+    let store = Arc::new(s3.store("backups").await.unwrap());
+    let live_key = backup_worker::loops::backups::object_key("", team, res, started, id, "pgdump");
+    let dead_key = backup_worker::loops::backups::object_key(
+        "",
+        team,
+        res,
+        started - chrono::Duration::minutes(5),
+        id,
+        "pgdump",
+    );
+    for key in [&live_key, &dead_key] {
+        let mut up = store.begin_upload(key, Metadata::new()).await.unwrap();
+        up.write(&vec![7u8; backup_worker::storage::S3_MIN_PART_SIZE + 1])
+            .await
+            .unwrap();
+        std::mem::forget(up);
+    }
+    let d = deps(&pool, store.clone(), Tools::default(), &[]);
+    Backups::new(d).pass(&ctx()).await.unwrap();
+    let left: Vec<String> = store
+        .list_incomplete_uploads("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.key)
+        .collect();
+    assert_eq!(left, [live_key]);
+}
+
 #[tokio::test]
 async fn orphaned_uploads_older_than_a_day_are_aborted() {
     let dir = tempfile::tempdir().unwrap();
@@ -747,7 +871,7 @@ async fn orphaned_uploads_older_than_a_day_are_aborted() {
     }
     let day = backup_worker::loops::backups::ORPHAN_UPLOAD_AGE;
     assert_eq!(
-        abort_stale_uploads(&local, "p/", day, Utc::now())
+        abort_stale_uploads(&local, "p/", day, Utc::now(), nothing_running)
             .await
             .unwrap(),
         1
@@ -767,7 +891,7 @@ async fn orphaned_uploads_older_than_a_day_are_aborted() {
     // (the age filter is checked on the local store above).
     assert_eq!(store.list_incomplete_uploads("p/").await.unwrap().len(), 1);
     assert_eq!(
-        abort_stale_uploads(&store, "p/", day, Utc::now())
+        abort_stale_uploads(&store, "p/", day, Utc::now(), nothing_running)
             .await
             .unwrap(),
         1

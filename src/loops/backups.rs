@@ -73,10 +73,37 @@ pub fn object_key(
     extension: &str,
 ) -> String {
     format!(
-        "{prefix}{team_id}/{resource_id}/{}-{backup_id}.{extension}.gz",
+        "{}{extension}.gz",
+        attempt_stem(prefix, team_id, resource_id, at, backup_id)
+    )
+}
+
+/// `<prefix><team>/<resource>/<YYYYMMDDTHHMMSSZ>-<backup id>.`: what every object and upload of
+/// one attempt (started at `at`) starts with, whatever its engine and encryption. Attempts of one
+/// row start at least a lease apart (a new claim follows the recovery of the old lease), so no
+/// two attempts share a stem.
+pub fn attempt_stem(
+    prefix: &str,
+    team_id: Uuid,
+    resource_id: Uuid,
+    at: DateTime<Utc>,
+    backup_id: Uuid,
+) -> String {
+    format!(
+        "{prefix}{team_id}/{resource_id}/{}-{backup_id}.",
         at.format("%Y%m%dT%H%M%SZ")
     )
 }
+
+/// Each try at recording a result is bounded by a quarter of the lease within these limits (a
+/// connection being re-established after a database restart backs off for up to seconds; a fresh
+/// try starts a fresh connection), and tries are this far apart.
+const RECORD_TRY_MIN: Duration = Duration::from_millis(500);
+const RECORD_TRY_MAX: Duration = Duration::from_secs(10);
+const RECORD_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// How long the clean-up of a dead attempt's storage may take before it is left to the sweeps.
+const DEAD_ATTEMPT_CLEANUP: Duration = Duration::from_secs(120);
 
 /// How often each replica runs retention, the orphan-upload sweep and the reconciliation of
 /// orphaned objects.
@@ -181,16 +208,8 @@ impl Backups {
         }
         let prefix = self.deps.config.storage_url.prefix();
         if orphans {
-            match retention::abort_stale_uploads(
-                self.deps.store.as_ref(),
-                prefix,
-                retention::orphan_upload_age(self.deps.config.backup_timeout),
-                Utc::now(),
-            )
-            .await
-            {
-                Ok(n) => self.deps.metrics.stale_uploads_aborted.inc_by(n as u64),
-                Err(e) => tracing::error!(error = %e, "orphan upload sweep failed"),
+            if let Err(e) = self.sweep_orphan_uploads().await {
+                tracing::error!(error = %e, "orphan upload sweep failed");
             }
         }
         // A cycle starts hourly; a store of millions of keys is walked over several passes, a
@@ -237,11 +256,32 @@ impl Backups {
             .reconciler = reconciler;
     }
 
+    /// Aborts incomplete uploads older than [`retention::orphan_upload_age`], never one of an attempt that is
+    /// running now (however old the store says it is).
+    async fn sweep_orphan_uploads(&self) -> Result<(), retention::RetentionError> {
+        let prefix = self.deps.config.storage_url.prefix();
+        let pool = self.pool().clone();
+        let aborted = retention::abort_stale_uploads(
+            self.deps.store.as_ref(),
+            prefix,
+            retention::orphan_upload_age(self.deps.config.backup_timeout),
+            Utc::now(),
+            || running_attempt_stems(pool, prefix.to_owned()),
+        )
+        .await?;
+        self.deps
+            .metrics
+            .stale_uploads_aborted
+            .inc_by(aborted as u64);
+        Ok(())
+    }
+
     /// Returns rows whose lease expired (a killed pod) to pending, or fails them after their
     /// last attempt.
     pub async fn recover_expired(&self) -> Result<Vec<jobs::Recovered>, sqlx::Error> {
         let recovered =
             jobs::recover_and_audit(self.pool(), JobTable::Backups, "backup.failed").await?;
+        self.clean_up_dead_attempts(&recovered);
         let m = &self.deps.metrics;
         for r in &recovered {
             m.backup_stuck_recovered.inc();
@@ -255,6 +295,42 @@ impl Backups {
             }
         }
         Ok(recovered)
+    }
+
+    /// A worker that died (SIGKILL, a lost node) between committing its object and recording
+    /// the row leaves a committed object no row will ever reference, and one that died mid-upload
+    /// leaves an incomplete multipart upload. The recovered attempt's stem names both: delete and
+    /// abort them now, in the background (a frozen store must not hold up claims), instead of
+    /// leaving them to the hourly/daily sweeps. A worker that is not dead but only lost its lease
+    /// is fenced: its late commit is discarded by its own `finish`.
+    fn clean_up_dead_attempts(&self, recovered: &[jobs::Recovered]) {
+        if recovered.is_empty() {
+            return;
+        }
+        let prefix = self.deps.config.storage_url.prefix();
+        let stems: Vec<String> = recovered
+            .iter()
+            .map(|r| attempt_stem(prefix, r.team_id, r.resource_id, r.started_at, r.id))
+            .collect();
+        let store = Arc::clone(&self.deps.store);
+        tokio::spawn(async move {
+            let cleanup = async {
+                for stem in &stems {
+                    if let Err(e) = clean_up_attempt(store.as_ref(), stem).await {
+                        tracing::warn!(attempt = %stem, error = %e,
+                            "cleaning up a dead attempt's storage failed; the sweeps remove it later");
+                    }
+                }
+            };
+            if tokio::time::timeout(DEAD_ATTEMPT_CLEANUP, cleanup)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "cleaning up dead attempts' storage timed out; the sweeps remove the rest"
+                );
+            }
+        });
     }
 
     fn pool(&self) -> &PgPool {
@@ -301,46 +377,95 @@ impl Backups {
         }))
     }
 
-    /// Runs one claimed job to a written-down result.
+    /// Runs one claimed job to a written-down result. The lease is renewed until the result is
+    /// recorded, not only while the data moves: a result that waits for the database (a restart)
+    /// must not lose its lease meanwhile.
     pub async fn run_job(self: Arc<Self>, job: Job, abort: CancellationToken) {
         let started = Instant::now();
-        let ran = jobs::run_leased(self.pool(), &job.lease, self.deps.config.lease, |lost| {
-            self.attempt(&job, &abort, lost)
-        })
+        let this = &self;
+        let job_ref = &job;
+        let ran = jobs::run_leased(
+            self.pool(),
+            &job.lease,
+            self.deps.config.lease,
+            |lost| async move {
+                let attempt = this.attempt(job_ref, &abort, lost.clone()).await;
+                this.record(job_ref, attempt, started, &lost).await;
+            },
+        )
         .await;
-        let attempt = match ran {
-            Ok(attempt) => attempt,
-            Err(panicked) => return jobs::after_panic(self.pool(), &job.lease, &panicked).await,
-        };
-        let committed = match &attempt {
-            Attempt::Succeeded { key, .. } => Some(key.clone()),
-            _ => None,
-        };
-        if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
-            tracing::error!(backup_id = %job.lease.id, error = %e, "recording the backup result failed");
-            // A committed object no row will ever point at is deleted now (the retry writes its
-            // own). But the failed write may be a COMMIT that took while its answer was lost: only
-            // a row read afterwards that does not point at the object proves it unreferenced. In
-            // doubt the object stays, for the reconciliation sweep to judge later.
-            if let Some(key) = committed {
-                let referenced: Result<bool, sqlx::Error> = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM resource_backups
-                                     WHERE id = $1 AND object_key = $2 AND status = 'succeeded')",
-                )
-                .bind(job.lease.id)
-                .bind(&key)
-                .fetch_one(self.pool())
-                .await;
-                match referenced {
-                    Ok(false) => self.discard(&key, "its result could not be recorded").await,
-                    Ok(true) => tracing::info!(backup_id = %job.lease.id,
-                        "the result was recorded after all (its commit's answer was lost)"),
-                    Err(e) => {
-                        tracing::warn!(backup_id = %job.lease.id, object_key = %key, error = %e,
-                        "cannot tell whether the result was recorded; the object is left to the reconciliation sweep")
-                    }
+        if let Err(panicked) = ran {
+            jobs::after_panic(self.pool(), &job.lease, &panicked).await;
+        }
+    }
+
+    /// Writes the attempt down. While the database is unreachable (a restart, a failover) and
+    /// the lease is still ours, the write is retried, each try bounded so a fresh connection is
+    /// sought soon after the database is back: giving up at the first error threw away finished
+    /// backups (their objects deleted, their attempts counted) for an outage shorter than the
+    /// lease. If it cannot be written, a committed object is deleted unless the row records it
+    /// (a commit whose answer was lost); when even that cannot be checked it is left to whoever
+    /// recovers the expired lease, which removes the attempt's objects.
+    async fn record(
+        &self,
+        job: &Job,
+        attempt: Attempt,
+        started: Instant,
+        lost: &CancellationToken,
+    ) {
+        let per_try = (self.deps.config.lease / 4).clamp(RECORD_TRY_MIN, RECORD_TRY_MAX);
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let (error, transient) =
+                match tokio::time::timeout(per_try, self.finish(job, &attempt, started.elapsed()))
+                    .await
+                {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => (e.to_string(), jobs::transient(&e)),
+                    Err(_) => (format!("no answer within {per_try:?}"), true),
+                };
+            if !transient || lost.is_cancelled() {
+                tracing::error!(backup_id = %job.lease.id, tries, error = %error,
+                    "recording the backup result failed");
+                if let Attempt::Succeeded { key, .. } = &attempt {
+                    self.discard_unrecorded(job, key, per_try).await;
                 }
+                return;
             }
+            tracing::warn!(backup_id = %job.lease.id, tries, error = %error,
+                "recording the backup result failed; retrying while the lease holds");
+            tokio::select! {
+                _ = tokio::time::sleep(RECORD_RETRY_PAUSE) => {}
+                _ = lost.cancelled() => {}
+            }
+        }
+    }
+
+    /// Deletes the committed object of a result that could not be recorded — unless the row
+    /// records it after all (the commit went through, its answer was lost), or that cannot be
+    /// known now. The row is read `FOR UPDATE`: a try of ours that timed out after its UPDATE
+    /// holds the row's lock until its COMMIT lands or rolls back, and the answer must come after.
+    async fn discard_unrecorded(&self, job: &Job, key: &str, within: Duration) {
+        let recorded = tokio::time::timeout(
+            within,
+            sqlx::query_scalar::<_, bool>(
+                "SELECT coalesce(object_key = $2, false) FROM resource_backups
+                  WHERE id = $1 FOR UPDATE",
+            )
+            .bind(job.lease.id)
+            .bind(key)
+            .fetch_optional(self.pool()),
+        )
+        .await
+        .map(|r| r.map(|row| row.unwrap_or(false)));
+        match recorded {
+            Ok(Ok(false)) => self.discard(key, "its result could not be recorded").await,
+            Ok(Ok(true)) => tracing::info!(backup_id = %job.lease.id, object_key = %key,
+                "the result was recorded after all (its commit's answer was lost); object kept"),
+            Ok(Err(_)) | Err(_) => tracing::warn!(backup_id = %job.lease.id, object_key = %key,
+                "cannot tell whether the result was recorded: the object is kept; the recovery of \
+                 the expired lease removes it if the row does not reference it"),
         }
     }
 
@@ -552,7 +677,7 @@ impl Backups {
     async fn finish(
         &self,
         job: &Job,
-        attempt: Attempt,
+        attempt: &Attempt,
         elapsed: Duration,
     ) -> Result<(), sqlx::Error> {
         let m = &self.deps.metrics;
@@ -581,18 +706,32 @@ impl Backups {
                 .bind(lease.id)
                 .bind(&lease.worker)
                 .bind(lease.attempts)
-                .bind(&key)
+                .bind(key)
                 .bind(streamed.stored_bytes as i64)
                 .bind(streamed.raw_bytes as i64)
                 .bind(&streamed.sha256)
-                .bind(mode)
-                .bind(key_id)
+                .bind(*mode)
+                .bind(*key_id)
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 0 {
+                    // A retry after a commit whose answer was lost finds its own result there.
+                    let ours: bool = sqlx::query_scalar(
+                        "SELECT EXISTS (SELECT 1 FROM resource_backups
+                                         WHERE id = $1 AND status = 'succeeded' AND object_key = $2)",
+                    )
+                    .bind(lease.id)
+                    .bind(key)
+                    .fetch_one(&mut *tx)
+                    .await?;
                     tx.rollback().await?;
+                    if ours {
+                        tracing::info!(backup_id = %lease.id, object_key = %key,
+                            "backup result already recorded by an earlier try");
+                        return Ok(());
+                    }
                     self.discard(
-                        &key,
+                        key,
                         "the lease was taken over before the result was recorded",
                     )
                     .await;
@@ -627,10 +766,10 @@ impl Backups {
             }
             Attempt::Failed { reason, detail } => {
                 let secrets = [job.connection_url.expose()];
-                let detail = crate::secret::redact_known(&detail, &secrets);
+                let detail = crate::secret::redact_known(detail, &secrets);
                 let detail: String = detail.chars().take(8192).collect();
                 let mut tx = self.pool().begin().await?;
-                let outcome = jobs::record_failure(&mut tx, lease, reason, &detail).await?;
+                let outcome = jobs::record_failure(&mut tx, lease, *reason, &detail).await?;
                 if outcome == FailureOutcome::Failed {
                     audit(
                         &mut *tx,
@@ -682,6 +821,41 @@ impl Backups {
                 "deleting a backup object failed; the reconciliation sweep removes it later");
         }
     }
+}
+
+/// The key stems of every backup attempt running now (any replica's).
+pub async fn running_attempt_stems(
+    pool: PgPool,
+    prefix: String,
+) -> Result<Vec<String>, sqlx::Error> {
+    let running: Vec<(Uuid, Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT b.id, b.resource_id, r.team_id, b.started_at
+           FROM resource_backups b JOIN resources r ON r.id = b.resource_id
+          WHERE b.status = 'running'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    Ok(running
+        .into_iter()
+        .map(|(id, resource, team, started)| attempt_stem(&prefix, team, resource, started, id))
+        .collect())
+}
+
+/// Deletes every object and aborts every incomplete upload of one dead attempt (`stem`).
+pub async fn clean_up_attempt(
+    store: &dyn crate::storage::ObjectStore,
+    stem: &str,
+) -> Result<(), crate::storage::StorageError> {
+    for upload in store.list_incomplete_uploads(stem).await? {
+        store.abort_incomplete_upload(&upload).await?;
+        tracing::info!(object_key = %upload.key, "aborted a dead attempt's incomplete upload");
+    }
+    for object in store.list(stem).await? {
+        store.delete(&object.key).await?;
+        tracing::warn!(object_key = %object.key,
+            "deleted the object of an attempt whose worker died before recording it");
+    }
+    Ok(())
 }
 
 #[async_trait]

@@ -483,6 +483,28 @@ pub struct PgServer {
     _child: Child,
 }
 
+/// The postmaster of `data` on `port`, its socket in `socket_dir`.
+fn postgres_command(postgres: &Path, data: &Path, socket_dir: &Path, port: u16) -> Command {
+    let mut c = as_postgres_user(postgres);
+    c.arg("-D")
+        .arg(data)
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+        ])
+        .args(["-c", "full_page_writes=off", "-c", "synchronous_commit=off"])
+        .arg("-c")
+        .arg(format!("unix_socket_directories={}", socket_dir.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
 fn pg_bin(name: &str) -> Result<PathBuf, TestError> {
     if let Ok(dir) = std::env::var("PG_BINDIR") {
         return Ok(Path::new(&dir).join(name));
@@ -573,24 +595,7 @@ impl PgServer {
         }
         let postgres = pg_bin("postgres")?;
         let (port, child) = spawn_listening("postgres", Duration::from_secs(30), |port| {
-            let mut c = as_postgres_user(&postgres);
-            c.arg("-D")
-                .arg(&data)
-                .args([
-                    "-p",
-                    &port.to_string(),
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "fsync=off",
-                ])
-                .args(["-c", "full_page_writes=off", "-c", "synchronous_commit=off"])
-                .arg("-c")
-                .arg(format!("unix_socket_directories={}", dir.path().display()))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            c
+            postgres_command(&postgres, &data, dir.path(), port)
         })
         .await?;
         let server = Self {
@@ -599,7 +604,12 @@ impl PgServer {
             _dir: dir,
             _child: child,
         };
-        let url = server.url("postgres");
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    async fn wait_ready(&self) -> Result<(), TestError> {
+        let url = self.url("postgres");
         wait_until(
             Duration::from_secs(30),
             "the private Postgres to accept connections",
@@ -611,8 +621,43 @@ impl PgServer {
                 }
             },
         )
+        .await
+    }
+
+    /// Stops the server (SIGINT: Postgres' fast shutdown — every connection is cut), leaves it
+    /// down for `down`, and starts it again on the same port and data directory; returns once it
+    /// accepts connections.
+    pub async fn restart(&mut self, down: Duration) -> Result<(), TestError> {
+        if let Some(pid) = self
+            ._child
+            .id()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        }
+        tokio::time::timeout(Duration::from_secs(30), self._child.wait())
+            .await
+            .map_err(|_| "the private Postgres did not stop within 30 s")??;
+        tokio::time::sleep(down).await;
+        let data = self._dir.path().join("data");
+        let mut child = postgres_command(&pg_bin("postgres")?, &data, self._dir.path(), self.port)
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().ok_or("the restarted Postgres has no pid")?;
+        wait_until(
+            Duration::from_secs(30),
+            "the restarted Postgres to listen",
+            || {
+                let listening = listens_on(pid, self.port);
+                async move { listening }
+            },
+        )
         .await?;
-        Ok(server)
+        if let Some(status) = child.try_wait()? {
+            return Err(format!("the restarted Postgres exited: {status}").into());
+        }
+        self._child = child;
+        self.wait_ready().await
     }
 
     /// Superuser URL for `database`.
