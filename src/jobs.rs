@@ -73,37 +73,50 @@ pub fn retry_delay(attempts: i32) -> Duration {
 
 /// Extends the lease; false when the row is no longer ours (taken over, released, finished).
 pub async fn renew(pool: &PgPool, lease: &Lease, duration: Duration) -> Result<bool, sqlx::Error> {
+    fenced_update(
+        pool,
+        lease,
+        "lease_expires_at = now() + make_interval(secs => $4)",
+        Some(duration.as_secs_f64()),
+    )
+    .await
+}
+
+/// `UPDATE <table> SET <set>` on the lease's row only while the lease still holds it (status
+/// running, our worker, our attempt): the fence every write of a job goes through. `$4`, when
+/// `set` uses it, is `seconds`. True when the row was ours and is updated.
+async fn fenced_update(
+    pool: &PgPool,
+    lease: &Lease,
+    set: &str,
+    seconds: Option<f64>,
+) -> Result<bool, sqlx::Error> {
     let sql = format!(
-        "UPDATE {} SET lease_expires_at = now() + make_interval(secs => $4)
+        "UPDATE {} SET {set}
           WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
         lease.table.table()
     );
-    let done = sqlx::query(&sql)
+    let mut query = sqlx::query(&sql)
         .bind(lease.id)
         .bind(&lease.worker)
-        .bind(lease.attempts)
-        .bind(duration.as_secs_f64())
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+        .bind(lease.attempts);
+    if let Some(seconds) = seconds {
+        query = query.bind(seconds);
+    }
+    Ok(query.execute(pool).await?.rows_affected() == 1)
 }
 
 /// Gives a row back at once (graceful shutdown): pending, runnable now, and the attempt it was
 /// on does not count against it. started_at is left as it was.
 pub async fn release(pool: &PgPool, lease: &Lease) -> Result<bool, sqlx::Error> {
-    let sql = format!(
-        "UPDATE {} SET status = 'pending', attempts = greatest(attempts - 1, 0), run_after = now(),
-                leased_by = NULL, lease_expires_at = NULL
-          WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
-        lease.table.table()
-    );
-    let done = sqlx::query(&sql)
-        .bind(lease.id)
-        .bind(&lease.worker)
-        .bind(lease.attempts)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+    fenced_update(
+        pool,
+        lease,
+        "status = 'pending', attempts = greatest(attempts - 1, 0), run_after = now(),
+         leased_by = NULL, lease_expires_at = NULL",
+        None,
+    )
+    .await
 }
 
 /// Records a failed attempt, fenced: retried (pending after backoff) while attempts remain and
@@ -339,18 +352,13 @@ where
 /// Ends a lease now (a panicked job): the next recovery sweep treats the row like a dead
 /// worker's. Fenced like every write.
 pub async fn expire_lease(pool: &PgPool, lease: &Lease) -> Result<bool, sqlx::Error> {
-    let sql = format!(
-        "UPDATE {} SET lease_expires_at = now() - interval '1 millisecond'
-          WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
-        lease.table.table()
-    );
-    let done = sqlx::query(&sql)
-        .bind(lease.id)
-        .bind(&lease.worker)
-        .bind(lease.attempts)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+    fenced_update(
+        pool,
+        lease,
+        "lease_expires_at = now() - interval '1 millisecond'",
+        None,
+    )
+    .await
 }
 
 /// Logs a panicked job and ends its lease (the recovery sweep does the rest).
