@@ -349,6 +349,33 @@ where
     })
 }
 
+/// Why a job was stopped before its work finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// `BACKUP_TIMEOUT` ran out.
+    TimedOut,
+    /// The shutdown grace ran out: the row is to be released.
+    Aborted,
+    /// The lease was lost or is in doubt: nothing may be written.
+    LeaseLost,
+}
+
+/// Runs `work` until it finishes or the job must stop: its timeout, the shutdown abort, or the
+/// lease's `lost` token. Dropping `work` kills what it started (tools run kill-on-drop).
+pub async fn until_stopped<T>(
+    work: impl std::future::Future<Output = T>,
+    timeout: Duration,
+    abort: &CancellationToken,
+    lost: &CancellationToken,
+) -> Result<T, Stopped> {
+    tokio::select! {
+        done = work => Ok(done),
+        _ = tokio::time::sleep(timeout) => Err(Stopped::TimedOut),
+        _ = abort.cancelled() => Err(Stopped::Aborted),
+        _ = lost.cancelled() => Err(Stopped::LeaseLost),
+    }
+}
+
 /// Ends a lease now (a panicked job): the next recovery sweep treats the row like a dead
 /// worker's. Fenced like every write.
 pub async fn expire_lease(pool: &PgPool, lease: &Lease) -> Result<bool, sqlx::Error> {

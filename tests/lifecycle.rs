@@ -131,12 +131,13 @@ struct Row {
     failure_reason: Option<String>,
     object_key: Option<String>,
     lease_expires_at: Option<DateTime<Utc>>,
+    internal_detail: Option<String>,
 }
 
 async fn row(pool: &PgPool, id: Uuid) -> Row {
     sqlx::query_as(
         "SELECT status, attempts, started_at, run_after, leased_by, failure_reason, object_key,
-                lease_expires_at
+                lease_expires_at, internal_detail
            FROM resource_backups WHERE id = $1",
     )
     .bind(id)
@@ -1140,8 +1141,9 @@ async fn a_claim_whose_answer_is_lost_is_given_back_without_spending_an_attempt(
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(LocalStore::new(dir.path().to_path_buf()).await.unwrap());
-    let backups = Backups::new(deps(&relayed, store, fake.tools(), &[]));
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalStore::new(dir.path().to_path_buf()).await.unwrap());
+    let backups = Backups::new(deps(&relayed, store.clone(), fake.tools(), &[]));
     assert!(
         backups.claim().await.is_err(),
         "the claim's answer was lost"
@@ -1156,23 +1158,13 @@ async fn a_claim_whose_answer_is_lost_is_given_back_without_spending_an_attempt(
     .await
     .unwrap();
     assert_eq!(row(&pool, id).await.attempts, 1);
-    // The next pass gives it back first, then claims and runs it as attempt 1 (the relay cuts
-    // every claim, so this pass runs on a direct pool, as a reconnected worker would).
-    let direct = Backups::new(deps(
-        &pool,
-        Arc::new(LocalStore::new(dir.path().to_path_buf()).await.unwrap()),
-        fake.tools(),
-        &[],
-    ));
-    backups_settle_then_pass(&backups, &direct).await;
+    // The next pass gives it back first (settling runs through the relay: only claims are cut),
+    // then claims and runs it as attempt 1 — on a direct pool, as a reconnected worker would.
+    backup_worker::jobs::Queue::housekeeping(backups.as_ref(), &Heartbeat::detached("test")).await;
+    let direct = Backups::new(deps(&pool, store, fake.tools(), &[]));
+    direct.pass(&ctx()).await.unwrap();
     let r = row(&pool, id).await;
     assert_eq!((r.status.as_str(), r.attempts), ("succeeded", 1), "{r:?}");
-}
-
-async fn backups_settle_then_pass(relayed: &Arc<Backups>, direct: &Arc<Backups>) {
-    // Settling runs through the relay (only claims are cut).
-    backup_worker::jobs::Queue::housekeeping(relayed.as_ref(), &Heartbeat::detached("test")).await;
-    direct.pass(&ctx()).await.unwrap();
 }
 
 /// When the store fails mid-stream, the row says `upload` (a temporary storage problem), not
@@ -1211,20 +1203,17 @@ async fn a_store_failing_mid_stream_is_recorded_as_upload_not_as_the_dump(pool: 
         .await
         .expect("the attempt ended")
         .unwrap();
-    let (status, reason, detail): (String, Option<String>, Option<String>) = sqlx::query_as(
-        "SELECT status, failure_reason, internal_detail FROM resource_backups WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let r = row(&pool, id).await;
     assert_eq!(
-        (status.as_str(), reason.as_deref()),
+        (r.status.as_str(), r.failure_reason.as_deref()),
         ("pending", Some("upload")),
-        "{detail:?}"
+        "{r:?}"
     );
     assert!(
-        detail.as_deref().unwrap_or("").contains("object storage"),
-        "the storage error is recorded: {detail:?}"
+        r.internal_detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("object storage"),
+        "the storage error is recorded: {r:?}"
     );
 }

@@ -16,7 +16,7 @@ use crate::db::audit;
 use crate::deps::Deps;
 use crate::domain::{FailureReason, ResourceType};
 use crate::engines::{self, Failure, RestoreTarget};
-use crate::jobs::{self, FailureOutcome, JobTable, Lease};
+use crate::jobs::{self, FailureOutcome, JobTable, Lease, Stopped};
 use crate::restore;
 use crate::secret::Secret;
 
@@ -142,25 +142,23 @@ impl Restores {
     pub async fn run_job(self: Arc<Self>, job: Job, abort: CancellationToken) {
         let started = Instant::now();
         let timeout = self.deps.config.backup_timeout;
+        let (this, job_ref, abort) = (&self, &job, &abort);
         let ran = jobs::run_leased(
             self.pool(),
             &job.lease,
             self.deps.config.lease,
-            |lost| async {
-                let lost = lost;
-                tokio::select! {
-                    r = self.attempt(&job) => match r {
-                        Ok(()) => Attempt::Succeeded,
-                        Err(f) => Attempt::Failed(f),
-                    },
-                    // Dropping the attempt kills its children (kill_on_drop): psql's open transaction
-                    // rolls back; a Redis copy stops and is redone by the retry.
-                    _ = tokio::time::sleep(timeout) => Attempt::Failed(Failure {
+            |lost| async move {
+                // Dropping the attempt kills its children (kill_on_drop): psql's open transaction
+                // rolls back; a Redis copy stops and is redone by the retry.
+                match jobs::until_stopped(this.attempt(job_ref), timeout, abort, &lost).await {
+                    Ok(Ok(())) => Attempt::Succeeded,
+                    Ok(Err(f)) => Attempt::Failed(f),
+                    Err(Stopped::TimedOut) => Attempt::Failed(Failure {
                         reason: FailureReason::Timeout,
                         detail: format!("restore exceeded BACKUP_TIMEOUT of {timeout:?}"),
                     }),
-                    _ = abort.cancelled() => Attempt::Cancelled,
-                    _ = lost.cancelled() => Attempt::LeaseLost,
+                    Err(Stopped::Aborted) => Attempt::Cancelled,
+                    Err(Stopped::LeaseLost) => Attempt::LeaseLost,
                 }
             },
         )

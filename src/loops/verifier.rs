@@ -22,7 +22,7 @@ use crate::db::audit;
 use crate::deps::Deps;
 use crate::domain::{FailureReason, ResourceType, SUPPORTED_RESOURCE_TYPES};
 use crate::engines::{self, fail, Census, Failure, RestoreTarget, ScratchServer};
-use crate::jobs::{self, FailureOutcome, JobTable, Lease};
+use crate::jobs::{self, FailureOutcome, JobTable, Lease, Stopped};
 use crate::restore;
 
 /// A verification that failed for the verifier's own environment (its scratch server, the
@@ -306,22 +306,32 @@ impl Verifier {
         let scratch =
             engines::scratch_name(job.lease.id, job.lease.attempts, Utc::now().timestamp());
         let timeout = self.deps.config.backup_timeout;
-        let ran = jobs::run_leased(self.pool(), &job.lease, self.deps.config.lease, |lost| async {
-            let lost = lost;
-            tokio::select! {
-                r = self.attempt(&job, &scratch) => match r {
-                    (Ok(detail), _) => Attempt::Verified(detail),
-                    (Err(f), detail) => Attempt::Failed(f, detail),
-                },
-                _ = tokio::time::sleep(timeout) => Attempt::Failed(Failed {
-                    failure: fail(FailureReason::Timeout, format!("verification exceeded BACKUP_TIMEOUT of {timeout:?}")),
-                    backup_at_fault: false,
-                    step: "restore",
-                }, json!({})),
-                _ = abort.cancelled() => Attempt::Cancelled,
-                _ = lost.cancelled() => Attempt::LeaseLost,
-            }
-        })
+        let (this, job_ref, scratch_ref, abort) = (&self, &job, &scratch, &abort);
+        let ran = jobs::run_leased(
+            self.pool(),
+            &job.lease,
+            self.deps.config.lease,
+            |lost| async move {
+                let work = this.attempt(job_ref, scratch_ref);
+                match jobs::until_stopped(work, timeout, abort, &lost).await {
+                    Ok((Ok(detail), _)) => Attempt::Verified(detail),
+                    Ok((Err(f), detail)) => Attempt::Failed(f, detail),
+                    Err(Stopped::TimedOut) => Attempt::Failed(
+                        Failed {
+                            failure: fail(
+                                FailureReason::Timeout,
+                                format!("verification exceeded BACKUP_TIMEOUT of {timeout:?}"),
+                            ),
+                            backup_at_fault: false,
+                            step: "restore",
+                        },
+                        json!({}),
+                    ),
+                    Err(Stopped::Aborted) => Attempt::Cancelled,
+                    Err(Stopped::LeaseLost) => Attempt::LeaseLost,
+                }
+            },
+        )
         .await;
         // Whatever happened (a dropped attempt cannot clean up after itself), the scratch
         // database does not outlive its attempt.
