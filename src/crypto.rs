@@ -353,38 +353,46 @@ impl Encrypt {
     }
 }
 
-/// Decrypts an age file into `dst` (blocking; run it off the async threads). Any tampering fails
-/// the authentication of its chunk.
-pub fn decrypt_file(
-    identity: &age::x25519::Identity,
-    src: &Path,
-    dst: &Path,
-) -> Result<u64, String> {
-    let input = std::io::BufReader::new(
-        std::fs::File::open(src).map_err(|e| format!("opening the encrypted backup: {e}"))?,
-    );
-    let decryptor = age::Decryptor::new(input).map_err(|e| format!("not an age file: {e}"))?;
-    let mut reader = decryptor
-        .decrypt(std::iter::once(identity as &dyn age::Identity))
-        .map_err(|e| format!("the team's key does not open it: {e}"))?;
-    let mut out =
-        std::fs::File::create(dst).map_err(|e| format!("writing the decrypted backup: {e}"))?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(|e| format!("decrypting: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n])
-            .map_err(|e| format!("writing the decrypted backup: {e}"))?;
-        total += n as u64;
+/// A decryption error surfaced through `std::io::Read` by [`DecryptingReader`]: callers tell a
+/// backup that does not decrypt (tampered, wrong key) from one that does not decompress.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DecryptError(pub String);
+
+/// An age file decrypted as it is read (blocking): nothing decrypted ever lands on disk. Any
+/// tampering fails the authentication of its chunk, as a [`DecryptError`].
+pub struct DecryptingReader(Box<dyn Read + Send>);
+
+impl DecryptingReader {
+    pub fn new<R: Read + Send + 'static>(
+        identity: &age::x25519::Identity,
+        input: R,
+    ) -> std::io::Result<Self> {
+        let err = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, DecryptError(why));
+        let decryptor = age::Decryptor::new(std::io::BufReader::with_capacity(64 * 1024, input))
+            .map_err(|e| err(format!("not an age file: {e}")))?;
+        let reader = decryptor
+            .decrypt(std::iter::once(identity as &dyn age::Identity))
+            .map_err(|e| err(format!("the team's key does not open it: {e}")))?;
+        Ok(Self(Box::new(reader)))
     }
-    out.flush()
-        .map_err(|e| format!("writing the decrypted backup: {e}"))?;
-    Ok(total)
+}
+
+impl Read for DecryptingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                e
+            } else {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, DecryptError(format!("decrypting: {e}")))
+            }
+        })
+    }
+}
+
+/// Whether an I/O error is a [`DecryptError`].
+pub fn is_decrypt_error(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<DecryptError>())
 }
 
 #[cfg(test)]
@@ -425,14 +433,24 @@ mod tests {
         }
         stored.extend(e.finish().unwrap());
         assert!(stored.starts_with(b"age-encryption.org/v1"));
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a"), &stored).unwrap();
-        decrypt_file(&id, &dir.path().join("a"), &dir.path().join("b")).unwrap();
-        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), data);
+        let mut plain = Vec::new();
+        DecryptingReader::new(&id, std::io::Cursor::new(stored.clone()))
+            .unwrap()
+            .read_to_end(&mut plain)
+            .unwrap();
+        assert_eq!(plain, data);
         let mut bad = stored.clone();
         let at = bad.len() - 100;
         bad[at] ^= 1;
-        std::fs::write(dir.path().join("a"), &bad).unwrap();
-        assert!(decrypt_file(&id, &dir.path().join("a"), &dir.path().join("b")).is_err());
+        let err = DecryptingReader::new(&id, std::io::Cursor::new(bad))
+            .unwrap()
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(is_decrypt_error(&err), "{err}");
+        let other = age::x25519::Identity::generate();
+        let Err(err) = DecryptingReader::new(&other, std::io::Cursor::new(stored)) else {
+            panic!("another team's key opened it");
+        };
+        assert!(is_decrypt_error(&err), "{err}");
     }
 }

@@ -45,6 +45,8 @@ pub enum FailureReason {
     Timeout,
     Config,
     Integrity,
+    /// A restore that applied only part of the backup (DESIGN §6).
+    Incomplete,
 }
 
 impl FailureReason {
@@ -66,6 +68,7 @@ impl FailureReason {
         Self::Timeout,
         Self::Config,
         Self::Integrity,
+        Self::Incomplete,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -78,6 +81,7 @@ impl FailureReason {
             Self::Timeout => "timeout",
             Self::Config => "config",
             Self::Integrity => "integrity",
+            Self::Incomplete => "incomplete",
         }
     }
 
@@ -115,6 +119,7 @@ impl FailureReason {
             Self::Timeout => "The backup took too long; we'll retry.",
             Self::Config => "There is a configuration problem with this resource; our team is alerted.",
             Self::Integrity => "The backup file failed its integrity check; your database was not changed and our team is alerted.",
+            Self::Incomplete => "We couldn't restore your database completely: part of the backup was restored and some of it was rejected by your database; our team is alerted.",
         }
     }
 }

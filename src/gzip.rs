@@ -369,10 +369,15 @@ pub struct GunzipReader {
 
 /// Opens `path` and starts decompressing it.
 pub fn gunzip_file(path: &std::path::Path) -> io::Result<GunzipReader> {
-    let file = std::fs::File::open(path)?;
+    Ok(gunzip_reader(std::fs::File::open(path)?))
+}
+
+/// Decompresses a blocking reader of gzip bytes (a file, or a file being decrypted as it is read)
+/// on a blocking thread, for async readers.
+pub fn gunzip_reader<R: Read + Send + 'static>(input: R) -> GunzipReader {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
-        let mut decoder = GzipDecoder::new(file);
+        let mut decoder = GzipDecoder::new(input);
         loop {
             let mut chunk = vec![0u8; OUT_CHUNK];
             let mut filled = 0;
@@ -407,12 +412,12 @@ pub fn gunzip_file(path: &std::path::Path) -> io::Result<GunzipReader> {
             }
         }
     });
-    Ok(GunzipReader {
+    GunzipReader {
         rx,
         current: Vec::new(),
         pos: 0,
         ended: false,
-    })
+    }
 }
 
 impl tokio::io::AsyncRead for GunzipReader {

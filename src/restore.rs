@@ -43,21 +43,32 @@ pub async fn backup_identity(
 
 /// Downloads `key` into `dir` while hashing it; refuses (integrity) unless the sha256 matches
 /// the row, the object decrypts with `identity` (an encrypted backup), the whole gzip stream
-/// decodes (its CRC checks out) and the raw dump passes its engine's structural `check`.
+/// decodes (its CRC checks out) and the raw dump passes its engine's structural `check`. Only the
+/// stored bytes are kept on disk (one copy, the object's size): decryption and decompression are
+/// streamed from that file, here and whenever the engine reads it. A temporary directory without
+/// room for the object fails `config` (the worker's environment, not the backup) before or while
+/// downloading, saying how many bytes are needed.
 pub async fn download_verified(
     store: &dyn ObjectStore,
     key: &str,
     expected_sha256: &str,
+    expected_size: Option<u64>,
     mut check: Box<dyn StreamCheck>,
     dir: &Path,
     identity: Option<age::x25519::Identity>,
 ) -> Result<BackupFile, Failure> {
-    let path = dir.join("backup.gz");
-    let stored_path = if identity.is_some() {
-        dir.join("backup.gz.age")
+    let path = dir.join(if identity.is_some() {
+        "backup.gz.age"
     } else {
-        path.clone()
-    };
+        "backup.gz"
+    });
+    if let Some(needed) = expected_size {
+        if let Some(free) = free_bytes(dir) {
+            if free < needed {
+                return Err(disk_full(needed, Some(free)));
+            }
+        }
+    }
     let mut reader = match store.get(key).await {
         Ok(r) => r,
         Err(StorageError::NotFound { .. }) => {
@@ -68,19 +79,28 @@ pub async fn download_verified(
         }
         Err(e) => return Err(fail(FailureReason::Upload, e.to_string())),
     };
-    let io = |e: std::io::Error| fail(FailureReason::Upload, format!("downloading {key}: {e}"));
-    let mut file = File::create(&stored_path).await.map_err(io)?;
+    let needed = expected_size.unwrap_or(0);
+    let write_err = |e: std::io::Error| {
+        if is_disk_full(&e) {
+            disk_full(needed, free_bytes(dir))
+        } else {
+            fail(FailureReason::Upload, format!("downloading {key}: {e}"))
+        }
+    };
+    let read_err = |e: std::io::Error| fail(FailureReason::Upload, format!("downloading {key}: {e}"));
+    let mut file = File::create(&path).await.map_err(write_err)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = reader.read(&mut buf).await.map_err(io)?;
+        let n = reader.read(&mut buf).await.map_err(read_err)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
-        file.write_all(&buf[..n]).await.map_err(io)?;
+        file.write_all(&buf[..n]).await.map_err(write_err)?;
     }
-    file.flush().await.map_err(io)?;
+    file.flush().await.map_err(write_err)?;
+    file.sync_all().await.map_err(write_err)?;
     drop(file);
     let actual = hex::encode(hasher.finalize());
     if !actual.eq_ignore_ascii_case(expected_sha256) {
@@ -89,24 +109,11 @@ pub async fn download_verified(
             format!("sha256 of {key} is {actual}, the backup row says {expected_sha256}"),
         ));
     }
-    if let Some(identity) = identity {
-        let (from, to) = (stored_path.clone(), path.clone());
-        let decrypted =
-            tokio::task::spawn_blocking(move || crate::crypto::decrypt_file(&identity, &from, &to))
-                .await
-                .map_err(|e| fail(FailureReason::Integrity, format!("decrypting {key}: {e}")))?;
-        let _ = tokio::fs::remove_file(&stored_path).await;
-        decrypted.map_err(|why| {
-            fail(
-                FailureReason::Integrity,
-                format!("{key} does not decrypt: {why}"),
-            )
-        })?;
-    }
-    // Decode it all once before anything destructive: a truncated or corrupt stream fails here.
-    // ISA-L's inflate and the engine's check run on a blocking thread, off the runtime.
-    // Dropping this future (a timeout, shutdown, a lost lease) stops the thread at its next
-    // chunk rather than letting it decode gigabytes nobody waits for.
+    let backup = BackupFile { path, identity };
+    // Decode it all once before anything destructive: a truncated, corrupt or tampered stream
+    // fails here. Decryption, ISA-L's inflate and the engine's check run on a blocking thread,
+    // off the runtime. Dropping this future (a timeout, shutdown, a lost lease) stops the thread
+    // at its next chunk rather than letting it decode gigabytes nobody waits for.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
     impl Drop for StopOnDrop {
@@ -115,31 +122,40 @@ pub async fn download_verified(
         }
     }
     let _stop_on_drop = StopOnDrop(stop.clone());
-    let decode_path = path.clone();
-    let decoded = tokio::task::spawn_blocking(move || -> Result<Box<dyn StreamCheck>, String> {
-        let file = std::fs::File::open(&decode_path).map_err(|e| e.to_string())?;
-        let mut decoder = crate::gzip::GzipDecoder::new(file);
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err("stopped".into());
+    let reading = backup.clone();
+    let decoded = tokio::task::spawn_blocking(
+        move || -> Result<Box<dyn StreamCheck>, std::io::Error> {
+            let gz = reading.open_gzip()?;
+            let mut decoder = crate::gzip::GzipDecoder::new(gz);
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(std::io::Error::other("stopped"));
+                }
+                match std::io::Read::read(&mut decoder, &mut buf) {
+                    Ok(0) => return Ok(check),
+                    Ok(n) => check.update(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
             }
-            match std::io::Read::read(&mut decoder, &mut buf) {
-                Ok(0) => return Ok(check),
-                Ok(n) => check.update(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    })
+        },
+    )
     .await
     // The thread failing (a panic) is ours, not the backup's.
     .map_err(|e| fail(FailureReason::Upload, format!("decoding {key}: {e}")))?;
     let check = decoded.map_err(|e| {
-        fail(
-            FailureReason::Integrity,
-            format!("{key} does not decompress: {e}"),
-        )
+        if crate::crypto::is_decrypt_error(&e) {
+            fail(
+                FailureReason::Integrity,
+                format!("{key} does not decrypt: {e}"),
+            )
+        } else {
+            fail(
+                FailureReason::Integrity,
+                format!("{key} does not decompress: {e}"),
+            )
+        }
     })?;
     if let Err(why) = check.finish() {
         return Err(fail(
@@ -147,5 +163,31 @@ pub async fn download_verified(
             format!("{key} fails its structural check: {why}"),
         ));
     }
-    Ok(BackupFile { path })
+    Ok(backup)
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// ENOSPC or EDQUOT: the worker's disk, not the store.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(28) | Some(122))
+}
+
+fn disk_full(needed: u64, free: Option<u64>) -> Failure {
+    let free = free.map(|f| format!(", {f} available")).unwrap_or_default();
+    fail(
+        FailureReason::Config,
+        format!(
+            "the worker's temporary directory is full: {needed} bytes needed{free} \
+             (size the pod's temporary volume for the largest backup per concurrent restore or \
+             verification)"
+        ),
+    )
 }

@@ -259,17 +259,51 @@ impl From<SpawnError> for Failure {
 }
 
 /// A downloaded backup whose sha256 and gzip stream were verified: what an engine restores from.
-/// It can be read (decompressed) as many times as the engine needs.
-#[derive(Debug, Clone)]
+/// It can be read (decrypted and decompressed as it is read, never a second copy on disk) as many
+/// times as the engine needs.
+#[derive(Clone)]
 pub struct BackupFile {
+    /// The stored bytes, exactly as downloaded (gzip, or age around gzip).
     pub path: PathBuf,
+    /// The team's identity when the backup is encrypted (DESIGN §12).
+    pub identity: Option<age::x25519::Identity>,
+}
+
+impl std::fmt::Debug for BackupFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupFile")
+            .field("path", &self.path)
+            .field("encrypted", &self.identity.is_some())
+            .finish()
+    }
 }
 
 impl BackupFile {
-    /// The raw dump, decompressed as it is read.
+    /// The gzip bytes for a blocking reader: the file, decrypted as it is read when encrypted.
+    pub fn open_gzip(&self) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+        let file = std::fs::File::open(&self.path)?;
+        Ok(match &self.identity {
+            Some(identity) => Box::new(crate::crypto::DecryptingReader::new(identity, file)?),
+            None => Box::new(file),
+        })
+    }
+
+    /// The raw dump for a blocking reader, decompressed (and decrypted) as it is read.
+    pub fn open_blocking(
+        &self,
+    ) -> Result<crate::gzip::GzipDecoder<Box<dyn std::io::Read + Send>>, Failure> {
+        let gz = self
+            .open_gzip()
+            .map_err(|e| fail(FailureReason::Dump, format!("opening the backup: {e}")))?;
+        Ok(crate::gzip::GzipDecoder::new(gz))
+    }
+
+    /// The raw dump, decompressed (and decrypted) as it is read, for async readers.
     pub async fn open(&self) -> Result<crate::gzip::GunzipReader, Failure> {
-        crate::gzip::gunzip_file(&self.path)
-            .map_err(|e| fail(FailureReason::Dump, format!("opening the backup: {e}")))
+        let gz = self
+            .open_gzip()
+            .map_err(|e| fail(FailureReason::Dump, format!("opening the backup: {e}")))?;
+        Ok(crate::gzip::gunzip_reader(gz))
     }
 }
 

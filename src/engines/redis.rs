@@ -484,9 +484,7 @@ fn rdb_failure(e: RdbError) -> Failure {
 
 /// Opens the backup's RDB for a blocking reader (the gzip file decompressed as it is read).
 fn open_rdb(backup: &BackupFile) -> Result<RdbReader<impl std::io::Read>, Failure> {
-    let file = std::fs::File::open(&backup.path)
-        .map_err(|e| fail(FailureReason::Dump, format!("opening the backup: {e}")))?;
-    let gz = crate::gzip::GzipDecoder::new(file);
+    let gz = backup.open_blocking()?;
     let stripped = StripEofMarkSync {
         inner: gz,
         mark: Some(EofMark::default()),

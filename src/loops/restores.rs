@@ -37,6 +37,8 @@ pub struct Job {
     pub backup_connection_url: Secret,
     pub object_key: Option<String>,
     pub sha256: Option<String>,
+    /// Stored bytes: what the download needs on the temporary volume.
+    pub size_bytes: Option<i64>,
     /// The team key the backup is encrypted to (DESIGN §12).
     pub key_id: Option<Uuid>,
 }
@@ -61,6 +63,7 @@ struct Context {
     backup_connection_url: String,
     object_key: Option<String>,
     sha256: Option<String>,
+    size_bytes: Option<i64>,
     key_id: Option<Uuid>,
 }
 
@@ -102,7 +105,7 @@ impl Restores {
             "SELECT rr.backup_id, tr.team_id, tr.resource_type, tr.status AS resource_status,
                     tr.connection_url, b.status AS backup_status, br.team_id AS backup_team_id,
                     br.resource_type AS backup_resource_type, br.connection_url AS backup_connection_url,
-                    b.object_key, b.sha256, b.key_id
+                    b.object_key, b.sha256, b.size_bytes, b.key_id
                FROM resource_restores rr
                JOIN resources tr ON tr.id = rr.resource_id
                JOIN resource_backups b ON b.id = rr.backup_id
@@ -135,6 +138,7 @@ impl Restores {
             backup_connection_url: Secret::new(c.backup_connection_url),
             object_key: c.object_key,
             sha256: c.sha256,
+            size_bytes: c.size_bytes,
             key_id: c.key_id,
         }))
     }
@@ -237,6 +241,7 @@ impl Restores {
             self.deps.store.as_ref(),
             key,
             sha,
+            job.size_bytes.and_then(|n| u64::try_from(n).ok()),
             engines::stream_check(resource_type),
             temp.path(),
             identity,

@@ -416,6 +416,7 @@ impl Verifier {
             self.deps.store.as_ref(),
             key,
             sha,
+            job.size_bytes.and_then(|n| u64::try_from(n).ok()),
             engines::stream_check(resource_type),
             temp.path(),
             identity,
