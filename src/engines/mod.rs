@@ -8,7 +8,6 @@ pub(crate) mod mongodb;
 pub(crate) mod mongodb_archive;
 pub(crate) mod pg_archive;
 pub(crate) mod postgres;
-pub(crate) mod rdb;
 pub(crate) mod redis;
 
 use std::ffi::OsString;
