@@ -1,19 +1,45 @@
 //! The rewind: the RDB read as a stream, every key cut out as a DUMP payload and RESTOREd.
+//!
+//! Who may be flushed: only a target whose user may SYNC (it may read the whole instance, so
+//! the instance is its own), and only for a backup of the whole instance. A keyspace-mode backup,
+//! or a user that may not SYNC (a pooled tenant — whose key patterns do not stop FLUSHDB, a
+//! command without keys), gets exactly its own keys removed instead: SCAN, one UNLINK per key,
+//! other tenants' keys answering `NOPERM` and staying.
+//!
+//! Memory is bounded in bytes whatever the values' sizes: the blocking reader cuts one key at a
+//! time and waits for room in a byte budget ([`QUEUE_BYTES`]) shared by the keys queued for the
+//! network and the batch being built; a batch is sent once it holds [`BATCH_BYTES`] (a value
+//! larger than that is a batch of its own).
 
 use std::collections::BTreeMap;
 use std::io::BufReader;
+use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::Value;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::check::StripEofMarkSync;
-use super::classify::classify;
+use super::classify::client_class;
 use super::rdb::{Entry, RdbError, RdbItem, RdbReader};
 use super::{connect, is_noperm, keyspace_dbs, now_ms, parse, redis_failure, RedisConnection};
 use crate::domain::FailureReason;
 use crate::engines::{fail, BackupFile, Failure, RestoreTarget};
 
-/// Keys per SCAN round trip.
+/// Keys per SCAN round trip (and per pipelined group of UNLINKs).
 const SCAN_COUNT: usize = 500;
+/// Bytes of cut keys (payload + name + [`ENTRY_OVERHEAD`]) the reader may hold ahead of the
+/// network, the batch being built included. A key larger than the whole budget takes all of it.
+const QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// Bytes of RESTORE commands sent per pipelined batch (and a cap on keys per batch).
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+const BATCH_KEYS: usize = 1000;
+/// What a queued key costs besides its bytes (the entry, the channel slot, the command's args).
+const ENTRY_OVERHEAD: usize = 64;
+/// Redis' default `proto-max-bulk-len`, assumed when the target will not say.
+const DEFAULT_PROTO_MAX_BULK_LEN: u64 = 512 * 1024 * 1024;
+/// The AUX field the worker's keyspace-mode writer puts in the header ([`super::rdb::RdbWriter`]).
+const MODE_AUX: &[u8] = b"backup-worker-mode";
 
 /// What the first read of a backup's RDB found, before anything is touched.
 #[derive(Debug, Default)]
@@ -21,11 +47,14 @@ struct RdbPlan {
     version: u16,
     /// Keys per logical database.
     keys: BTreeMap<u64, u64>,
-    /// The first key (its payload probes the target).
-    first: Option<Entry>,
+    /// The key with the smallest payload (it probes the target; kept small, as it is held for
+    /// the whole restore).
+    probe: Option<Entry>,
     /// The largest payload: (key, bytes).
     largest: Option<(Vec<u8>, usize)>,
     functions: u64,
+    /// Written by the worker's keyspace-mode dump (its header's AUX field), not by a server.
+    keyspace: bool,
 }
 
 pub(super) fn rdb_failure(e: RdbError) -> Failure {
@@ -68,11 +97,18 @@ async fn plan(backup: &BackupFile) -> Result<RdbPlan, Failure> {
                     {
                         plan.largest = Some((e.key.clone(), e.payload.len()));
                     }
-                    if plan.first.is_none() {
-                        plan.first = Some(e);
+                    if plan
+                        .probe
+                        .as_ref()
+                        .is_none_or(|p| e.payload.len() < p.payload.len())
+                    {
+                        plan.probe = Some(e);
                     }
                 }
                 RdbItem::Function { .. } => plan.functions += 1,
+                RdbItem::Aux { key, value } if key == MODE_AUX => {
+                    plan.keyspace = value == b"keyspace";
+                }
                 _ => {}
             }
         }
@@ -95,15 +131,11 @@ pub(crate) async fn count_keys(backup: &BackupFile) -> Result<(BTreeMap<u64, u64
     Ok((plan.keys, plan.functions))
 }
 
-/// Bytes of RESTORE commands sent per pipelined batch (and a cap on keys per batch).
-const BATCH_BYTES: usize = 8 * 1024 * 1024;
-const BATCH_KEYS: usize = 1000;
-/// Redis' default `proto-max-bulk-len`, assumed when the target will not say.
-const DEFAULT_PROTO_MAX_BULK_LEN: u64 = 512 * 1024 * 1024;
-
 /// Rewinds the target to the backup. Per logical database of the resource (one named database,
 /// or every database of the instance): after a probe RESTORE shows the target accepts the
-/// backup's payloads, FLUSHDB, then `RESTORE key <expire> payload ABSTTL REPLACE` for every key.
+/// backup's payloads, the resource's keys are removed — FLUSHDB for an instance backup into a
+/// target whose user may SYNC, otherwise UNLINK of exactly the keys its user may delete — then
+/// `RESTORE key <expire> payload ABSTTL REPLACE` for every key.
 pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Result<(), Failure> {
     let target = parse(t.url)?;
     let plan = plan(backup).await?;
@@ -131,7 +163,7 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
     let home = i64::from(target.db.unwrap_or(0));
     let mut admin = connect(&target, home, "connecting to the target").await?;
 
-    // Checks before anything is flushed: payload size, payload version.
+    // Checks before anything is removed: payload size, payload version.
     let limit: u64 = redis::cmd("CONFIG")
         .arg("GET")
         .arg("proto-max-bulk-len")
@@ -156,12 +188,15 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
             "function libraries in the backup are not restored into a one-database resource"
         );
     }
-    if let Some(first) = plan.first.as_ref().filter(|f| mapping.contains_key(&f.db)) {
+    if let Some(first) = plan.probe.as_ref().filter(|f| mapping.contains_key(&f.db)) {
         probe(&target, mapping[&first.db], first, plan.version).await?;
     }
+    // A keyspace-mode backup is some tenant's keys, never a whole instance: it is never flushed,
+    // whoever the target's user is.
+    let flush = !plan.keyspace && may_sync(&target, home).await?;
 
-    // The rewind: flush the resource's databases, then stream every key in.
-    let flush: Vec<i64> = match target.db {
+    // The rewind: empty the resource's databases, then stream every key in.
+    let dbs: Vec<i64> = match target.db {
         Some(n) => vec![i64::from(n)],
         None => {
             // Databases holding keys now but none in the backup are emptied too.
@@ -180,14 +215,19 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
             dbs
         }
     };
-    for db in flush {
+    drop(admin);
+    for db in dbs {
         let mut c = connect(&target, db, "connecting to the target").await?;
-        flush_db(&mut c).await?;
+        if flush {
+            flush_db(&mut c).await?;
+        } else {
+            unlink_visible(&mut c).await?;
+        }
     }
     stream_keys(&target, backup, &mapping, target.db.is_none()).await
 }
 
-/// RESTOREs the first key under a throwaway name (beside it, so a tenant's key pattern allows
+/// RESTOREs the probe key under a throwaway name (beside it, so a tenant's key pattern allows
 /// it): a target that refuses the backup's RDB version fails here, untouched.
 async fn probe(
     target: &RedisConnection,
@@ -207,7 +247,8 @@ async fn probe(
     let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&key).query_async(&mut c).await;
     match r {
         Ok(()) => Ok(()),
-        Err(e) if e.is_io_error() || is_noperm(&e) || classify(&e.to_string()) == FailureReason::Auth => {
+        // Credentials, reachability, a refused RESTORE: the table's classes.
+        Err(e) if client_class(&e) != FailureReason::Dump => {
             Err(redis_failure("probing the target", e))
         }
         Err(e) => Err(fail(
@@ -219,15 +260,73 @@ async fn probe(
     }
 }
 
-/// FLUSHDB, or for a user that may not (a pooled tenant on a shared instance) UNLINK of every key
-/// it may touch: other tenants' keys in the same database answer NOPERM and stay.
-async fn flush_db(c: &mut redis::aio::MultiplexedConnection) -> Result<(), Failure> {
-    match redis::cmd("FLUSHDB").query_async::<()>(c).await {
-        Ok(()) => return Ok(()),
-        Err(e) if is_noperm(&e) => {}
-        Err(e) => return Err(redis_failure("FLUSHDB on the target", e)),
+/// Whether the target's user may SYNC — may read the whole instance, which is then its own to
+/// flush. Asked without side effects: `ACL DRYRUN <user> SYNC` (Redis 7: `OK`, or the reason it
+/// may not), else `MULTI`, then `SYNC` + `DISCARD` (6.2 checks ACLs when queueing: `QUEUED` or
+/// `NOPERM`, and nothing runs). Any other answer — no right to ask, 7.x refusing SYNC inside a
+/// transaction, MULTI refused — is a no: the UNLINK path then removes the same keys, only slower.
+async fn may_sync(target: &RedisConnection, db: i64) -> Result<bool, Failure> {
+    let stage = "asking whether the target's user may SYNC";
+    let mut c = connect(target, db, "connecting to the target").await?;
+    let user = target.user.as_deref().unwrap_or("default");
+    match redis::cmd("ACL")
+        .arg("DRYRUN")
+        .arg(user)
+        .arg("SYNC")
+        .query_async::<Value>(&mut c)
+        .await
+    {
+        Ok(Value::Okay) => return Ok(true),
+        Ok(Value::SimpleString(s)) if s == "OK" => return Ok(true),
+        Ok(_) => return Ok(false),
+        Err(e)
+            if matches!(
+                client_class(&e),
+                FailureReason::Auth | FailureReason::Unreachable
+            ) =>
+        {
+            return Err(redis_failure(stage, e))
+        }
+        Err(_) => {}
     }
+    // Never SYNC outside a transaction: only once MULTI is accepted.
+    match redis::cmd("MULTI").query_async::<Value>(&mut c).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                client_class(&e),
+                FailureReason::Auth | FailureReason::Unreachable
+            ) =>
+        {
+            return Err(redis_failure(stage, e))
+        }
+        Err(_) => return Ok(false),
+    }
+    let mut p = redis::pipe();
+    p.cmd("SYNC").cmd("DISCARD");
+    let replies = c
+        .req_packed_commands(&p, 0, 2)
+        .await
+        .map_err(|e| redis_failure(stage, e))?;
+    Ok(matches!(replies.first(), Some(Value::SimpleString(s)) if s == "QUEUED"))
+}
+
+/// FLUSHDB (a user that may SYNC, an instance backup); a refusal falls back to UNLINK.
+async fn flush_db(c: &mut MultiplexedConnection) -> Result<(), Failure> {
+    match redis::cmd("FLUSHDB").query_async::<()>(c).await {
+        Ok(()) => Ok(()),
+        Err(e) if is_noperm(&e) => unlink_visible(c).await.map(drop),
+        Err(e) => Err(redis_failure("FLUSHDB on the target", e)),
+    }
+}
+
+/// Removes the keys of the connection's database that its user may delete, and no other:
+/// SCAN returns every key whatever the user's key patterns, so each is UNLINKed on its own
+/// (pipelined per SCAN page) and a key answering NOPERM — another tenant's, or one this user may
+/// only read — stays. Returns how many keys were removed.
+async fn unlink_visible(c: &mut MultiplexedConnection) -> Result<u64, Failure> {
     let mut cursor: u64 = 0;
+    let mut removed = 0u64;
     loop {
         let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
             .arg(cursor)
@@ -236,31 +335,45 @@ async fn flush_db(c: &mut redis::aio::MultiplexedConnection) -> Result<(), Failu
             .query_async(c)
             .await
             .map_err(|e| redis_failure("SCAN on the target", e))?;
-        for k in keys {
-            match redis::cmd("UNLINK").arg(&k).query_async::<i64>(c).await {
-                Ok(_) => {}
-                Err(e) if is_noperm(&e) => {}
-                Err(e) => return Err(redis_failure("UNLINK on the target", e)),
+        if !keys.is_empty() {
+            let mut p = redis::pipe();
+            for k in &keys {
+                p.cmd("UNLINK").arg(k);
+            }
+            let replies = c
+                .req_packed_commands(&p, 0, keys.len())
+                .await
+                .map_err(|e| redis_failure("UNLINK on the target", e))?;
+            for r in replies {
+                match r {
+                    Value::Int(n) => removed += n as u64,
+                    Value::ServerError(e) if e.code() == "NOPERM" => {}
+                    Value::ServerError(e) => {
+                        return Err(redis_failure("UNLINK on the target", e.into()))
+                    }
+                    _ => {}
+                }
             }
         }
         if next == 0 {
-            return Ok(());
+            return Ok(removed);
         }
         cursor = next;
     }
 }
 
-/// One pipelined batch of RESTOREs for one database.
+/// One pipelined batch of RESTOREs for one database, with the budget its keys hold.
 struct Batch {
     db: i64,
     pipe: redis::Pipeline,
     bytes: usize,
     keys: usize,
+    _permits: Vec<OwnedSemaphorePermit>,
 }
 
 async fn send(
     target: &RedisConnection,
-    conns: &mut BTreeMap<i64, redis::aio::MultiplexedConnection>,
+    conns: &mut BTreeMap<i64, MultiplexedConnection>,
     batch: Batch,
 ) -> Result<(), Failure> {
     if batch.keys == 0 {
@@ -279,7 +392,20 @@ async fn send(
         .map_err(|e| redis_failure("RESTORE on the target", e))
 }
 
-/// Streams the RDB a second time (a blocking reader feeding a bounded channel) and RESTOREs every
+/// A cut item on its way to the network, holding its share of the byte budget.
+enum Item {
+    Key(Entry, OwnedSemaphorePermit),
+    Function(Vec<u8>, OwnedSemaphorePermit),
+}
+
+/// Waits (on the blocking reader's thread) for `bytes` of the budget; `None` once the restore
+/// stopped and closed it.
+fn reserve(budget: &Arc<Semaphore>, bytes: usize) -> Option<OwnedSemaphorePermit> {
+    let n = bytes.clamp(1, QUEUE_BYTES) as u32;
+    futures::executor::block_on(budget.clone().acquire_many_owned(n)).ok()
+}
+
+/// Streams the RDB a second time (a blocking reader feeding the byte budget) and RESTOREs every
 /// key of a mapped database, in batches bounded in bytes.
 async fn stream_keys(
     target: &RedisConnection,
@@ -287,35 +413,81 @@ async fn stream_keys(
     mapping: &BTreeMap<u64, i64>,
     functions: bool,
 ) -> Result<(), Failure> {
-    enum Item {
-        Key(Entry),
-        Function(Vec<u8>),
-    }
-    let (tx, mut rx) = mpsc::channel::<Result<Item, Failure>>(64);
+    let budget = Arc::new(Semaphore::new(QUEUE_BYTES));
+    // The budget bounds the bytes; the channel needs no bound of its own.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Result<Item, Failure>>();
     let backup = backup.clone();
+    let reader_budget = budget.clone();
     let reader = tokio::task::spawn_blocking(move || {
         let mut reader = match open_rdb(&backup) {
             Ok(r) => r,
-            Err(f) => return tx.blocking_send(Err(f)).map_err(drop),
+            Err(f) => return tx.send(Err(f)).map_err(drop),
         };
         loop {
             let item = match reader.next_item() {
-                Ok(Some(RdbItem::Key(e))) => Item::Key(e),
-                Ok(Some(RdbItem::Function { payload })) => Item::Function(payload),
+                Ok(Some(RdbItem::Key(e))) => {
+                    let cost = e.key.len() + e.payload.len() + ENTRY_OVERHEAD;
+                    let Some(permit) = reserve(&reader_budget, cost) else {
+                        return Err(());
+                    };
+                    Item::Key(e, permit)
+                }
+                Ok(Some(RdbItem::Function { payload })) => {
+                    let Some(permit) = reserve(&reader_budget, payload.len() + ENTRY_OVERHEAD)
+                    else {
+                        return Err(());
+                    };
+                    Item::Function(payload, permit)
+                }
                 Ok(Some(_)) => continue,
                 Ok(None) => return Ok(()),
-                Err(e) => return tx.blocking_send(Err(rdb_failure(e))).map_err(drop),
+                Err(e) => return tx.send(Err(rdb_failure(e))).map_err(drop),
             };
             // The receiver gone means the restore stopped: stop reading.
-            tx.blocking_send(Ok(item)).map_err(drop)?;
+            tx.send(Ok(item)).map_err(drop)?;
         }
     });
+    let result = restore_items(target, mapping, functions, &mut rx).await;
+    // Stopped early (a failure): release a reader waiting for room, so it ends.
+    budget.close();
+    drop(rx);
+    result?;
+    match reader.await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(fail(
+            FailureReason::Dump,
+            format!("reading the backup stopped: {e}"),
+        )),
+    }
+}
+
+async fn restore_items(
+    target: &RedisConnection,
+    mapping: &BTreeMap<u64, i64>,
+    functions: bool,
+    rx: &mut mpsc::UnboundedReceiver<Result<Item, Failure>>,
+) -> Result<(), Failure> {
     let mut conns = BTreeMap::new();
     let mut batch: Option<Batch> = None;
     let now = now_ms();
-    while let Some(item) = rx.recv().await {
+    loop {
+        // Nothing cut yet: send what the batch holds before waiting, so the budget its keys
+        // hold is never what the reader waits for.
+        let item = match rx.try_recv() {
+            Ok(item) => item,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if let Some(b) = batch.take() {
+                    send(target, &mut conns, b).await?;
+                }
+                match rx.recv().await {
+                    Some(item) => item,
+                    None => break,
+                }
+            }
+        };
         match item? {
-            Item::Function(payload) if functions => {
+            Item::Function(payload, _permit) if functions => {
                 let mut c = connect(target, 0, "connecting to the target").await?;
                 let _: () = redis::cmd("FUNCTION")
                     .arg("RESTORE")
@@ -325,8 +497,8 @@ async fn stream_keys(
                     .await
                     .map_err(|e| redis_failure("FUNCTION RESTORE on the target", e))?;
             }
-            Item::Function(_) => {}
-            Item::Key(e) => {
+            Item::Function(..) => {}
+            Item::Key(e, permit) => {
                 let Some(&db) = mapping.get(&e.db) else {
                     continue;
                 };
@@ -348,9 +520,11 @@ async fn stream_keys(
                     pipe: redis::pipe(),
                     bytes: 0,
                     keys: 0,
+                    _permits: Vec::new(),
                 });
                 b.bytes += e.key.len() + e.payload.len();
                 b.keys += 1;
+                b._permits.push(permit);
                 b.pipe
                     .cmd("RESTORE")
                     .arg(e.key)
@@ -365,11 +539,5 @@ async fn stream_keys(
     if let Some(last) = batch.take() {
         send(target, &mut conns, last).await?;
     }
-    match reader.await {
-        Ok(_) => Ok(()),
-        Err(e) => Err(fail(
-            FailureReason::Dump,
-            format!("reading the backup stopped: {e}"),
-        )),
-    }
+    Ok(())
 }

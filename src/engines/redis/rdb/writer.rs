@@ -66,6 +66,7 @@ impl RdbWriter {
     /// One key from its `DUMP` payload: the payload's CRC64 and footer version (≤ the writer's)
     /// are verified and its value walked to the byte, then
     /// `[EXPIRETIME_MS ms] type key value` is appended. Nothing is appended on error.
+    #[cfg(test)]
     pub fn key(
         &mut self,
         key: &[u8],
@@ -73,6 +74,21 @@ impl RdbWriter {
         dump_payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), RdbError> {
+        let value = self.key_head(key, expire_at_ms, dump_payload, out)?;
+        out.extend_from_slice(value);
+        Ok(())
+    }
+
+    /// [`key`](Self::key) without copying the value: appends `[EXPIRETIME_MS ms] type key` and
+    /// returns the value's bytes (a slice of `dump_payload`, already in the stream's CRC64),
+    /// which the caller writes right after `out` — a large value is written once, never gathered.
+    pub fn key_head<'p>(
+        &mut self,
+        key: &[u8],
+        expire_at_ms: Option<i64>,
+        dump_payload: &'p [u8],
+        out: &mut Vec<u8>,
+    ) -> Result<&'p [u8], RdbError> {
         let version = verify_payload(dump_payload)?;
         if version > self.version {
             return Err(format_err(format!(
@@ -111,8 +127,8 @@ impl RdbWriter {
         }
         self.emit(&[t], out);
         self.emit_string(key, out);
-        self.emit(body, out);
-        Ok(())
+        self.crc = crc64(self.crc, body);
+        Ok(body)
     }
 
     /// The EOF opcode and the CRC64 (LE) of the whole stream.
