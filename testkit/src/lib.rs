@@ -3,6 +3,7 @@
 //! redis-server, private Postgres servers), the daemon in-process, a tiny HTTP client, and an
 //! in-memory object store. Every process started here is killed when its handle drops.
 
+pub mod jobs;
 mod memory;
 
 pub use memory::MemoryStore;
@@ -354,6 +355,137 @@ impl RedisServer {
     /// Logical database `db` only, as a resource.
     pub fn url_db(&self, db: u32) -> String {
         format!("{}/{db}", self.url())
+    }
+
+    /// Creates (or resets) ACL user `name` with password `password` and `rules` (e.g.
+    /// `["~t1:*", "+@all", "-@admin"]`), as a pooled tenant's user is provisioned.
+    pub async fn acl_user(
+        &self,
+        name: &str,
+        password: &str,
+        rules: &[&str],
+    ) -> Result<(), TestError> {
+        let pw = format!(">{password}");
+        let mut args = vec!["ACL", "SETUSER", name, "reset", "on", pw.as_str()];
+        args.extend_from_slice(rules);
+        let out = self.cli(&args).await?;
+        if out.trim() != "OK" {
+            return Err(format!("ACL SETUSER {name}: {out}").into());
+        }
+        Ok(())
+    }
+
+    /// The resource URL of ACL user `user` (the whole instance, or `/db`).
+    pub fn user_url(&self, user: &str, password: &str, db: Option<u32>) -> String {
+        let base = format!("redis://{user}:{password}@127.0.0.1:{}", self.port);
+        match db {
+            Some(db) => format!("{base}/{db}"),
+            None => base,
+        }
+    }
+
+    /// An admin connection to logical database `db` (the redis crate, for byte-exact replies).
+    pub async fn admin(&self, db: i64) -> Result<redis::aio::MultiplexedConnection, TestError> {
+        let info = redis::ConnectionInfo {
+            addr: redis::ConnectionAddr::Tcp("127.0.0.1".into(), self.port),
+            redis: redis::RedisConnectionInfo {
+                db,
+                password: self.password.clone(),
+                ..Default::default()
+            },
+        };
+        Ok(redis::Client::open(info)?
+            .get_multiplexed_async_connection()
+            .await?)
+    }
+
+    /// Every key of database `db` matching `keep`, as DUMP payload and absolute expiry —
+    /// compare two snapshots to prove keys byte-for-byte untouched.
+    pub async fn snapshot(
+        &self,
+        db: i64,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Result<std::collections::BTreeMap<Vec<u8>, KeyState>, TestError> {
+        let mut c = self.admin(db).await?;
+        let mut out = std::collections::BTreeMap::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await?;
+            for k in keys.into_iter().filter(|k| keep(k)) {
+                let payload: Option<Vec<u8>> =
+                    redis::cmd("DUMP").arg(&k).query_async(&mut c).await?;
+                // PEXPIRETIME is exact (7.0+); 6.2 has only PTTL, read against the clock.
+                let exact: redis::RedisResult<i64> =
+                    redis::cmd("PEXPIRETIME").arg(&k).query_async(&mut c).await;
+                let (expire_at_ms, exact) = match exact {
+                    Ok(t) => (t, true),
+                    Err(_) => {
+                        let pttl: i64 = redis::cmd("PTTL").arg(&k).query_async(&mut c).await?;
+                        let now = chrono::Utc::now().timestamp_millis();
+                        (if pttl >= 0 { now + pttl } else { pttl }, false)
+                    }
+                };
+                if let Some(payload) = payload {
+                    out.insert(
+                        k,
+                        KeyState {
+                            payload,
+                            expire_at_ms: (expire_at_ms >= 0).then_some(expire_at_ms),
+                            exact,
+                        },
+                    );
+                }
+            }
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    /// How many times each command ran since the last `CONFIG RESETSTAT` (`INFO commandstats`,
+    /// rejected calls included): e.g. prove FLUSHDB was never sent.
+    pub async fn command_calls(&self) -> Result<HashMap<String, u64>, TestError> {
+        let info = self.cli(&["INFO", "commandstats"]).await?;
+        Ok(info
+            .lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let field = |f: &str| -> u64 {
+                    rest.split(',')
+                        .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('=')?.parse().ok())
+                        .unwrap_or(0)
+                };
+                Some((name.to_owned(), field("calls") + field("rejected_calls")))
+            })
+            .collect())
+    }
+}
+
+/// One key in a [`RedisServer::snapshot`].
+#[derive(Debug, Clone)]
+pub struct KeyState {
+    pub payload: Vec<u8>,
+    pub expire_at_ms: Option<i64>,
+    /// Whether the expiry was read exactly (PEXPIRETIME) or from PTTL and the clock.
+    pub exact: bool,
+}
+
+impl PartialEq for KeyState {
+    /// Same payload, same expiry (within 1 s when read from PTTL on Redis 6.2).
+    fn eq(&self, other: &Self) -> bool {
+        let slack = if self.exact && other.exact { 0 } else { 1000 };
+        self.payload == other.payload
+            && match (self.expire_at_ms, other.expire_at_ms) {
+                (None, None) => true,
+                (Some(a), Some(b)) => (a - b).abs() <= slack,
+                _ => false,
+            }
     }
 }
 

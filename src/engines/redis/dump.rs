@@ -255,21 +255,24 @@ impl KeyspaceDump {
                 // DUMPs in groups bounded in bytes, the stream written out as it grows: memory
                 // is one group's replies, whatever the values' sizes.
                 for group in groups(&page, &sizes) {
+                    // The expiry exactly (PEXPIRETIME, 7.0+), or from PTTL and our clock (6.2
+                    // answers PEXPIRETIME with an error).
                     let mut read = redis::pipe();
                     for k in &group {
-                        read.cmd("DUMP").arg(*k).cmd("PTTL").arg(*k);
+                        read.cmd("DUMP").arg(*k);
+                        read.cmd("PEXPIRETIME").arg(*k);
+                        read.cmd("PTTL").arg(*k);
                     }
                     // Replies one by one: on a shared instance SCAN also returns other
                     // tenants' keys, whose DUMP answers NOPERM — not ours, skipped.
                     let values = c
-                        .req_packed_commands(&read, 0, 2 * group.len())
+                        .req_packed_commands(&read, 0, 3 * group.len())
                         .await
                         .map_err(|e| redis_failure("DUMP", e))?;
                     let now = now_ms();
-                    for (k, pair) in group.iter().zip(values.chunks(2)) {
-                        let (Value::BulkString(payload), Value::Int(pttl)) = (&pair[0], &pair[1])
-                        else {
-                            if let Value::ServerError(e) = &pair[0] {
+                    for (k, replies) in group.iter().zip(values.chunks(3)) {
+                        let Value::BulkString(payload) = &replies[0] else {
+                            if let Value::ServerError(e) = &replies[0] {
                                 if e.code() != "NOPERM" {
                                     return Err(redis_failure("DUMP", e.clone().into()));
                                 }
@@ -277,9 +280,12 @@ impl KeyspaceDump {
                             // Not ours (NOPERM), or it vanished between SCAN and DUMP.
                             continue;
                         };
-                        let expire_at_ms = match *pttl {
-                            -1 => None,
-                            t if t >= 0 => Some(now + t),
+                        let expire_at_ms = match (&replies[1], &replies[2]) {
+                            (Value::Int(-1), _) => None,
+                            (Value::Int(at), _) if *at >= 0 => Some(*at),
+                            (Value::ServerError(_), Value::Int(-1)) => None,
+                            (Value::ServerError(_), Value::Int(t)) if *t >= 0 => Some(now + t),
+                            // Gone (-2) since its DUMP.
                             _ => continue,
                         };
                         let select = (!selected).then_some(db as u64);
