@@ -1,6 +1,7 @@
 //! backup-worker: the daemon behind a database platform's automated backups, one-click restores
 //! and plan-tier propagation. See README.md for the architecture and docs/contract.md for the contract.
 
+pub mod alloc;
 pub mod app;
 pub mod classify;
 pub mod commands;

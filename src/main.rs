@@ -147,6 +147,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    backup_worker::alloc::tune();
     let cli = Cli::parse();
     let config = match Config::from_env() {
         Ok(c) => c,

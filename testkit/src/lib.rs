@@ -3,6 +3,7 @@
 //! redis-server, private Postgres servers), the daemon in-process, a tiny HTTP client, and an
 //! in-memory object store. Every process started here is killed when its handle drops.
 
+pub mod bench;
 pub mod jobs;
 mod memory;
 

@@ -6,14 +6,14 @@
 //! - **Keyspace mode**: for pooled tenants whose ACL user may not SYNC, and for one-database
 //!   resources (`redis://…/N`), the worker SCANs the keys it may see, DUMPs each with its PTTL and
 //!   writes an RDB stream itself ([`rdb::RdbWriter`]): one stored format.
-//! - **Restore**: the RDB is read as a stream ([`rdb::RdbReader`]) and
-//!   every key's value is cut out as a DUMP payload and `RESTORE … ABSTTL REPLACE`d, pipelined in
-//!   batches bounded in bytes. No private server, no decompressed copy on disk; memory is bounded
-//!   by one batch, whatever the dataset's size.
+//! - **Restore**: the RDB is read as a stream ([`rdb::RdbReader`]) and every key's value is cut
+//!   out as a DUMP payload and `RESTORE … ABSTTL REPLACE`d, pipelined in batches bounded in bytes.
+//!   No private server, no decompressed copy on disk; memory is bounded in bytes, whatever the
+//!   dataset's or the values' sizes. Only an instance backup into a user that may SYNC is
+//!   flushed; anyone else gets exactly its own keys UNLINKed.
 //!
 //! The password travels in REDISCLI_AUTH (or the client's AUTH), the (non-secret) ACL user in
 //! `--user`, `--tls` for rediss://.
-
 //!
 //! Files: `dump.rs` (both dump modes), `restore.rs` (the rewind and the verifier's census),
 //! `classify.rs` (the error dialect of redis-cli and of the worker's own client), `check.rs` (the

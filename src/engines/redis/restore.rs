@@ -9,7 +9,8 @@
 //! Memory is bounded in bytes whatever the values' sizes: the blocking reader cuts one key at a
 //! time and waits for room in a byte budget ([`QUEUE_BYTES`]) shared by the keys queued for the
 //! network and the batch being built; a batch is sent once it holds [`BATCH_BYTES`] (a value
-//! larger than that is a batch of its own).
+//! larger than that is a batch of its own) or nothing more is queued (so the reader never waits
+//! for room a batch holds while the batch waits for the reader).
 
 use std::collections::BTreeMap;
 use std::io::BufReader;
