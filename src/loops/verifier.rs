@@ -380,9 +380,9 @@ impl Verifier {
         started: Instant,
     ) -> Result<(), Failed> {
         let download = |failure: Failure| Failed {
-            // A store that fails to answer is ours; an object that is missing, altered or
-            // undecodable is the backup's.
-            backup_at_fault: failure.reason != FailureReason::Upload,
+            // A store that fails to answer, or a full temporary directory (config), is ours;
+            // an object that is missing, altered or undecodable is the backup's.
+            backup_at_fault: failure.reason == FailureReason::Integrity,
             failure,
             step: "download",
         };
