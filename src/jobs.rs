@@ -151,11 +151,7 @@ pub async fn record_failure(
         .bind(&lease.worker)
         .bind(lease.attempts)
         .bind(reason.as_str())
-        .bind(if retry {
-            reason.customer_summary()
-        } else {
-            reason.final_summary()
-        })
+        .bind(summary(lease.table, reason, !retry))
         .bind(internal_detail)
         .bind(delay.as_secs_f64())
         .execute(&mut **tx)
@@ -165,6 +161,16 @@ pub async fn record_failure(
         (_, true) => FailureOutcome::Retry { after: delay },
         (_, false) => FailureOutcome::Failed,
     })
+}
+
+/// The customer-facing text of a failure of `table`'s job, `final_` when the row failed for good:
+/// restores have texts of their own (DESIGN §6), backups and verifications the backup's.
+pub fn summary(table: JobTable, reason: FailureReason, final_: bool) -> &'static str {
+    match (table, final_) {
+        (JobTable::Restores, _) => reason.restore_summary(final_),
+        (_, true) => reason.final_summary(),
+        (_, false) => reason.customer_summary(),
+    }
 }
 
 /// A database error that says nothing about the statement, only that the database could not be
@@ -315,7 +321,7 @@ pub async fn recover_expired(
     );
     let rows: Vec<RecoveredRow> = sqlx::query_as(&sql)
         .bind(MAX_ATTEMPTS)
-        .bind(FailureReason::Timeout.final_summary())
+        .bind(summary(table, FailureReason::Timeout, true))
         .bind(OUTCOME_UNKNOWN_SUMMARY)
         .fetch_all(&mut **tx)
         .await?;
@@ -661,7 +667,7 @@ pub async fn recover_and_audit(
         let (kind, summary) = if r.outcome_unknown {
             ("restore.outcome_unknown", OUTCOME_UNKNOWN_SUMMARY)
         } else {
-            (audit_kind, FailureReason::Timeout.final_summary())
+            (audit_kind, summary(table, FailureReason::Timeout, true))
         };
         let detail = serde_json::json!({
             "resource_type": r.resource_type,

@@ -1588,6 +1588,11 @@ async fn a_psql_that_fails_on_a_large_dump_ends_the_restore_at_once_classified_b
             .await
             .unwrap();
     assert!(!summary.contains("password"), "{summary}");
+    // A restore text (DESIGN §6), never the backup's "couldn't read your database".
+    assert_eq!(
+        summary,
+        "We couldn't restore your database: it rejected our credentials. Your database was not changed; our team is alerted."
+    );
 
     // An early failing statement in the middle of the same big stream: no hang either.
     std::fs::remove_file(recorded.dir.path().join("psql-password")).unwrap();
@@ -1812,7 +1817,12 @@ async fn a_restore_whose_worker_died_is_recovered_and_counted(pool: PgPool) {
         (status.as_str(), reason.as_deref()),
         ("failed", Some("timeout"))
     );
-    assert!(!summary.unwrap_or_default().contains("retry"));
+    let summary = summary.unwrap_or_default();
+    assert!(!summary.contains("retry"), "{summary}");
+    assert!(
+        summary.starts_with("We couldn't restore your database"),
+        "{summary}"
+    );
     assert!(d
         .metrics
         .render()

@@ -376,7 +376,7 @@ impl Restores {
                         "resource_type": job.resource_type,
                         "backup_id": job.backup_id,
                         "failure_reason": reason.as_str(),
-                        "error_summary": reason.final_summary(),
+                        "error_summary": reason.restore_summary(true),
                     });
                     audit(
                         &mut *tx,
