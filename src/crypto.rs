@@ -739,6 +739,53 @@ mod tests {
     }
 
     #[test]
+    fn fingerprints_are_stable_and_reveal_nothing() {
+        let k =
+            MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([7u8; 32]))
+                .unwrap();
+        // Recorded on every team key: the scheme must never change silently.
+        assert_eq!(k.fingerprint(), "cffb4cb8f72e3e95");
+        let other =
+            MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([8u8; 32]))
+                .unwrap();
+        assert_ne!(k.fingerprint(), other.fingerprint());
+        assert!(!k.fingerprint().contains(&hex::encode([7u8; 8])));
+    }
+
+    #[test]
+    fn the_check_refuses_only_keys_no_rotation_explains() {
+        let team = Uuid::nil();
+        let group = |fp: Option<&str>| KeyGroup {
+            fingerprint: fp.map(str::to_owned),
+            keys: 7,
+            teams: vec![team; TEAMS_NAMED],
+        };
+        let mut check = MasterCheck {
+            fingerprint: "aaaa".into(),
+            keys: 20,
+            unfinished_rotation: vec![group(Some("bbbb"))],
+            ..MasterCheck::default()
+        };
+        assert_eq!(check.refusal(), None);
+        let warning = check.warning().unwrap();
+        assert!(warning.contains("unfinished") && warning.contains("7 under master key bbbb"));
+        check.unopened = vec![group(Some("cccc")), group(None)];
+        check.rotated_to = vec!["dddd".into()];
+        let why = check.refusal().unwrap();
+        assert!(!why.contains('\n'), "one line: {why}");
+        assert!(
+            why.contains("does not open 14 of 20")
+                && why.contains(
+                    "7 under master key cccc (team 00000000-0000-0000-0000-000000000000, "
+                )
+                && why.contains("…)")
+                && why.contains("7 under an unrecorded master key")
+                && why.contains("rotated to master key dddd"),
+            "{why}"
+        );
+    }
+
+    #[test]
     fn stream_round_trip() {
         let id = age::x25519::Identity::generate();
         let mut e = Encrypt::new(&id.to_public()).unwrap();
