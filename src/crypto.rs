@@ -680,7 +680,8 @@ impl DecryptingReader {
         identity: &age::x25519::Identity,
         input: R,
     ) -> std::io::Result<Self> {
-        let err = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, DecryptError(why));
+        let err =
+            |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, DecryptError(why));
         let decryptor = age::Decryptor::new(std::io::BufReader::with_capacity(64 * 1024, input))
             .map_err(|e| err(format!("not an age file: {e}")))?;
         let reader = decryptor
@@ -696,7 +697,10 @@ impl Read for DecryptingReader {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 e
             } else {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, DecryptError(format!("decrypting: {e}")))
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    DecryptError(format!("decrypting: {e}")),
+                )
             }
         })
     }

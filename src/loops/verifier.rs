@@ -317,7 +317,7 @@ impl Verifier {
             self.deps.config.lease,
             |lost| async move {
                 let work = this.attempt(job_ref, scratch_ref);
-                match jobs::until_stopped(work, timeout, abort, &lost).await {
+                let attempt = match jobs::until_stopped(work, timeout, abort, &lost).await {
                     Ok((Ok(detail), _)) => Attempt::Verified(detail),
                     Ok((Err(f), detail)) => Attempt::Failed(f, detail),
                     Err(Stopped::TimedOut) => Attempt::Failed(
@@ -333,7 +333,17 @@ impl Verifier {
                     ),
                     Err(Stopped::Aborted) => Attempt::Cancelled,
                     Err(Stopped::LeaseLost) => Attempt::LeaseLost,
-                }
+                };
+                // Recorded while the lease is renewed, retried across a database blip: a
+                // verdict lost at the last step cost the whole test restore again.
+                let _ = jobs::record(
+                    &job_ref.lease,
+                    this.deps.config.lease,
+                    &lost,
+                    "recording the verification result",
+                    || this.finish(job_ref, &attempt, started.elapsed()),
+                )
+                .await;
             },
         )
         .await;
@@ -345,12 +355,8 @@ impl Verifier {
                     "dropping the scratch database failed; a later pass drops it");
             }
         }
-        let attempt = match ran {
-            Ok(attempt) => attempt,
-            Err(panicked) => return jobs::after_panic(self.pool(), &job.lease, &panicked).await,
-        };
-        if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
-            tracing::error!(verification_id = %job.lease.id, error = %e, "recording the verification result failed");
+        if let Err(panicked) = ran {
+            jobs::after_panic(self.pool(), &job.lease, &panicked).await;
         }
     }
 
@@ -378,9 +384,9 @@ impl Verifier {
         started: Instant,
     ) -> Result<(), Failed> {
         let download = |failure: Failure| Failed {
-            // A store that fails to answer is ours; an object that is missing, altered or
-            // undecodable is the backup's.
-            backup_at_fault: failure.reason != FailureReason::Upload,
+            // A store that fails to answer, or a full temporary directory (config), is ours;
+            // an object that is missing, altered or undecodable is the backup's.
+            backup_at_fault: failure.reason == FailureReason::Integrity,
             failure,
             step: "download",
         };
@@ -485,7 +491,7 @@ impl Verifier {
     async fn finish(
         &self,
         job: &Job,
-        attempt: Attempt,
+        attempt: &Attempt,
         elapsed: Duration,
     ) -> Result<(), sqlx::Error> {
         let lease = &job.lease;
@@ -505,7 +511,7 @@ impl Verifier {
                 .bind(lease.id)
                 .bind(&lease.worker)
                 .bind(lease.attempts)
-                .bind(&detail)
+                .bind(detail)
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 0 {
@@ -533,7 +539,7 @@ impl Verifier {
                 let mut tx = self.pool().begin().await?;
                 let outcome = jobs::record_failure(&mut tx, lease, reason, &internal).await?;
                 if outcome != FailureOutcome::Stale {
-                    let mut detail = detail;
+                    let mut detail = detail.clone();
                     detail["backup_at_fault"] = json!(f.backup_at_fault);
                     sqlx::query("UPDATE backup_verifications SET detail = $2 WHERE id = $1")
                         .bind(lease.id)

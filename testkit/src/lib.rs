@@ -3,9 +3,13 @@
 //! redis-server, private Postgres servers), the daemon in-process, a tiny HTTP client, and an
 //! in-memory object store. Every process started here is killed when its handle drops.
 
+mod blackout;
 mod memory;
+mod rows;
 
+pub use blackout::Blackout;
 pub use memory::MemoryStore;
+pub use rows::{back_up, insert_resource, insert_team, pass_ctx};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
