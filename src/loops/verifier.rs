@@ -56,6 +56,8 @@ pub struct Job {
     pub sha256: Option<String>,
     pub size_bytes: Option<i64>,
     pub key_id: Option<Uuid>,
+    /// The resource's connection, as its restore would use it (MongoDB: the database).
+    pub connection_url: crate::secret::Secret,
 }
 
 #[derive(sqlx::FromRow)]
@@ -67,6 +69,7 @@ struct Context {
     sha256: Option<String>,
     size_bytes: Option<i64>,
     key_id: Option<Uuid>,
+    connection_url: String,
 }
 
 /// How a verification failed: its class, and whether the backup is to blame (it does not
@@ -265,7 +268,7 @@ impl Verifier {
     ) -> Result<Option<Job>, sqlx::Error> {
         let c: Option<Context> = sqlx::query_as(
             "SELECT r.team_id, r.resource_type, b.status AS backup_status, b.object_key, b.sha256,
-                    b.size_bytes, b.key_id
+                    b.size_bytes, b.key_id, r.connection_url
                FROM resource_backups b JOIN resources r ON r.id = b.resource_id
               WHERE b.id = $1",
         )
@@ -297,6 +300,7 @@ impl Verifier {
             sha256: c.sha256,
             size_bytes: c.size_bytes,
             key_id: c.key_id,
+            connection_url: crate::secret::Secret::new(c.connection_url),
         }))
     }
 
@@ -442,9 +446,13 @@ impl Verifier {
                     source_url: &url,
                     temp: temp.path(),
                 };
-                let result =
-                    engines::test_restore(resource_type, &backup, Some((server, scratch, &target)))
-                        .await;
+                let result = engines::test_restore(
+                    resource_type,
+                    &backup,
+                    Some((server, scratch, &target)),
+                    &job.connection_url,
+                )
+                .await;
                 if let Err(e) = server.drop_database(scratch).await {
                     tracing::warn!(error = %e.detail, "dropping the scratch database failed; retried after the attempt");
                 }
@@ -463,7 +471,7 @@ impl Verifier {
                     }
                 })?
             }
-            _ => engines::test_restore(resource_type, &backup, None)
+            _ => engines::test_restore(resource_type, &backup, None, &job.connection_url)
                 .await
                 .map_err(|failure| Failed {
                     // Reading the file needs nothing but the file.
