@@ -1797,6 +1797,14 @@ async fn a_mongodb_restore_with_rejected_documents_fails_incomplete_and_is_not_r
         .await
         .unwrap();
         assert_eq!(audit["failure_reason"], "incomplete", "{audit}");
+        assert_eq!(
+            (
+                audit["documents_restored"].as_u64(),
+                audit["documents_failed"].as_u64()
+            ),
+            (Some(restored), Some(failed)),
+            "{audit}"
+        );
     }
     // Another pass runs nothing again.
     Restores::new(d.clone()).pass(&ctx()).await.unwrap();

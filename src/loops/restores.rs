@@ -372,12 +372,18 @@ impl Restores {
                 let mut tx = self.pool().begin().await?;
                 let outcome = jobs::record_failure(&mut tx, lease, reason, &detail).await?;
                 if outcome == FailureOutcome::Failed {
-                    let audit_detail = json!({
+                    let mut audit_detail = json!({
                         "resource_type": job.resource_type,
                         "backup_id": job.backup_id,
                         "failure_reason": reason.as_str(),
                         "error_summary": reason.restore_summary(true),
                     });
+                    // A partly applied restore says how far it got (the engine's counts).
+                    for field in ["documents_restored", "documents_failed"] {
+                        if let Some(n) = counted(&detail, field) {
+                            audit_detail[field] = json!(n);
+                        }
+                    }
                     audit(
                         &mut *tx,
                         "restore.failed",
@@ -407,6 +413,16 @@ impl Restores {
         }
         Ok(())
     }
+}
+
+/// `<field>=<n>` in an engine's detail text.
+fn counted(detail: &str, field: &str) -> Option<u64> {
+    let at = detail.find(&format!("{field}="))? + field.len() + 1;
+    let digits: String = detail[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
 }
 
 #[async_trait]
