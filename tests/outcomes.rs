@@ -91,24 +91,15 @@ async fn relayed_deps(
 
 /// A tenant database owned by a non-superuser role, with 100 rows in `items`.
 async fn tenant(pg: &PgServer) -> String {
-    let mut admin = PgConnection::connect(&pg.url("postgres")).await.unwrap();
-    admin
-        .execute("CREATE ROLE shop LOGIN PASSWORD 'shop-pw'")
-        .await
-        .unwrap();
-    admin
-        .execute("CREATE DATABASE shop OWNER shop")
-        .await
-        .unwrap();
-    let url = format!("postgres://shop:shop-pw@127.0.0.1:{}/shop", pg.port);
-    let mut c = PgConnection::connect(&url).await.unwrap();
-    c.execute(
+    pg.tenant_database(
+        "shop",
+        "shop",
+        "shop-pw",
         "CREATE TABLE items (id int PRIMARY KEY, note text);
          INSERT INTO items SELECT i, 'item ' || i FROM generate_series(1, 100) AS i;",
     )
     .await
-    .unwrap();
-    url
+    .unwrap()
 }
 
 async fn count(url: &str, sql: &str) -> i64 {
@@ -155,6 +146,17 @@ async fn restore_until_committed(
     (restore, pass)
 }
 
+/// The control database goes dark, the held psql exits 0, and the customer writes a row
+/// (id 1000) right after the restore.
+async fn black_out_after_the_rewind(relay: &Blackout, gate: &Path, url: &str) {
+    relay.cut();
+    std::fs::write(gate.join("go"), "").unwrap();
+    let mut c = PgConnection::connect(url).await.unwrap();
+    c.execute("INSERT INTO items VALUES (1000, 'written after the restore')")
+        .await
+        .unwrap();
+}
+
 /// The control database refuses connections for longer than the lease just after the rewind
 /// committed: the result cannot be recorded, the lease lapses — and the recovery must not run
 /// the rewind again (it would wipe what the customer wrote since). The row ends failed, reason
@@ -169,13 +171,7 @@ async fn a_restore_whose_lease_lapses_after_its_rewind_is_never_run_again(pool: 
     let (relay, d) = relayed_deps(&pool, store.path(), &[("LEASE_SECONDS", "3")], tools).await;
     let (restore, pass) = restore_until_committed(&pool, &d, &url, gate.path()).await;
 
-    relay.cut();
-    std::fs::write(gate.path().join("go"), "").unwrap();
-    // The customer writes right after the restore.
-    let mut c = PgConnection::connect(&url).await.unwrap();
-    c.execute("INSERT INTO items VALUES (1000, 'written after the restore')")
-        .await
-        .unwrap();
+    black_out_after_the_rewind(&relay, gate.path(), &url).await;
     // The job gives up once its lease may have run out (it cannot renew it).
     tokio::time::timeout(Duration::from_secs(30), pass)
         .await
@@ -269,12 +265,7 @@ async fn a_restore_result_is_recorded_across_a_blip_shorter_than_the_lease(pool:
     let (relay, d) = relayed_deps(&pool, store.path(), &[("LEASE_SECONDS", "20")], tools).await;
     let (restore, pass) = restore_until_committed(&pool, &d, &url, gate.path()).await;
 
-    relay.cut();
-    std::fs::write(gate.path().join("go"), "").unwrap();
-    let mut c = PgConnection::connect(&url).await.unwrap();
-    c.execute("INSERT INTO items VALUES (1000, 'written after the restore')")
-        .await
-        .unwrap();
+    black_out_after_the_rewind(&relay, gate.path(), &url).await;
     // The blip: 3 s down, well inside the 20 s lease; the worker's tries meanwhile fail.
     tokio::time::sleep(Duration::from_secs(3)).await;
     relay.restore();

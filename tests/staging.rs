@@ -77,25 +77,16 @@ fn key_file(dir: &Path) -> PathBuf {
 
 /// A tenant database of about 3.4 MB of incompressible rows.
 async fn tenant(pg: &PgServer) -> String {
-    let mut admin = PgConnection::connect(&pg.url("postgres")).await.unwrap();
-    admin
-        .execute("CREATE ROLE shop LOGIN PASSWORD 'shop-pw'")
-        .await
-        .unwrap();
-    admin
-        .execute("CREATE DATABASE shop OWNER shop")
-        .await
-        .unwrap();
-    let url = format!("postgres://shop:shop-pw@127.0.0.1:{}/shop", pg.port);
-    let mut c = PgConnection::connect(&url).await.unwrap();
-    c.execute(
+    pg.tenant_database(
+        "shop",
+        "shop",
+        "shop-pw",
         "CREATE TABLE blobs (id int PRIMARY KEY, b bytea);
          INSERT INTO blobs SELECT i, decode(md5(random()::text) || md5(random()::text), 'hex')
            FROM generate_series(1, 100000) AS i;",
     )
     .await
-    .unwrap();
-    url
+    .unwrap()
 }
 
 struct Setup {
