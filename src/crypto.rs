@@ -4,6 +4,12 @@
 //! Backups need only the team's public recipient; restores and the verifier unwrap the identity
 //! in memory (zeroized on drop), never logging it. Rotating the master key re-wraps identities and
 //! touches no object; destroying a team's key makes every object encrypted to it unreadable.
+//!
+//! Each team key records the [fingerprint](MasterKey::fingerprint) of the master key that wrapped
+//! it, and a rotation the one it re-wrapped it from: replicas still on the old key keep wrapping
+//! first-time team keys under it while a rotation rolls out, so the start check
+//! ([`check_master`]) tries every fingerprint group, tells keys a re-run of the rotation will
+//! move from keys nothing opens, and `rotate_master` can be re-run until nothing is left.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -30,6 +36,15 @@ pub enum KeyError {
         "the master key does not open the team key (wrong ENCRYPTION_KEY_FILE, or rotated since?)"
     )]
     WrongMasterKey,
+    #[error(
+        "the team key is wrapped under master key {wrapped_by}, not the configured {configured}: \
+         a master key rotation is unfinished (run `backup-worker keys rotate-master` again with \
+         ENCRYPTION_KEY_FILE holding {wrapped_by})"
+    )]
+    OtherMasterKey {
+        wrapped_by: String,
+        configured: String,
+    },
     #[error("the stored team key is malformed: {0}")]
     Malformed(&'static str),
     #[error(transparent)]
@@ -79,6 +94,16 @@ impl MasterKey {
         );
         let key: [u8; 32] = bytes.as_slice().try_into().ok()?;
         Some(Self(Zeroizing::new(key)))
+    }
+
+    /// Names this key without revealing it: the first 16 hex digits of
+    /// sha256("backup-worker master key v1" ‖ key). Recorded on every team key it wraps.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"backup-worker master key v1");
+        h.update(self.0.as_ref());
+        hex::encode(&h.finalize()[..8])
     }
 
     fn cipher(&self) -> XChaCha20Poly1305 {
@@ -149,14 +174,16 @@ pub async fn team_recipient(
         let recipient = identity.to_public().to_string();
         let wrapped = master.wrap(team, identity.to_string().expose_secret());
         sqlx::query(
-            "INSERT INTO team_backup_keys (team_id, key_id, recipient, wrapped_identity)
-             VALUES ($1, $2, $3, $4)
+            "INSERT INTO team_backup_keys (team_id, key_id, recipient, wrapped_identity,
+                                           master_fingerprint)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (team_id) WHERE destroyed_at IS NULL DO NOTHING",
         )
         .bind(team)
         .bind(Uuid::new_v4())
         .bind(&recipient)
         .bind(&wrapped)
+        .bind(master.fingerprint())
         .execute(pool)
         .await?;
         // Whoever won, the row now there is the key.
@@ -170,58 +197,343 @@ pub async fn identity(
     master: &MasterKey,
     key_id: Uuid,
 ) -> Result<age::x25519::Identity, KeyError> {
-    let row: Option<(Uuid, Option<Vec<u8>>)> =
-        sqlx::query_as("SELECT team_id, wrapped_identity FROM team_backup_keys WHERE key_id = $1")
-            .bind(key_id)
-            .fetch_optional(pool)
-            .await?;
-    let (team, wrapped) = row.ok_or(KeyError::NotFound(key_id))?;
+    let row: Option<(Uuid, Option<Vec<u8>>, Option<String>)> = sqlx::query_as(
+        "SELECT team_id, wrapped_identity, master_fingerprint FROM team_backup_keys
+          WHERE key_id = $1",
+    )
+    .bind(key_id)
+    .fetch_optional(pool)
+    .await?;
+    let (team, wrapped, wrapped_by) = row.ok_or(KeyError::NotFound(key_id))?;
     let wrapped = wrapped.ok_or(KeyError::Destroyed)?;
-    let text = master.unwrap(team, &wrapped)?;
+    let text = master
+        .unwrap(team, &wrapped)
+        .map_err(|e| other_master_key(e, master, wrapped_by))?;
     age::x25519::Identity::from_str(&text).map_err(|_| KeyError::Malformed("identity"))
 }
 
-/// Fails unless the master key opens the newest live team key (a wrong or stale
-/// ENCRYPTION_KEY_FILE is found at start, not at the first restore).
-pub async fn check_master(pool: &PgPool, master: &MasterKey) -> Result<(), KeyError> {
-    let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as(
-        "SELECT team_id, wrapped_identity FROM team_backup_keys
-          WHERE destroyed_at IS NULL AND wrapped_identity IS NOT NULL
-          ORDER BY created_at DESC LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await?;
-    match row {
-        Some((team, wrapped)) => master.unwrap(team, &wrapped).map(drop),
-        None => Ok(()),
+/// A key the master key does not open, recorded as wrapped under another master key, says which.
+fn other_master_key(e: KeyError, master: &MasterKey, wrapped_by: Option<String>) -> KeyError {
+    let configured = master.fingerprint();
+    match (e, wrapped_by) {
+        (KeyError::WrongMasterKey, Some(wrapped_by)) if wrapped_by != configured => {
+            KeyError::OtherMasterKey {
+                wrapped_by,
+                configured,
+            }
+        }
+        (e, _) => e,
     }
 }
 
-/// Re-wraps every live team identity under `new`, in one transaction; no object is touched.
+/// Live team keys wrapped under one master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGroup {
+    /// The master key's fingerprint; `None`: not recorded (wrapped before fingerprints were) and
+    /// not opened by the configured key.
+    pub fingerprint: Option<String>,
+    pub keys: u64,
+    /// Some of its teams (at most [`TEAMS_NAMED`]), newest key first.
+    pub teams: Vec<Uuid>,
+}
+
+/// Teams named per group in messages.
+pub const TEAMS_NAMED: usize = 5;
+
+impl std::fmt::Display for KeyGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.fingerprint {
+            Some(fp) => write!(f, "{} under master key {fp}", self.keys)?,
+            None => write!(f, "{} under an unrecorded master key", self.keys)?,
+        }
+        let teams: Vec<String> = self.teams.iter().map(Uuid::to_string).collect();
+        let more = if (self.keys as usize) > self.teams.len() {
+            ", …"
+        } else {
+            ""
+        };
+        write!(f, " (team {}{more})", teams.join(", "))
+    }
+}
+
+/// What the start check found (DESIGN §12).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MasterCheck {
+    /// The configured master key's fingerprint.
+    pub fingerprint: String,
+    /// Live team keys.
+    pub keys: u64,
+    /// Keys without a recorded fingerprint that the configured key opened: recorded now.
+    pub recorded: u64,
+    /// Keys still under a master key a rotation to the configured one started from (replicas
+    /// still on the old key wrapped them since): the rotation's re-run moves them. Their
+    /// restores fail until then.
+    pub unfinished_rotation: Vec<KeyGroup>,
+    /// Keys the configured key does not open and no rotation to it explains.
+    pub unopened: Vec<KeyGroup>,
+    /// Master keys that team keys were rotated to from the configured one: it is retired.
+    pub rotated_to: Vec<String>,
+}
+
+impl MasterCheck {
+    /// Why a worker must not start with this key (one line), if it must not.
+    pub fn refusal(&self) -> Option<String> {
+        if self.unopened.is_empty() {
+            return None;
+        }
+        let missing: u64 = self.unopened.iter().map(|g| g.keys).sum();
+        let groups: Vec<String> = self.unopened.iter().map(ToString::to_string).collect();
+        let mut why = format!(
+            "the master key (fingerprint {}) does not open {missing} of {} team key(s): {}",
+            self.fingerprint,
+            self.keys,
+            groups.join("; ")
+        );
+        if !self.rotated_to.is_empty() {
+            why.push_str(&format!(
+                "; this key was rotated to master key {}: point ENCRYPTION_KEY_FILE at that key",
+                self.rotated_to.join(", ")
+            ));
+        }
+        Some(why)
+    }
+
+    /// What to log when a rotation to this key is unfinished.
+    pub fn warning(&self) -> Option<String> {
+        if self.unfinished_rotation.is_empty() {
+            return None;
+        }
+        let groups: Vec<String> = self
+            .unfinished_rotation
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        Some(format!(
+            "a master key rotation to this key (fingerprint {}) is unfinished: {} team key(s) are still under the key it replaces ({}); once every replica runs this key, run `backup-worker keys rotate-master` again with ENCRYPTION_KEY_FILE holding the old key; until then those teams' restores fail",
+            self.fingerprint,
+            self.unfinished_rotation.iter().map(|g| g.keys).sum::<u64>(),
+            groups.join("; ")
+        ))
+    }
+}
+
+/// Rows per batch of the fingerprint fill-in and of a rotation.
+const KEY_BATCH: i64 = 1000;
+
+/// The start check: every live team key is tried, one unwrap per master-key fingerprint (keys
+/// without a recorded one are each tried, and recorded when they open). A wrong or stale
+/// ENCRYPTION_KEY_FILE is found at start, not at the first restore; keys left under the key a
+/// rotation to this one replaces are reported apart (a re-run of the rotation moves them).
+pub async fn check_master(pool: &PgPool, master: &MasterKey) -> Result<MasterCheck, KeyError> {
+    let me = master.fingerprint();
+    let mut check = MasterCheck {
+        fingerprint: me.clone(),
+        ..MasterCheck::default()
+    };
+
+    // Keys wrapped before fingerprints were recorded: each one tried, the ones it opens
+    // recorded (only if still wrapped the same: a concurrent rotation wins).
+    let mut unrecorded = KeyGroup {
+        fingerprint: None,
+        keys: 0,
+        teams: Vec::new(),
+    };
+    let mut after = Uuid::nil();
+    loop {
+        let rows: Vec<(Uuid, Uuid, Vec<u8>)> = sqlx::query_as(
+            "SELECT key_id, team_id, wrapped_identity FROM team_backup_keys
+              WHERE destroyed_at IS NULL AND master_fingerprint IS NULL AND key_id > $1
+              ORDER BY key_id LIMIT $2",
+        )
+        .bind(after)
+        .bind(KEY_BATCH)
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = rows.last().map(|r| r.0) else {
+            break;
+        };
+        after = last;
+        let (mut ids, mut wrapped) = (Vec::new(), Vec::new());
+        for (key_id, team, w) in rows {
+            if master.unwrap(team, &w).is_ok() {
+                ids.push(key_id);
+                wrapped.push(w);
+            } else {
+                unrecorded.keys += 1;
+                if unrecorded.teams.len() < TEAMS_NAMED {
+                    unrecorded.teams.push(team);
+                }
+            }
+        }
+        check.recorded += sqlx::query(
+            "UPDATE team_backup_keys t SET master_fingerprint = $1
+               FROM unnest($2::uuid[], $3::bytea[]) AS u(key_id, wrapped)
+              WHERE t.key_id = u.key_id AND t.wrapped_identity = u.wrapped
+                AND t.master_fingerprint IS NULL",
+        )
+        .bind(&me)
+        .bind(&ids)
+        .bind(&wrapped)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
+
+    // Every fingerprint group: its size, some teams, where a rotation moved it from, and the
+    // newest key as the one to try.
+    let groups: Vec<(String, Option<String>, i64, Vec<Uuid>)> = sqlx::query_as(
+        "SELECT master_fingerprint, previous_fingerprint, count(*),
+                (array_agg(team_id ORDER BY created_at DESC))[1:$1]
+           FROM team_backup_keys
+          WHERE destroyed_at IS NULL AND master_fingerprint IS NOT NULL
+          GROUP BY master_fingerprint, previous_fingerprint",
+    )
+    .bind(TEAMS_NAMED as i32)
+    .fetch_all(pool)
+    .await?;
+    let samples: Vec<(String, Uuid, Vec<u8>)> = sqlx::query_as(
+        "SELECT DISTINCT ON (master_fingerprint) master_fingerprint, team_id, wrapped_identity
+           FROM team_backup_keys
+          WHERE destroyed_at IS NULL AND master_fingerprint IS NOT NULL
+          ORDER BY master_fingerprint, created_at DESC",
+    )
+    .fetch_all(pool)
+    .await?;
+    // The master keys rotations to this one started from.
+    let replaced: Vec<&str> = groups
+        .iter()
+        .filter(|(fp, prev, ..)| *fp == me && prev.is_some())
+        .filter_map(|(_, prev, ..)| prev.as_deref())
+        .collect();
+    // The recorded ones are in their group now.
+    check.keys = unrecorded.keys;
+    for (fp, team, wrapped) in &samples {
+        let mut group = KeyGroup {
+            fingerprint: Some(fp.clone()),
+            keys: 0,
+            teams: Vec::new(),
+        };
+        for (_, prev, n, teams) in groups.iter().filter(|g| &g.0 == fp) {
+            group.keys += *n as u64;
+            group.teams.extend(
+                teams
+                    .iter()
+                    .take(TEAMS_NAMED - group.teams.len().min(TEAMS_NAMED)),
+            );
+            if prev.as_deref() == Some(me.as_str()) && !check.rotated_to.contains(fp) {
+                check.rotated_to.push(fp.clone());
+            }
+        }
+        check.keys += group.keys;
+        if master.unwrap(*team, wrapped).is_ok() {
+            continue;
+        }
+        if replaced.contains(&fp.as_str()) {
+            check.unfinished_rotation.push(group);
+        } else {
+            check.unopened.push(group);
+        }
+    }
+    if unrecorded.keys > 0 {
+        check.unopened.push(unrecorded);
+    }
+    Ok(check)
+}
+
+/// What one run of `keys rotate-master` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    /// Team keys re-wrapped under the new master key by this run.
+    pub rewrapped: u64,
+    /// Live team keys under neither key, or that the old key did not open: no run moves them.
+    pub remaining: Vec<KeyGroup>,
+}
+
+/// Re-wraps every live team identity under `old` (recorded so, or not recorded and opened by it)
+/// under `new`, recording both fingerprints; no object is touched. Batches of [`KEY_BATCH`], each
+/// its own transaction. Re-runnable: a run after replicas still on the old key wrapped
+/// first-time team keys moves those; keys already under `new` are left alone.
 pub async fn rotate_master(
     pool: &PgPool,
     old: &MasterKey,
     new: &MasterKey,
-) -> Result<u64, KeyError> {
-    let mut tx = pool.begin().await?;
-    let rows: Vec<(Uuid, Uuid, Vec<u8>)> = sqlx::query_as(
-        "SELECT key_id, team_id, wrapped_identity FROM team_backup_keys
-          WHERE wrapped_identity IS NOT NULL FOR UPDATE",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut n = 0;
-    for (key_id, team, wrapped) in rows {
-        let identity = old.unwrap(team, &wrapped)?;
-        sqlx::query("UPDATE team_backup_keys SET wrapped_identity = $2 WHERE key_id = $1")
+) -> Result<Rotation, KeyError> {
+    let (old_fp, new_fp) = (old.fingerprint(), new.fingerprint());
+    let mut rewrapped = 0;
+    let mut skipped = std::collections::BTreeMap::<Option<String>, KeyGroup>::new();
+    let mut after = Uuid::nil();
+    loop {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<(Uuid, Uuid, Vec<u8>, Option<String>)> = sqlx::query_as(
+            "SELECT key_id, team_id, wrapped_identity, master_fingerprint FROM team_backup_keys
+              WHERE destroyed_at IS NULL AND key_id > $1
+                AND (master_fingerprint IS NULL OR master_fingerprint = $2)
+              ORDER BY key_id LIMIT $3
+                FOR UPDATE",
+        )
+        .bind(after)
+        .bind(&old_fp)
+        .bind(KEY_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last().map(|r| r.0) else {
+            break;
+        };
+        after = last;
+        for (key_id, team, wrapped, fp) in rows {
+            let Ok(identity) = old.unwrap(team, &wrapped) else {
+                // Not the old key's after all (unrecorded, or mislabelled): reported below.
+                let g = skipped.entry(fp.clone()).or_insert_with(|| KeyGroup {
+                    fingerprint: fp,
+                    keys: 0,
+                    teams: Vec::new(),
+                });
+                g.keys += 1;
+                if g.teams.len() < TEAMS_NAMED {
+                    g.teams.push(team);
+                }
+                continue;
+            };
+            sqlx::query(
+                "UPDATE team_backup_keys
+                    SET wrapped_identity = $2, master_fingerprint = $3, previous_fingerprint = $4
+                  WHERE key_id = $1",
+            )
             .bind(key_id)
             .bind(new.wrap(team, &identity))
+            .bind(&new_fp)
+            .bind(&old_fp)
             .execute(&mut *tx)
             .await?;
-        n += 1;
+            rewrapped += 1;
+        }
+        tx.commit().await?;
     }
-    tx.commit().await?;
-    Ok(n)
+    // What is left under neither key.
+    let others: Vec<(String, i64, Vec<Uuid>)> = sqlx::query_as(
+        "SELECT master_fingerprint, count(*), (array_agg(team_id ORDER BY created_at DESC))[1:$3]
+           FROM team_backup_keys
+          WHERE destroyed_at IS NULL AND master_fingerprint NOT IN ($1, $2)
+          GROUP BY master_fingerprint ORDER BY master_fingerprint",
+    )
+    .bind(&old_fp)
+    .bind(&new_fp)
+    .bind(TEAMS_NAMED as i32)
+    .fetch_all(pool)
+    .await?;
+    let mut remaining: Vec<KeyGroup> = others
+        .into_iter()
+        .map(|(fp, n, teams)| KeyGroup {
+            fingerprint: Some(fp),
+            keys: n as u64,
+            teams,
+        })
+        .collect();
+    remaining.extend(skipped.into_values());
+    Ok(Rotation {
+        rewrapped,
+        remaining,
+    })
 }
 
 /// What `keys destroy` did.
@@ -368,7 +680,8 @@ impl DecryptingReader {
         identity: &age::x25519::Identity,
         input: R,
     ) -> std::io::Result<Self> {
-        let err = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, DecryptError(why));
+        let err =
+            |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, DecryptError(why));
         let decryptor = age::Decryptor::new(std::io::BufReader::with_capacity(64 * 1024, input))
             .map_err(|e| err(format!("not an age file: {e}")))?;
         let reader = decryptor
@@ -384,7 +697,10 @@ impl Read for DecryptingReader {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 e
             } else {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, DecryptError(format!("decrypting: {e}")))
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    DecryptError(format!("decrypting: {e}")),
+                )
             }
         })
     }
@@ -420,6 +736,53 @@ mod tests {
         ));
         assert!(MasterKey::from_base64("c2hvcnQ=").is_none());
         assert_eq!(format!("{k:?}"), "MasterKey(<redacted>)");
+    }
+
+    #[test]
+    fn fingerprints_are_stable_and_reveal_nothing() {
+        let k =
+            MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([7u8; 32]))
+                .unwrap();
+        // Recorded on every team key: the scheme must never change silently.
+        assert_eq!(k.fingerprint(), "cffb4cb8f72e3e95");
+        let other =
+            MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([8u8; 32]))
+                .unwrap();
+        assert_ne!(k.fingerprint(), other.fingerprint());
+        assert!(!k.fingerprint().contains(&hex::encode([7u8; 8])));
+    }
+
+    #[test]
+    fn the_check_refuses_only_keys_no_rotation_explains() {
+        let team = Uuid::nil();
+        let group = |fp: Option<&str>| KeyGroup {
+            fingerprint: fp.map(str::to_owned),
+            keys: 7,
+            teams: vec![team; TEAMS_NAMED],
+        };
+        let mut check = MasterCheck {
+            fingerprint: "aaaa".into(),
+            keys: 20,
+            unfinished_rotation: vec![group(Some("bbbb"))],
+            ..MasterCheck::default()
+        };
+        assert_eq!(check.refusal(), None);
+        let warning = check.warning().unwrap();
+        assert!(warning.contains("unfinished") && warning.contains("7 under master key bbbb"));
+        check.unopened = vec![group(Some("cccc")), group(None)];
+        check.rotated_to = vec!["dddd".into()];
+        let why = check.refusal().unwrap();
+        assert!(!why.contains('\n'), "one line: {why}");
+        assert!(
+            why.contains("does not open 14 of 20")
+                && why.contains(
+                    "7 under master key cccc (team 00000000-0000-0000-0000-000000000000, "
+                )
+                && why.contains("…)")
+                && why.contains("7 under an unrecorded master key")
+                && why.contains("rotated to master key dddd"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub enum FailureReason {
     Integrity,
     /// A restore that applied only part of the backup (DESIGN §6).
     Incomplete,
+    /// The target rejected a statement of a restore deterministically (DESIGN §6).
+    Conflict,
 }
 
 impl FailureReason {
@@ -68,6 +70,7 @@ impl FailureReason {
         Self::Timeout,
         Self::Config,
         Self::Integrity,
+        Self::Conflict,
         Self::Incomplete,
     ];
 
@@ -82,6 +85,7 @@ impl FailureReason {
             Self::Config => "config",
             Self::Integrity => "integrity",
             Self::Incomplete => "incomplete",
+            Self::Conflict => "conflict",
         }
     }
 
@@ -107,6 +111,26 @@ impl FailureReason {
         }
     }
 
+    /// The customer-facing `error_summary` of a restore (DESIGN §6: restore texts, never a
+    /// backup's), `final_` when the row has failed for good (never a promise to retry).
+    pub fn restore_summary(self, final_: bool) -> &'static str {
+        match (self, final_) {
+            (Self::Auth, _) => "We couldn't restore your database: it rejected our credentials. Your database was not changed; our team is alerted.",
+            (Self::Unreachable, false) => "We couldn't restore your database: it was briefly unreachable or busy; we'll retry.",
+            (Self::Unreachable, true) => "We couldn't restore your database: it was unreachable or busy on every attempt; our team is alerted.",
+            (Self::Dump, false) => "We couldn't restore your database: the restore stopped with an error; we'll retry.",
+            (Self::Dump, true) => "We couldn't restore your database: the restore stopped with an error on every attempt; our team is alerted.",
+            (Self::Upload, false) => "We couldn't restore your database: we couldn't read the backup from storage; we'll retry.",
+            (Self::Upload, true) => "We couldn't restore your database: we couldn't read the backup from storage on any attempt; our team is alerted.",
+            (Self::Timeout, false) => "We couldn't restore your database: the restore took too long; we'll retry.",
+            (Self::Timeout, true) => "We couldn't restore your database: the restore took too long on every attempt; our team is alerted.",
+            (Self::Sanity | Self::Integrity, _) => "We couldn't restore your database: the backup file failed its integrity check. Your database was not changed; our team is alerted.",
+            (Self::Config, _) => "We couldn't restore your database: this restore can't be done as requested. Your database was not changed; our team is alerted.",
+            (Self::Conflict, _) => self.customer_summary(),
+            (Self::Incomplete, _) => self.customer_summary(),
+        }
+    }
+
     /// The customer-facing `error_summary` while the row will be retried (or for classes that
     /// never are): fixed text per class, never tool output.
     pub fn customer_summary(self) -> &'static str {
@@ -120,6 +144,7 @@ impl FailureReason {
             Self::Config => "There is a configuration problem with this resource; our team is alerted.",
             Self::Integrity => "The backup file failed its integrity check; your database was not changed and our team is alerted.",
             Self::Incomplete => "We couldn't restore your database completely: part of the backup was restored and some of it was rejected by your database; our team is alerted.",
+            Self::Conflict => "We couldn't restore your database: it refused a step of the restore. Your database was not changed; our team is alerted.",
         }
     }
 }
@@ -142,6 +167,23 @@ mod tests {
             assert!(!r.final_summary().contains("retry"), "{r:?}");
             if !r.retryable() {
                 assert!(!r.customer_summary().contains("retry"), "{r:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn restore_texts_are_restore_texts() {
+        for r in FailureReason::RESTORE {
+            for final_ in [false, true] {
+                let text = r.restore_summary(final_);
+                assert!(
+                    text.starts_with("We couldn't restore your database"),
+                    "{r:?}: {text}"
+                );
+                assert!(!text.contains("couldn't read your database"), "{r:?}");
+                if final_ || !r.retryable() {
+                    assert!(!text.contains("retry"), "{r:?} {final_}: {text}");
+                }
             }
         }
     }

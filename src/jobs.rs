@@ -151,11 +151,7 @@ pub async fn record_failure(
         .bind(&lease.worker)
         .bind(lease.attempts)
         .bind(reason.as_str())
-        .bind(if retry {
-            reason.customer_summary()
-        } else {
-            reason.final_summary()
-        })
+        .bind(summary(lease.table, reason, !retry))
         .bind(internal_detail)
         .bind(delay.as_secs_f64())
         .execute(&mut **tx)
@@ -165,6 +161,16 @@ pub async fn record_failure(
         (_, true) => FailureOutcome::Retry { after: delay },
         (_, false) => FailureOutcome::Failed,
     })
+}
+
+/// The customer-facing text of a failure of `table`'s job, `final_` when the row failed for good:
+/// restores have texts of their own (DESIGN §6), backups and verifications the backup's.
+pub fn summary(table: JobTable, reason: FailureReason, final_: bool) -> &'static str {
+    match (table, final_) {
+        (JobTable::Restores, _) => reason.restore_summary(final_),
+        (_, true) => reason.final_summary(),
+        (_, false) => reason.customer_summary(),
+    }
 }
 
 /// A database error that says nothing about the statement, only that the database could not be
@@ -189,6 +195,67 @@ pub fn transient(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Each try at recording a result is bounded by a quarter of the lease within these limits (a
+/// connection being re-established after a database restart backs off for up to seconds; a fresh
+/// try starts a fresh connection), and tries are this far apart.
+const RECORD_TRY_MIN: Duration = Duration::from_millis(500);
+const RECORD_TRY_MAX: Duration = Duration::from_secs(10);
+const RECORD_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// How long one try at writing a job's result may take, for a lease of `length`.
+pub fn record_try(length: Duration) -> Duration {
+    (length / 4).clamp(RECORD_TRY_MIN, RECORD_TRY_MAX)
+}
+
+/// Writes a job's result (or any fenced step of it) with `write`, again and again while the
+/// database cannot be reached (a restart, a failover) and the lease still holds — `lost` is the
+/// renewer's token, so the lease is renewed meanwhile by [`run_leased`]. Each try is bounded by
+/// [`record_try`], so a fresh connection is sought soon after the database is back. Giving up at
+/// the first error threw results away for an outage shorter than the lease (a finished backup's
+/// object deleted; a restore's rewind run a second time after its lease expired). `write` must be
+/// one transaction, fenced, so a try whose commit's answer was lost is harmless to repeat. Err:
+/// the last error, once it is not transient or the lease is gone.
+pub async fn record<T, F, Fut>(
+    lease: &Lease,
+    length: Duration,
+    lost: &CancellationToken,
+    what: &str,
+    mut write: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let per_try = record_try(length);
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let (error, transient) = match tokio::time::timeout(per_try, write()).await {
+            Ok(Ok(done)) => return Ok(done),
+            Ok(Err(e)) => (e.to_string(), transient(&e)),
+            Err(_) => (format!("no answer within {per_try:?}"), true),
+        };
+        if !transient || lost.is_cancelled() {
+            tracing::error!(table = lease.table.table(), id = %lease.id, tries, error = %error,
+                "{what} failed");
+            return Err(error);
+        }
+        tracing::warn!(table = lease.table.table(), id = %lease.id, tries, error = %error,
+            "{what} failed; retrying while the lease holds");
+        tokio::select! {
+            _ = tokio::time::sleep(RECORD_RETRY_PAUSE) => {}
+            _ = lost.cancelled() => {}
+        }
+    }
+}
+
+/// Marks a restore's destructive step as begun (DESIGN §6: a restore is applied at most once per
+/// row), fenced on the lease. From here on, a lease that lapses makes the row's outcome unknown:
+/// the recovery fails it instead of running the rewind again. False: the row is not ours.
+pub async fn mark_applying(pool: &PgPool, lease: &Lease) -> Result<bool, sqlx::Error> {
+    fenced_update(pool, lease, "applying_since = now()", None).await
+}
+
 /// A running row whose lease had expired (its worker died or hung), as the sweep left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovered {
@@ -200,7 +267,19 @@ pub struct Recovered {
     pub started_at: DateTime<Utc>,
     /// True when it had used its last attempt and is now `failed` (reason `timeout`).
     pub failed: bool,
+    /// A restore whose destructive step had begun: `failed` (reason `timeout`) at once, never
+    /// re-run, since nobody knows whether its rewind took effect (DESIGN §6).
+    pub outcome_unknown: bool,
 }
+
+/// (id, resource_id, team_id, resource_type, started_at, failed, outcome_unknown).
+type RecoveredRow = (Uuid, Uuid, Uuid, String, DateTime<Utc>, bool, bool);
+
+/// The customer-facing summary of a restore whose outcome is unknown (DESIGN §6): never a
+/// promise to retry.
+pub const OUTCOME_UNKNOWN_SUMMARY: &str = "We lost track of your restore after it began changing \
+your database, so we can't tell whether it finished; it was not run again. Our team is alerted \
+and will check your database.";
 
 /// Returns every `running` row of `table` whose lease has expired to `pending` (runnable now), or
 /// to `failed` with reason `timeout` once it has used MAX_ATTEMPTS. `started_at` is never
@@ -210,15 +289,26 @@ pub async fn recover_expired(
     tx: &mut Transaction<'_, Postgres>,
     table: JobTable,
 ) -> Result<Vec<Recovered>, sqlx::Error> {
+    // Only restores have a destructive step to be applied at most once.
+    let unknown = if table == JobTable::Restores {
+        "j.applying_since IS NOT NULL"
+    } else {
+        "false"
+    };
     let sql = format!(
         "UPDATE {t} AS j
-            SET status = CASE WHEN j.attempts >= $1 THEN 'failed' ELSE 'pending' END,
-                finished_at = CASE WHEN j.attempts >= $1 THEN now() END,
+            SET status = CASE WHEN j.attempts >= $1 OR {unknown} THEN 'failed' ELSE 'pending' END,
+                finished_at = CASE WHEN j.attempts >= $1 OR {unknown} THEN now() END,
                 run_after = now(),
-                failure_reason = CASE WHEN j.attempts >= $1 THEN 'timeout' ELSE j.failure_reason END,
-                error_summary = CASE WHEN j.attempts >= $1 THEN $2 ELSE j.error_summary END,
+                failure_reason = CASE WHEN j.attempts >= $1 OR {unknown} THEN 'timeout'
+                                      ELSE j.failure_reason END,
+                error_summary = CASE WHEN {unknown} THEN $3
+                                     WHEN j.attempts >= $1 THEN $2 ELSE j.error_summary END,
                 internal_detail = 'lease held by ' || coalesce(j.leased_by, '?') || ' expired at '
-                                  || j.lease_expires_at::text || ' (attempt ' || j.attempts || ')',
+                                  || j.lease_expires_at::text || ' (attempt ' || j.attempts || ')'
+                                  || CASE WHEN {unknown}
+                                          THEN '; its rewind of the target had begun; the outcome is unknown, so it is not run again'
+                                          ELSE '' END,
                 leased_by = NULL,
                 lease_expires_at = NULL
            FROM resources r
@@ -226,24 +316,28 @@ pub async fn recover_expired(
                           FOR UPDATE SKIP LOCKED)
             AND r.id = j.resource_id
          RETURNING j.id, j.resource_id, r.team_id, r.resource_type, j.started_at,
-                   j.status = 'failed'",
+                   j.status = 'failed', {unknown}",
         t = table.table()
     );
-    let rows: Vec<(Uuid, Uuid, Uuid, String, DateTime<Utc>, bool)> = sqlx::query_as(&sql)
+    let rows: Vec<RecoveredRow> = sqlx::query_as(&sql)
         .bind(MAX_ATTEMPTS)
-        .bind(FailureReason::Timeout.final_summary())
+        .bind(summary(table, FailureReason::Timeout, true))
+        .bind(OUTCOME_UNKNOWN_SUMMARY)
         .fetch_all(&mut **tx)
         .await?;
     Ok(rows
         .into_iter()
         .map(
-            |(id, resource_id, team_id, resource_type, started_at, failed)| Recovered {
-                id,
-                resource_id,
-                team_id,
-                resource_type,
-                started_at,
-                failed,
+            |(id, resource_id, team_id, resource_type, started_at, failed, outcome_unknown)| {
+                Recovered {
+                    id,
+                    resource_id,
+                    team_id,
+                    resource_type,
+                    started_at,
+                    failed,
+                    outcome_unknown,
+                }
             },
         )
         .collect())
@@ -462,10 +556,16 @@ impl Claimer {
         worker: &str,
         length: Duration,
     ) -> Result<Option<Claimed>, sqlx::Error> {
+        // A restore's new attempt has not begun its destructive step (see `mark_applying`).
+        let fresh = if self.table == JobTable::Restores {
+            ", applying_since = NULL"
+        } else {
+            ""
+        };
         let sql = format!(
             "UPDATE {t} SET status = 'running', attempts = attempts + 1, started_at = now(),
                     leased_by = $1, lease_expires_at = now() + make_interval(secs => $2),
-                    claim_token = $3
+                    claim_token = $3{fresh}
               WHERE id = ({candidates})
              RETURNING id, resource_id, attempts, started_at",
             t = self.table.table()
@@ -564,14 +664,19 @@ pub async fn recover_and_audit(
     let mut tx = pool.begin().await?;
     let recovered = recover_expired(&mut tx, table).await?;
     for r in recovered.iter().filter(|r| r.failed) {
+        let (kind, summary) = if r.outcome_unknown {
+            ("restore.outcome_unknown", OUTCOME_UNKNOWN_SUMMARY)
+        } else {
+            (audit_kind, summary(table, FailureReason::Timeout, true))
+        };
         let detail = serde_json::json!({
             "resource_type": r.resource_type,
             "failure_reason": FailureReason::Timeout.as_str(),
-            "error_summary": FailureReason::Timeout.final_summary(),
+            "error_summary": summary,
         });
         crate::db::audit(
             &mut *tx,
-            audit_kind,
+            kind,
             Some(r.team_id),
             Some(r.resource_id),
             Some(r.id),
@@ -581,8 +686,13 @@ pub async fn recover_and_audit(
     }
     tx.commit().await?;
     for r in &recovered {
-        tracing::warn!(table = table.table(), id = %r.id, resource_id = %r.resource_id, failed = r.failed,
-            "recovered a row whose lease expired");
+        if r.outcome_unknown {
+            tracing::error!(table = table.table(), id = %r.id, resource_id = %r.resource_id,
+                "a restore's lease expired after its rewind began: outcome unknown, failed, not run again");
+        } else {
+            tracing::warn!(table = table.table(), id = %r.id, resource_id = %r.resource_id,
+                failed = r.failed, "recovered a row whose lease expired");
+        }
     }
     Ok(recovered)
 }

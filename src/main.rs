@@ -333,7 +333,17 @@ async fn run(config: Config, options: RunOptions) -> ExitCode {
             "encryption at rest: off (ENCRYPTION_KEY_FILE is not set); backups are stored as gzip"
         ),
         Some(master) => match backup_worker::crypto::check_master(&deps.pool, master).await {
-            Ok(()) => tracing::info!("encryption at rest: on (age, one key per team)"),
+            Ok(check) => {
+                if let Some(why) = check.refusal() {
+                    eprintln!("backup-worker: invalid configuration: ENCRYPTION_KEY_FILE: {why}");
+                    return ExitCode::from(2);
+                }
+                if let Some(warning) = check.warning() {
+                    tracing::warn!(master_fingerprint = %check.fingerprint, "{warning}");
+                }
+                tracing::info!(master_fingerprint = %check.fingerprint, team_keys = check.keys,
+                    fingerprints_recorded = check.recorded, "encryption at rest: on (age, one key per team)");
+            }
             Err(backup_worker::crypto::KeyError::Db(e)) => return fail(e),
             Err(e) => {
                 eprintln!("backup-worker: invalid configuration: ENCRYPTION_KEY_FILE: {e}");
@@ -373,13 +383,28 @@ async fn keys(config: Config, cmd: KeysCommand) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let (old_fp, new_fp) = (old.fingerprint(), new.fingerprint());
+            if old_fp == new_fp {
+                eprintln!("backup-worker: --new-key-file: it holds the current master key (fingerprint {old_fp}); nothing to rotate");
+                return ExitCode::from(2);
+            }
             match crypto::rotate_master(&pool, &old, &new).await {
-                Ok(n) => {
+                Ok(r) => {
                     println!(
-                        "re-wrapped {n} team key(s) under the new master key; point ENCRYPTION_KEY_FILE at {} and restart the workers (the old key opens nothing now)",
+                        "re-wrapped {} team key(s) from master key {old_fp} to {new_fp}. Point ENCRYPTION_KEY_FILE at {} and restart every replica, then run this command again (it moves what replicas still on the old key wrapped meanwhile); retire the old key only after that run",
+                        r.rewrapped,
                         new_key_file.display()
                     );
-                    ExitCode::SUCCESS
+                    if r.remaining.is_empty() {
+                        return ExitCode::SUCCESS;
+                    }
+                    let groups: Vec<String> = r.remaining.iter().map(ToString::to_string).collect();
+                    eprintln!(
+                        "backup-worker: {} team key(s) are under neither key and were not re-wrapped: {}",
+                        r.remaining.iter().map(|g| g.keys).sum::<u64>(),
+                        groups.join("; ")
+                    );
+                    ExitCode::FAILURE
                 }
                 Err(e) => fail(e),
             }

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub backup_scheduled: IntCounterVec,
     pub backup_stuck_recovered: IntCounter,
     pub restore_stuck_recovered: IntCounter,
+    pub restore_outcome_unknown: IntCounter,
     pub backup_rpo_breached: IntGauge,
     pub restore_by_type: IntCounterVec,
     pub backup_verified: IntCounterVec,
@@ -149,6 +150,11 @@ impl Metrics {
                 &r,
                 "instant_customer_restore_stuck_recovered_total",
                 "Running restores whose lease expired and were returned to pending or failed.",
+            )?,
+            restore_outcome_unknown: counter(
+                &r,
+                "backup_worker_restore_outcome_unknown_total",
+                "Restores whose lease expired after their rewind began: failed as outcome unknown, never re-run.",
             )?,
             backup_rpo_breached,
             restore_by_type: counter_vec(

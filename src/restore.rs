@@ -87,7 +87,8 @@ pub async fn download_verified(
             fail(FailureReason::Upload, format!("downloading {key}: {e}"))
         }
     };
-    let read_err = |e: std::io::Error| fail(FailureReason::Upload, format!("downloading {key}: {e}"));
+    let read_err =
+        |e: std::io::Error| fail(FailureReason::Upload, format!("downloading {key}: {e}"));
     let mut file = File::create(&path).await.map_err(write_err)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -123,8 +124,8 @@ pub async fn download_verified(
     }
     let _stop_on_drop = StopOnDrop(stop.clone());
     let reading = backup.clone();
-    let decoded = tokio::task::spawn_blocking(
-        move || -> Result<Box<dyn StreamCheck>, std::io::Error> {
+    let decoded =
+        tokio::task::spawn_blocking(move || -> Result<Box<dyn StreamCheck>, std::io::Error> {
             let gz = reading.open_gzip()?;
             let mut decoder = crate::gzip::GzipDecoder::new(gz);
             let mut buf = vec![0u8; 256 * 1024];
@@ -139,11 +140,10 @@ pub async fn download_verified(
                     Err(e) => return Err(e),
                 }
             }
-        },
-    )
-    .await
-    // The thread failing (a panic) is ours, not the backup's.
-    .map_err(|e| fail(FailureReason::Upload, format!("decoding {key}: {e}")))?;
+        })
+        .await
+        // The thread failing (a panic) is ours, not the backup's.
+        .map_err(|e| fail(FailureReason::Upload, format!("decoding {key}: {e}")))?;
     let check = decoded.map_err(|e| {
         if crate::crypto::is_decrypt_error(&e) {
             fail(

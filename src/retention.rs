@@ -16,7 +16,7 @@
 //!   `resource_backups_succeeded_idx (resource_id, finished_at DESC)` for rows past its cutoff.
 //!
 //! Each candidate's keep rules are an index probe of at most `keep_last` newer rows of its
-//! resource. So a run costs the rows it expires plus one probe per resource on a shorter-retention
+//! resource (passing over newer ones that failed verification: they count for nothing). So a run costs the rows it expires plus one probe per resource on a shorter-retention
 //! tier, whatever the total number of rows kept.
 
 use std::time::{Duration, Instant};
@@ -142,14 +142,17 @@ async fn policies(pool: &PgPool, plans: &Plans) -> Result<Policies, sqlx::Error>
 
 /// Eligibility of succeeded row `b` of resource `r` under policy `p` at `$now` (bound as the
 /// statement's parameter named here): past its tier's retention; for a resource that is not
-/// deleted, at least max(keep_last, 1) newer succeeded rows (keep_last and the newest backup);
-/// not read by a pending/running restore or a running verification.
+/// deleted, at least max(keep_last, 1) newer succeeded rows that have not failed verification
+/// (keep_last and the newest backup, DESIGN §5) — a backup that failed verification counts for
+/// nothing, so it protects no older one and is not kept as the newest; not read by a
+/// pending/running restore or a running verification.
 fn eligible(now: &str) -> String {
     format!(
         "b.finished_at < {now} - make_interval(days => p.retention_days)
-         AND (r.status = 'deleted' OR EXISTS (
+         AND (r.status = 'deleted' OR b.verify_status = 'failed' OR EXISTS (
                 SELECT 1 FROM resource_backups n
                  WHERE n.resource_id = b.resource_id AND n.status = 'succeeded'
+                   AND n.verify_status IS DISTINCT FROM 'failed'
                    AND n.finished_at >= b.finished_at
                    AND (n.finished_at, n.id) > (b.finished_at, b.id)
                 OFFSET greatest(p.keep_last, 1) - 1 LIMIT 1))

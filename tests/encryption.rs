@@ -524,3 +524,212 @@ async fn rotate_the_master_key_then_destroy_one_teams_key(pool: PgPool) {
     .unwrap();
     assert_eq!(live, 1);
 }
+
+/// `backup-worker` with `args`, DATABASE_URL and ENCRYPTION_KEY_FILE=`key`: (exit code, stdout,
+/// stderr).
+async fn worker(pool: &PgPool, args: &[&str], key: &Path) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .env("DATABASE_URL", database_url(pool))
+        .env("ENCRYPTION_KEY_FILE", key)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const START: &[&str] = &["run", "--once", "--only", "restores"];
+
+/// The master key file's contents, as they must never be printed.
+fn key_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap().trim().to_owned()
+}
+
+#[sqlx::test]
+async fn a_rotation_racing_replicas_on_the_old_key_is_finished_by_a_re_run(pool: PgPool) {
+    let keys = tempfile::tempdir().unwrap();
+    let old = key_file(keys.path(), "old.key", 11);
+    let new = key_file(keys.path(), "new.key", 12);
+    let old_fp = backup_worker::crypto::MasterKey::load(&old)
+        .unwrap()
+        .fingerprint();
+    let new_fp = backup_worker::crypto::MasterKey::load(&new)
+        .unwrap()
+        .fingerprint();
+    assert_ne!(old_fp, new_fp);
+    let store = tempfile::tempdir().unwrap();
+    let d_old = deps(&pool, store.path(), Some(&old), Tools::default()).await;
+    let d_new = deps(&pool, store.path(), Some(&new), Tools::default()).await;
+    let redis = RedisServer::start(None).await.unwrap();
+    redis.populate(50).await.unwrap();
+    let (a, b) = (team(&pool).await, team(&pool).await);
+    let res_a = resource(&pool, a, "redis", &redis.url_db(0)).await;
+    let res_b = resource(&pool, b, "redis", &redis.url_db(0)).await;
+    let (backup_a, _) = back_up(&d_old, res_a).await;
+
+    let rotate = [
+        "keys",
+        "rotate-master",
+        "--new-key-file",
+        new.to_str().unwrap(),
+    ];
+    let (code, stdout, stderr) = worker(&pool, &rotate, &old).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("re-wrapped 1 "), "{stdout}");
+    assert!(
+        stdout.contains(&old_fp) && stdout.contains(&new_fp),
+        "{stdout}"
+    );
+
+    // A replica still on the old key takes team B's first backup after the rotation: B's key is
+    // wrapped under the old master key.
+    let (backup_b, _) = back_up(&d_old, res_b).await;
+    let (fp, prev): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT master_fingerprint, previous_fingerprint FROM team_backup_keys WHERE team_id = $1",
+    )
+    .bind(b)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((fp.as_deref(), prev), (Some(old_fp.as_str()), None));
+
+    // A replica restarting on the new key meanwhile starts (B's key is named, to be moved by
+    // the re-run); one restarting on the old key does not.
+    let (code, _, stderr) = worker(&pool, START, &new).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("unfinished")
+            && stderr.contains(&b.to_string())
+            && stderr.contains(&old_fp),
+        "{stderr}"
+    );
+    let (code, _, stderr) = worker(&pool, START, &old).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("ENCRYPTION_KEY_FILE"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("does not open 1 of 2")
+            && line.contains(&a.to_string())
+            && line.contains(&format!("rotated to master key {new_fp}")),
+        "{stderr}"
+    );
+    // Until the re-run, B's backups do not open on the new key, and the detail says why.
+    let (status, reason, detail) = restore(&d_new, backup_b, res_b).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("config"))
+    );
+    let detail = detail.unwrap_or_default();
+    assert!(
+        detail.contains(&old_fp) && detail.contains("rotate-master"),
+        "{detail}"
+    );
+
+    // The re-run moves B's key; a third run finds nothing left.
+    let (code, stdout, stderr) = worker(&pool, &rotate, &old).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("re-wrapped 1 "), "{stdout}");
+    let (code, stdout, stderr) = worker(&pool, &rotate, &old).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("re-wrapped 0 "), "{stdout}");
+    let (code, _, stderr) = worker(&pool, START, &new).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("unfinished") && !stderr.contains(&b.to_string()),
+        "nothing missing: {stderr}"
+    );
+    for (backup, res) in [(backup_a, res_a), (backup_b, res_b)] {
+        let (status, reason, detail) = restore(&d_new, backup, res).await;
+        assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    }
+    let under: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT master_fingerprint, previous_fingerprint FROM team_backup_keys ORDER BY team_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(under, vec![(Some(new_fp.clone()), Some(old_fp.clone())); 2]);
+    // The same key twice is refused.
+    let same = [
+        "keys",
+        "rotate-master",
+        "--new-key-file",
+        new.to_str().unwrap(),
+    ];
+    let (code, _, stderr) = worker(&pool, &same, &new).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    // No output ever carries a master key.
+    for text in [&stdout, &stderr, &line.to_owned(), &detail] {
+        assert!(!text.contains(&key_text(&old)) && !text.contains(&key_text(&new)));
+    }
+}
+
+#[sqlx::test]
+async fn the_start_check_records_unrecorded_fingerprints_and_names_keys_nothing_opens(
+    pool: PgPool,
+) {
+    let keys = tempfile::tempdir().unwrap();
+    let path = key_file(keys.path(), "master.key", 13);
+    let master = backup_worker::crypto::MasterKey::load(&path).unwrap();
+    let stranger =
+        backup_worker::crypto::MasterKey::load(&key_file(keys.path(), "x.key", 14)).unwrap();
+    let (a, c) = (team(&pool).await, team(&pool).await);
+    backup_worker::crypto::team_recipient(&pool, &master, a)
+        .await
+        .unwrap();
+    backup_worker::crypto::team_recipient(&pool, &stranger, c)
+        .await
+        .unwrap();
+    // As before the fingerprint column existed.
+    sqlx::query("UPDATE team_backup_keys SET master_fingerprint = NULL")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, _, stderr) = worker(&pool, START, &path).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("ENCRYPTION_KEY_FILE"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("does not open 1 of 2")
+            && line.contains("unrecorded master key")
+            && line.contains(&c.to_string())
+            && !line.contains(&a.to_string()),
+        "{stderr}"
+    );
+    let fp: Option<String> =
+        sqlx::query_scalar("SELECT master_fingerprint FROM team_backup_keys WHERE team_id = $1")
+            .bind(a)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        fp,
+        Some(master.fingerprint()),
+        "recorded: the key opened it"
+    );
+    // Recorded under the stranger key, it is named by that key's fingerprint.
+    sqlx::query("UPDATE team_backup_keys SET master_fingerprint = $2 WHERE team_id = $1")
+        .bind(c)
+        .bind(stranger.fingerprint())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, _, stderr) = worker(&pool, START, &path).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("1 under master key {}", stranger.fingerprint())),
+        "{stderr}"
+    );
+    // Once that team's key is destroyed, nothing is missing.
+    backup_worker::crypto::destroy(&pool, c).await.unwrap();
+    let (code, _, stderr) = worker(&pool, START, &path).await;
+    assert_eq!(code, Some(0), "{stderr}");
+}

@@ -5,11 +5,12 @@
 use std::collections::BTreeMap;
 
 use backup_worker::domain::FailureReason;
-use backup_worker_testkit::jobs::{
-    another_resource, back_up, local_deps, restore, team_of, team_resource, JobRow,
+use backup_worker_testkit::jobs::{backup_row, local_deps, restore_row, JobRow};
+use backup_worker_testkit::{
+    free_port, insert_resource, insert_team, KeyState, RedisServer, TestError,
 };
-use backup_worker_testkit::{free_port, KeyState, RedisServer};
 use sqlx::PgPool;
+use uuid::Uuid;
 
 const ADMIN_PW: &str = "admin-pw-7c1";
 const TENANT_PW: &str = "tenant-pw-9e4";
@@ -21,6 +22,21 @@ const SHAPES: &[&[&str]] = &[
     &["~t1:*", "+@all", "-@admin"],
     &["~t1:*", "+@all", "-@dangerous", "+restore"],
 ];
+
+/// A Redis resource of a new team.
+async fn resource(pool: &PgPool, url: &str) -> Result<Uuid, TestError> {
+    let team = insert_team(pool, "pro").await?;
+    insert_resource(pool, team, "redis", url).await
+}
+
+async fn team_of(pool: &PgPool, resource: Uuid) -> Result<Uuid, TestError> {
+    Ok(
+        sqlx::query_scalar("SELECT team_id FROM resources WHERE id = $1")
+            .bind(resource)
+            .fetch_one(pool)
+            .await?,
+    )
+}
 
 type Snapshot = BTreeMap<(i64, Vec<u8>), KeyState>;
 
@@ -131,10 +147,10 @@ async fn tenant_round_trip(pool: &PgPool, r: &RedisServer, shape: &[&str]) {
     r.acl_user("t1", TENANT_PW, shape).await.unwrap();
     populate_shared(r).await;
     let (_dir, d) = local_deps(pool).await.unwrap();
-    let res = team_resource(pool, "redis", &r.user_url("t1", TENANT_PW, None))
+    let res = resource(pool, &r.user_url("t1", TENANT_PW, None))
         .await
         .unwrap();
-    let backup = back_up(&d, res).await.unwrap();
+    let backup = backup_row(&d, res).await.unwrap();
     assert_eq!(backup.status, "succeeded", "{shape:?}: {backup:?}");
     let mode: Option<String> =
         sqlx::query_scalar("SELECT dump_mode FROM resource_backups WHERE id = $1")
@@ -149,7 +165,7 @@ async fn tenant_round_trip(pool: &PgPool, r: &RedisServer, shape: &[&str]) {
     let others_before = snapshot(r, others).await;
     assert!(others_before.len() > 450, "{}", others_before.len());
     r.cli(&["CONFIG", "RESETSTAT"]).await.unwrap();
-    let done = restore(&d, backup.id, res).await.unwrap();
+    let done = restore_row(&d, backup.id, res).await.unwrap();
     assert_eq!(done.status, "succeeded", "{shape:?}: {done:?}");
 
     assert_same(
@@ -201,9 +217,9 @@ async fn an_instance_backup_into_a_tenant_never_flushes(pool: PgPool) {
     shared.acl_user("t1", TENANT_PW, SHAPES[0]).await.unwrap();
     populate_shared(&shared).await;
     let (_dir, d) = local_deps(&pool).await.unwrap();
-    let from = team_resource(&pool, "redis", &source.url()).await.unwrap();
+    let from = resource(&pool, &source.url()).await.unwrap();
     let team = team_of(&pool, from).await.unwrap();
-    let into = another_resource(
+    let into = insert_resource(
         &pool,
         team,
         "redis",
@@ -211,7 +227,7 @@ async fn an_instance_backup_into_a_tenant_never_flushes(pool: PgPool) {
     )
     .await
     .unwrap();
-    let backup = back_up(&d, from).await.unwrap();
+    let backup = backup_row(&d, from).await.unwrap();
     assert_eq!(backup.status, "succeeded", "{backup:?}");
     let mode: Option<String> =
         sqlx::query_scalar("SELECT dump_mode FROM resource_backups WHERE id = $1")
@@ -223,7 +239,7 @@ async fn an_instance_backup_into_a_tenant_never_flushes(pool: PgPool) {
 
     let others_before = snapshot(&shared, others).await;
     shared.cli(&["CONFIG", "RESETSTAT"]).await.unwrap();
-    let done = restore(&d, backup.id, into).await.unwrap();
+    let done = restore_row(&d, backup.id, into).await.unwrap();
     assert_eq!(done.status, "succeeded", "{done:?}");
     assert_same(&snapshot(&shared, others).await, &others_before, "others");
     assert_flush_never_sent(&shared.command_calls().await.unwrap(), "instance backup");
@@ -245,12 +261,12 @@ async fn an_admin_restore_of_an_instance_backup_flushes(pool: PgPool) {
     ] {
         r.populate(100).await.unwrap();
         let (_dir, d) = local_deps(&pool).await.unwrap();
-        let res = team_resource(&pool, "redis", &r.url()).await.unwrap();
-        let backup = back_up(&d, res).await.unwrap();
+        let res = resource(&pool, &r.url()).await.unwrap();
+        let backup = backup_row(&d, res).await.unwrap();
         assert_eq!(backup.status, "succeeded", "{backup:?}");
         r.cli(&["SET", "added", "after"]).await.unwrap();
         r.cli(&["CONFIG", "RESETSTAT"]).await.unwrap();
-        let done = restore(&d, backup.id, res).await.unwrap();
+        let done = restore_row(&d, backup.id, res).await.unwrap();
         assert_eq!(done.status, "succeeded", "{done:?}");
         let calls = r.command_calls().await.unwrap();
         assert!(calls.get("flushdb").is_some_and(|n| *n >= 1), "{calls:?}");
@@ -275,8 +291,8 @@ async fn keyspace_mode_failures_are_classified_like_redis_cli(pool: PgPool) {
 
     // A wrong password on a /N resource: auth, not retried, the auth summary.
     let wrong = format!("redis://:not-the-password@127.0.0.1:{}/0", r.port);
-    let res = team_resource(&pool, "redis", &wrong).await.unwrap();
-    let row = back_up(&d, res).await.unwrap();
+    let res = resource(&pool, &wrong).await.unwrap();
+    let row = backup_row(&d, res).await.unwrap();
     assert_eq!(
         (
             row.status.as_str(),
@@ -297,8 +313,8 @@ async fn keyspace_mode_failures_are_classified_like_redis_cli(pool: PgPool) {
         r.user_url("t1", "wrong-tenant-pw", Some(0)),
         format!("redis://127.0.0.1:{}/0", r.port),
     ] {
-        let res = team_resource(&pool, "redis", &url).await.unwrap();
-        let row = back_up(&d, res).await.unwrap();
+        let res = resource(&pool, &url).await.unwrap();
+        let row = backup_row(&d, res).await.unwrap();
         assert_eq!(
             (row.status.as_str(), row.failure_reason.as_deref()),
             ("failed", Some("auth")),
@@ -310,8 +326,8 @@ async fn keyspace_mode_failures_are_classified_like_redis_cli(pool: PgPool) {
     // Nothing listening: unreachable, retried.
     let port = free_port().unwrap();
     let refused = format!("redis://:some-pw@127.0.0.1:{port}/0");
-    let res = team_resource(&pool, "redis", &refused).await.unwrap();
-    let row = back_up(&d, res).await.unwrap();
+    let res = resource(&pool, &refused).await.unwrap();
+    let row = backup_row(&d, res).await.unwrap();
     assert_eq!(
         (
             row.status.as_str(),
@@ -331,10 +347,10 @@ async fn keyspace_mode_failures_are_classified_like_redis_cli(pool: PgPool) {
     r.acl_user("noscan", TENANT_PW, &["~*", "+@all", "-scan"])
         .await
         .unwrap();
-    let res = team_resource(&pool, "redis", &r.user_url("noscan", TENANT_PW, Some(0)))
+    let res = resource(&pool, &r.user_url("noscan", TENANT_PW, Some(0)))
         .await
         .unwrap();
-    let row = back_up(&d, res).await.unwrap();
+    let row = backup_row(&d, res).await.unwrap();
     assert_eq!(
         (
             row.status.as_str(),
@@ -355,8 +371,8 @@ async fn keyspace_mode_failures_are_classified_like_redis_cli(pool: PgPool) {
 
     // Restores: a target user that may not RESTORE is config (before anything is removed); a
     // wrong password is auth.
-    let good = team_resource(&pool, "redis", &r.url_db(0)).await.unwrap();
-    let backup = back_up(&d, good).await.unwrap();
+    let good = resource(&pool, &r.url_db(0)).await.unwrap();
+    let backup = backup_row(&d, good).await.unwrap();
     assert_eq!(backup.status, "succeeded", "{backup:?}");
     let team = team_of(&pool, good).await.unwrap();
     r.acl_user("norestore", TENANT_PW, &["~*", "+@all", "-restore"])
@@ -367,8 +383,8 @@ async fn keyspace_mode_failures_are_classified_like_redis_cli(pool: PgPool) {
         (r.user_url("t1", "wrong-tenant-pw", Some(0)), "auth"),
         (format!("redis://:x@127.0.0.1:{port}/0"), "unreachable"),
     ] {
-        let into = another_resource(&pool, team, "redis", &url).await.unwrap();
-        let row = restore(&d, backup.id, into).await.unwrap();
+        let into = insert_resource(&pool, team, "redis", &url).await.unwrap();
+        let row = restore_row(&d, backup.id, into).await.unwrap();
         assert_eq!(row.failure_reason.as_deref(), Some(want), "{url}: {row:?}");
         assert_no_secret(&row, &[TENANT_PW, "wrong-tenant-pw"]);
     }
@@ -401,11 +417,11 @@ async fn values_larger_than_the_budgets_round_trip(pool: PgPool) {
     let before = r.snapshot(0, |_| true).await.unwrap();
     let (_dir, d) = local_deps(&pool).await.unwrap();
     for url in [r.url(), r.url_db(0)] {
-        let res = team_resource(&pool, "redis", &url).await.unwrap();
-        let backup = back_up(&d, res).await.unwrap();
+        let res = resource(&pool, &url).await.unwrap();
+        let backup = backup_row(&d, res).await.unwrap();
         assert_eq!(backup.status, "succeeded", "{url}: {backup:?}");
         r.cli(&["FLUSHALL"]).await.unwrap();
-        let done = restore(&d, backup.id, res).await.unwrap();
+        let done = restore_row(&d, backup.id, res).await.unwrap();
         assert_eq!(done.status, "succeeded", "{url}: {done:?}");
         assert_eq!(r.snapshot(0, |_| true).await.unwrap(), before, "{url}");
     }

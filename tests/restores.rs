@@ -1588,6 +1588,11 @@ async fn a_psql_that_fails_on_a_large_dump_ends_the_restore_at_once_classified_b
             .await
             .unwrap();
     assert!(!summary.contains("password"), "{summary}");
+    // A restore text (DESIGN §6), never the backup's "couldn't read your database".
+    assert_eq!(
+        summary,
+        "We couldn't restore your database: it rejected our credentials. Your database was not changed; our team is alerted."
+    );
 
     // An early failing statement in the middle of the same big stream: no hang either.
     std::fs::remove_file(recorded.dir.path().join("psql-password")).unwrap();
@@ -1702,7 +1707,8 @@ async fn mongodb_clones_across_database_names_and_refuses_a_restore_of_nothing(p
         .expect("documents restored");
     assert!(restored.contains("docs=2010"), "{restored}");
 
-    // mongorestore exits 0 yet restores nothing from a non-empty archive: not a success.
+    // mongorestore exits 0 yet every insert failed: not a success (and the collections were
+    // dropped: the target is partly restored).
     let nothing = resource(
         &pool,
         t,
@@ -1712,8 +1718,156 @@ async fn mongodb_clones_across_database_names_and_refuses_a_restore_of_nothing(p
     .await;
     let (_, status, reason, detail) = restore(&d, backup, nothing).await;
     assert_ne!(status, "succeeded");
-    assert_eq!(reason.as_deref(), Some("dump"), "{detail:?}");
-    assert!(detail.unwrap().contains("restored 0 of"));
+    assert_eq!(reason.as_deref(), Some("incomplete"), "{detail:?}");
+    assert!(
+        detail
+            .unwrap()
+            .contains("documents_restored=0 documents_failed=2010"),
+        "every document failed"
+    );
+}
+
+#[sqlx::test]
+async fn a_mongodb_restore_with_rejected_documents_fails_incomplete_and_is_not_retried(
+    pool: PgPool,
+) {
+    use backup_worker::domain::FailureReason;
+    let (fx, _dir, d) = fake_mongo_deps(&pool).await;
+    let t = team(&pool).await;
+    let shop = resource(
+        &pool,
+        t,
+        "mongodb",
+        "mongodb://app:mongo-pw-46@db1:27017/shop",
+    )
+    .await;
+    let backup = back_up(&d, shop).await;
+
+    // The customer's live traffic inserted 500 of the archive's _ids meanwhile: mongorestore,
+    // without --stopOnError, restores the other 1510 documents and exits 0.
+    for (host, restored, failed, error) in [
+        (
+            "reject-500",
+            1510,
+            500,
+            "E11000 duplicate key error collection: shop.orders",
+        ),
+        ("invalid-3", 2007, 3, "Document failed validation"),
+    ] {
+        let into = resource(
+            &pool,
+            t,
+            "mongodb",
+            &format!("mongodb://app:mongo-pw-46@{host}:27017/shop"),
+        )
+        .await;
+        let (id, status, reason, detail) = restore(&d, backup, into).await;
+        let detail = detail.unwrap_or_default();
+        assert_eq!(
+            (status.as_str(), reason.as_deref()),
+            ("failed", Some("incomplete")),
+            "{host}: {detail}"
+        );
+        assert!(
+            detail.contains(&format!(
+                "documents_restored={restored} documents_failed={failed}"
+            )),
+            "{host}: {detail}"
+        );
+        assert!(detail.contains("partly restored"), "{detail}");
+        assert!(detail.contains(error), "{host}: {detail}");
+        assert!(!detail.contains("mongo-pw-46"), "{detail}");
+        let (summary, attempts): (String, i32) =
+            sqlx::query_as("SELECT error_summary, attempts FROM resource_restores WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            summary,
+            FailureReason::Incomplete.customer_summary(),
+            "the customer is told it is partly restored"
+        );
+        assert_eq!(attempts, 1, "not retried: a re-run drops what was restored");
+        let audit: serde_json::Value = sqlx::query_scalar(
+            "SELECT detail FROM audit_log WHERE kind = 'restore.failed' AND subject_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(audit["failure_reason"], "incomplete", "{audit}");
+        assert_eq!(
+            (
+                audit["documents_restored"].as_u64(),
+                audit["documents_failed"].as_u64()
+            ),
+            (Some(restored), Some(failed)),
+            "{audit}"
+        );
+    }
+    // Another pass runs nothing again.
+    Restores::new(d.clone()).pass(&ctx()).await.unwrap();
+    let calls = std::fs::read_to_string(fx.path().join("calls.log")).unwrap();
+    assert_eq!(
+        calls.lines().filter(|l| l.starts_with("restored ")).count(),
+        2,
+        "{calls}"
+    );
+}
+
+#[sqlx::test]
+async fn a_mongodb_backup_of_a_url_without_a_database_is_neither_restored_nor_verified(
+    pool: PgPool,
+) {
+    let (fx, _dir, d) = fake_mongo_deps(&pool).await;
+    let t = team(&pool).await;
+    // mongodump of a URL naming no database dumps the whole deployment.
+    let whole = resource(
+        &pool,
+        t,
+        "mongodb",
+        "mongodb://app:mongo-pw-47@db1:27017/?authSource=admin",
+    )
+    .await;
+    let backup = back_up(&d, whole).await;
+    let shop = resource(
+        &pool,
+        t,
+        "mongodb",
+        "mongodb://app:mongo-pw-47@db2:27017/shop",
+    )
+    .await;
+    let (_, status, reason, detail) = restore(&d, backup, shop).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("config")),
+        "{detail:?}"
+    );
+    assert!(detail.unwrap().contains("names no tenant database"));
+    let calls = std::fs::read_to_string(fx.path().join("calls.log")).unwrap();
+    assert!(
+        !calls.lines().any(|l| l.contains("drop=")),
+        "mongorestore never ran: {calls}"
+    );
+
+    // The verifier does not call it restorable: it fails, and the backup is marked failed.
+    let report = backup_worker::loops::verifier::Verifier::new(d.clone())
+        .verify_now(backup)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.status.as_str(), report.failure_reason.as_deref()),
+        ("failed", Some("config")),
+        "{report:?}"
+    );
+    let verify_status: Option<String> =
+        sqlx::query_scalar("SELECT verify_status FROM resource_backups WHERE id = $1")
+            .bind(backup)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(verify_status.as_deref(), Some("failed"));
 }
 
 #[sqlx::test]
@@ -1812,7 +1966,12 @@ async fn a_restore_whose_worker_died_is_recovered_and_counted(pool: PgPool) {
         (status.as_str(), reason.as_deref()),
         ("failed", Some("timeout"))
     );
-    assert!(!summary.unwrap_or_default().contains("retry"));
+    let summary = summary.unwrap_or_default();
+    assert!(!summary.contains("retry"), "{summary}");
+    assert!(
+        summary.starts_with("We couldn't restore your database"),
+        "{summary}"
+    );
     assert!(d
         .metrics
         .render()

@@ -144,6 +144,110 @@ async fn the_newest_backup_of_a_live_resource_is_kept_whatever_its_age(pool: PgP
     );
 }
 
+/// Marks a backup as the verifier does when it does not restore.
+async fn failed_verification(pool: &PgPool, id: Uuid) {
+    sqlx::query(
+        "UPDATE resource_backups SET verified_at = now(), verify_status = 'failed' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn verified(pool: &PgPool, id: Uuid) {
+    sqlx::query(
+        "UPDATE resource_backups SET verified_at = now(), verify_status = 'verified' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[sqlx::test]
+async fn backups_that_failed_verification_protect_nothing_and_keep_the_verified_ones(pool: PgPool) {
+    let (_dir, store) = local_store().await;
+    let s = store.as_ref();
+    let plans = Plans::load(None).unwrap();
+    let (days, keep) = backup_worker::retention::effective_policy(&plans, "pro");
+    assert_eq!((days, keep), (30, 3));
+    let now = Utc::now();
+    let t = team(&pool, "pro").await;
+
+    // A systematic dump/restore mismatch: the newest 4 (>= keep_last) all failed verification,
+    // the older, verified ones are past retention. They are the only restorable backups left.
+    let r = resource(&pool, t, "active").await;
+    let mut good = Vec::new();
+    for age in [45, 44, 43] {
+        let id = backup(&pool, s, t, r, now, age * DAY).await;
+        verified(&pool, id).await;
+        good.push(id);
+    }
+    let mut bad = Vec::new();
+    for age in [40, 5, 3, 1] {
+        let id = backup(&pool, s, t, r, now, age * DAY).await;
+        failed_verification(&pool, id).await;
+        bad.push(id);
+    }
+    // One older verified backup beyond keep_last: it goes, the 3 newest verified ones stay.
+    let oldest_good = backup(&pool, s, t, r, now, 50 * DAY).await;
+    verified(&pool, oldest_good).await;
+
+    // A resource whose newest backup failed verification and is past retention: it expires (it
+    // is not "the newest backup"), and the newest one that did not fail is kept.
+    let r2 = resource(&pool, t, "active").await;
+    let kept_newest = backup(&pool, s, t, r2, now, 60 * DAY).await;
+    let bad_newest = backup(&pool, s, t, r2, now, 35 * DAY).await;
+    failed_verification(&pool, bad_newest).await;
+
+    let report = apply_retention(&pool, s, &plans, now).await.unwrap();
+    for id in &good {
+        assert_eq!(
+            status(&pool, *id).await,
+            "succeeded",
+            "a verified backup within keep_last"
+        );
+        assert!(object_exists(s, &pool, *id).await);
+    }
+    assert_eq!(
+        status(&pool, oldest_good).await,
+        "expired",
+        "beyond keep_last"
+    );
+    assert_eq!(
+        status(&pool, bad[0]).await,
+        "expired",
+        "failed verification, past retention"
+    );
+    assert!(!object_exists(s, &pool, bad[0]).await);
+    for id in &bad[1..] {
+        assert_eq!(status(&pool, *id).await, "succeeded", "within retention");
+    }
+    assert_eq!(
+        status(&pool, bad_newest).await,
+        "expired",
+        "the newest, but it failed verification"
+    );
+    assert_eq!(
+        status(&pool, kept_newest).await,
+        "succeeded",
+        "the newest that did not fail verification"
+    );
+    assert_eq!(report.expired, 3, "{report:?}");
+
+    // Not yet verified is not failed (the verifier's turn has not come): three of them are
+    // keep_last, and the older one past retention goes.
+    let r3 = resource(&pool, t, "active").await;
+    let older = backup(&pool, s, t, r3, now, 40 * DAY).await;
+    for age in [3, 2, 1] {
+        backup(&pool, s, t, r3, now, age * DAY).await;
+    }
+    let report = apply_retention(&pool, s, &plans, now).await.unwrap();
+    assert_eq!(report.expired, 1, "{report:?}");
+    assert_eq!(status(&pool, older).await, "expired");
+}
+
 #[sqlx::test]
 async fn a_downgrade_to_retention_zero_ages_backups_out_on_the_default_plan(pool: PgPool) {
     let (_dir, store) = local_store().await;

@@ -347,10 +347,13 @@ pub enum Census {
 /// The test restore of a downloaded, verified backup, touching no customer: Redis and MongoDB
 /// backups are read whole; a Postgres backup is rewound into `scratch` (an empty database the
 /// caller created and drops) and its rows counted. `None` when Postgres has no scratch server.
+/// `source_url` is the connection of the resource the backup was taken of, as a restore would
+/// use it: a MongoDB one naming no database fails `config` (its restore would be refused).
 pub async fn test_restore(
     resource_type: ResourceType,
     backup: &BackupFile,
     scratch: Option<(&postgres::ScratchServer, &str, &RestoreTarget<'_>)>,
+    source_url: &Secret,
 ) -> Result<Option<Census>, Failure> {
     Ok(Some(match resource_type {
         ResourceType::Postgres | ResourceType::Vector => {
@@ -360,16 +363,7 @@ pub async fn test_restore(
             postgres::restore(target, backup).await?;
             Census::Tables(server.count_rows(name).await?)
         }
-        ResourceType::Mongodb => {
-            let summary = mongodb::read_archive(backup).await?;
-            let mut counts = std::collections::BTreeMap::new();
-            for ns in summary.namespaces {
-                *counts
-                    .entry(format!("{}.{}", ns.db, ns.collection))
-                    .or_default() += ns.documents;
-            }
-            Census::Namespaces(counts)
-        }
+        ResourceType::Mongodb => Census::Namespaces(mongodb::census(source_url, backup).await?),
         ResourceType::Redis => {
             let (keys, functions) = redis::count_keys(backup).await?;
             Census::Databases { keys, functions }

@@ -207,26 +207,85 @@ pub(crate) async fn read_archive(backup: &BackupFile) -> Result<ArchiveSummary, 
     reader.finish().map_err(|e| invalid(&e))
 }
 
-/// The number mongorestore reports in its last line, `N document(s) restored successfully.`
-pub(crate) fn documents_restored(stderr: &str) -> Option<u64> {
+/// What mongorestore reports in its last line,
+/// `N document(s) restored successfully. M document(s) failed to restore.`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RestoreCounts {
+    pub restored: u64,
+    /// Documents the server rejected (duplicate keys, validators): without `--stopOnError`
+    /// mongorestore goes on and still exits 0.
+    pub failed: u64,
+}
+
+/// The counts of mongorestore's last summary line; `None` when it printed none.
+pub(crate) fn restore_counts(stderr: &str) -> Option<RestoreCounts> {
+    let number_before = |text: &str, at: usize| -> Option<u64> {
+        text[..at]
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
     let at = stderr.rfind(" document(s) restored successfully")?;
-    stderr[..at]
-        .rsplit(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    let restored = number_before(stderr, at)?;
+    let rest = &stderr[at..];
+    let line = rest.split('\n').next().unwrap_or(rest);
+    let failed = match line.find(" document(s) failed to restore") {
+        Some(f) => number_before(line, f)?,
+        None => 0,
+    };
+    Some(RestoreCounts { restored, failed })
+}
+
+/// The first per-document error mongorestore went on through (`continuing through error: …`).
+fn first_rejection(stderr: &str) -> Option<&str> {
+    const MARK: &str = "continuing through error: ";
+    stderr
+        .lines()
+        .find_map(|l| l.find(MARK).map(|i| l[i + MARK.len()..].trim()))
+}
+
+/// The source database of a restore: the database named by the URL of the resource the backup
+/// was taken of. A URL naming none dumped the whole deployment, which no tenant restore is
+/// scoped to: refused (`config`) before anything is touched, and such a backup fails
+/// verification (DESIGN §6, §11).
+fn source_database(source_url: &Secret) -> Result<String, Failure> {
+    let db = mongo_database(source_url)?;
+    if !tenant_database(&db) {
+        return Err(fail(
+            FailureReason::Config,
+            "the backup's mongodb connection URL names no tenant database (it dumped the whole \
+             deployment); such a backup is restored by hand, never into a tenant database",
+        ));
+    }
+    Ok(db)
+}
+
+/// The test restore (DESIGN §11): the whole archive read and its documents counted per
+/// namespace; a backup of a resource whose URL names no database fails `config` (its restore
+/// would be refused).
+pub(crate) async fn census(
+    source_url: &Secret,
+    backup: &BackupFile,
+) -> Result<std::collections::BTreeMap<String, u64>, Failure> {
+    source_database(source_url)?;
+    let summary = read_archive(backup).await?;
+    let mut counts = std::collections::BTreeMap::new();
+    for ns in summary.namespaces {
+        *counts
+            .entry(format!("{}.{}", ns.db, ns.collection))
+            .or_default() += ns.documents;
+    }
+    Ok(counts)
 }
 
 /// Restores the archive into the target's database (renaming it for a clone) and checks that the
 /// documents the archive holds for it were restored: a restore that restores nothing from a
-/// non-empty archive fails.
+/// non-empty archive fails, and one in which the server rejected any document fails
+/// `incomplete` (the target is partly restored; both counts are in the detail).
 pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Result<(), Failure> {
     let target_db = mongo_database(t.url)?;
-    let source_db = match mongo_database(t.source_url)? {
-        // The backup was taken of a whole deployment: its namespaces keep their names.
-        db if db.is_empty() => target_db.clone(),
-        db => db,
-    };
+    let source_db = source_database(t.source_url)?;
     let cmd = restore_command(t.url, &source_db, t.temp)?;
     let summary = read_archive(backup).await?;
     let expected: u64 = summary
@@ -238,11 +297,21 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
     let (finished, _) = process::run_one(t.tools, &cmd, Some(backup.open().await?), 0)
         .await
         .map_err(|e| run_failure(e, classify, "restoring"))?;
-    let restored = documents_restored(&finished.stderr);
-    tracing::info!(source_db = %source_db, target_db = %target_db, expected, restored = ?restored,
+    let counts = restore_counts(&finished.stderr);
+    tracing::info!(source_db = %source_db, target_db = %target_db, expected, counts = ?counts,
         "mongorestore finished");
-    match restored {
-        Some(0) if expected > 0 => Err(fail(
+    match counts {
+        Some(RestoreCounts { restored, failed }) if failed > 0 => Err(fail(
+            FailureReason::Incomplete,
+            format!(
+                "mongorestore rejected {failed} of the documents (it goes on without \
+                 --stopOnError and exits 0): {target_db} is partly restored; \
+                 documents_restored={restored} documents_failed={failed} \
+                 (the archive holds {expected} for {source_db}); first error: {}",
+                first_rejection(&finished.stderr).unwrap_or("(none printed)")
+            ),
+        )),
+        Some(RestoreCounts { restored: 0, .. }) if expected > 0 => Err(fail(
             FailureReason::Dump,
             format!(
                 "mongorestore restored 0 of the archive's {expected} documents for {source_db}: {}",
@@ -266,16 +335,45 @@ mod tests {
 
     #[test]
     fn mongorestore_counts() {
+        let c = |restored, failed| Some(RestoreCounts { restored, failed });
         let tail = "2026-11-22T10:00:00.000+0000\tfinished restoring shop.orders (2000 documents, 0 failures)\n\
                     2026-11-22T10:00:00.000+0000\t2010 document(s) restored successfully. 0 document(s) failed to restore.";
-        assert_eq!(documents_restored(tail), Some(2010));
+        assert_eq!(restore_counts(tail), c(2010, 0));
         assert_eq!(
-            documents_restored(
-                "0 document(s) restored successfully. 5 document(s) failed to restore."
-            ),
-            Some(0)
+            restore_counts("0 document(s) restored successfully. 5 document(s) failed to restore."),
+            c(0, 5)
         );
-        assert_eq!(documents_restored("Failed: connection refused"), None);
+        let rejected = "2026-12-04T10:00:00.000+0000\tcontinuing through error: E11000 duplicate key error collection: shop.orders index: _id_ dup key: { _id: 1 }\n\
+                        2026-12-04T10:00:00.000+0000\tfinished restoring shop.orders (1500 documents, 500 failures)\n\
+                        2026-12-04T10:00:00.000+0000\t1500 document(s) restored successfully. 500 document(s) failed to restore.\n";
+        assert_eq!(restore_counts(rejected), c(1500, 500));
+        assert_eq!(
+            first_rejection(rejected),
+            Some("E11000 duplicate key error collection: shop.orders index: _id_ dup key: { _id: 1 }")
+        );
+        // Older tools print no failure count: none failed.
+        assert_eq!(
+            restore_counts("12 document(s) restored successfully.\n"),
+            c(12, 0)
+        );
+        assert_eq!(restore_counts("Failed: connection refused"), None);
+    }
+
+    #[test]
+    fn a_backup_of_a_whole_deployment_is_no_tenant_restore() {
+        for url in [
+            "mongodb://u:p@h:27017/",
+            "mongodb://h",
+            "mongodb://h/admin?x=1",
+        ] {
+            let e = source_database(&Secret::new(url)).unwrap_err();
+            assert_eq!(e.reason, FailureReason::Config, "{url}");
+            assert!(!e.detail.contains("u:p"), "{}", e.detail);
+        }
+        assert_eq!(
+            source_database(&Secret::new("mongodb://u:p@h/shop?authSource=admin")).unwrap(),
+            "shop"
+        );
     }
 
     #[test]

@@ -95,13 +95,6 @@ pub fn attempt_stem(
     )
 }
 
-/// Each try at recording a result is bounded by a quarter of the lease within these limits (a
-/// connection being re-established after a database restart backs off for up to seconds; a fresh
-/// try starts a fresh connection), and tries are this far apart.
-const RECORD_TRY_MIN: Duration = Duration::from_millis(500);
-const RECORD_TRY_MAX: Duration = Duration::from_secs(10);
-const RECORD_RETRY_PAUSE: Duration = Duration::from_millis(200);
-
 /// How long the clean-up of a dead attempt's storage may take before it is left to the sweeps.
 const DEAD_ATTEMPT_CLEANUP: Duration = Duration::from_secs(120);
 
@@ -413,32 +406,17 @@ impl Backups {
         started: Instant,
         lost: &CancellationToken,
     ) {
-        let per_try = (self.deps.config.lease / 4).clamp(RECORD_TRY_MIN, RECORD_TRY_MAX);
-        let mut tries = 0u32;
-        loop {
-            tries += 1;
-            let (error, transient) =
-                match tokio::time::timeout(per_try, self.finish(job, &attempt, started.elapsed()))
-                    .await
-                {
-                    Ok(Ok(())) => return,
-                    Ok(Err(e)) => (e.to_string(), jobs::transient(&e)),
-                    Err(_) => (format!("no answer within {per_try:?}"), true),
-                };
-            if !transient || lost.is_cancelled() {
-                tracing::error!(backup_id = %job.lease.id, tries, error = %error,
-                    "recording the backup result failed");
-                if let Attempt::Succeeded { key, .. } = &attempt {
-                    self.discard_unrecorded(job, key, per_try).await;
-                }
-                return;
-            }
-            tracing::warn!(backup_id = %job.lease.id, tries, error = %error,
-                "recording the backup result failed; retrying while the lease holds");
-            tokio::select! {
-                _ = tokio::time::sleep(RECORD_RETRY_PAUSE) => {}
-                _ = lost.cancelled() => {}
-            }
+        let recorded = jobs::record(
+            &job.lease,
+            self.deps.config.lease,
+            lost,
+            "recording the backup result",
+            || self.finish(job, &attempt, started.elapsed()),
+        )
+        .await;
+        if let (Err(_), Attempt::Succeeded { key, .. }) = (recorded, &attempt) {
+            self.discard_unrecorded(job, key, jobs::record_try(self.deps.config.lease))
+                .await;
         }
     }
 

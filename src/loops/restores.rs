@@ -50,6 +50,19 @@ enum Attempt {
     LeaseLost,
 }
 
+/// Why an attempt stopped short of success.
+enum Halt {
+    Failed(Failure),
+    /// The lease is not ours (or not known to be): nothing may be written.
+    LeaseLost,
+}
+
+impl From<Failure> for Halt {
+    fn from(f: Failure) -> Self {
+        Halt::Failed(f)
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct Context {
     backup_id: Uuid,
@@ -143,6 +156,9 @@ impl Restores {
         }))
     }
 
+    /// Runs one claimed restore to a recorded result. The lease is renewed until the result is
+    /// recorded, and the recording is retried while the lease holds: a result lost to a database
+    /// blip left the row running until its lease expired, and the rewind ran again (DESIGN §6).
     pub async fn run_job(self: Arc<Self>, job: Job, abort: CancellationToken) {
         let started = Instant::now();
         let timeout = self.deps.config.backup_timeout;
@@ -154,33 +170,46 @@ impl Restores {
             |lost| async move {
                 // Dropping the attempt kills its children (kill_on_drop): psql's open transaction
                 // rolls back; a Redis copy stops and is redone by the retry.
-                match jobs::until_stopped(this.attempt(job_ref), timeout, abort, &lost).await {
-                    Ok(Ok(())) => Attempt::Succeeded,
-                    Ok(Err(f)) => Attempt::Failed(f),
-                    Err(Stopped::TimedOut) => Attempt::Failed(Failure {
-                        reason: FailureReason::Timeout,
-                        detail: format!("restore exceeded BACKUP_TIMEOUT of {timeout:?}"),
-                    }),
-                    Err(Stopped::Aborted) => Attempt::Cancelled,
-                    Err(Stopped::LeaseLost) => Attempt::LeaseLost,
-                }
+                let attempt =
+                    match jobs::until_stopped(this.attempt(job_ref, &lost), timeout, abort, &lost)
+                        .await
+                    {
+                        Ok(Ok(())) => Attempt::Succeeded,
+                        Ok(Err(Halt::Failed(f))) => Attempt::Failed(f),
+                        Ok(Err(Halt::LeaseLost)) => Attempt::LeaseLost,
+                        Err(Stopped::TimedOut) => Attempt::Failed(Failure {
+                            reason: FailureReason::Timeout,
+                            detail: format!("restore exceeded BACKUP_TIMEOUT of {timeout:?}"),
+                        }),
+                        Err(Stopped::Aborted) => Attempt::Cancelled,
+                        Err(Stopped::LeaseLost) => Attempt::LeaseLost,
+                    };
+                // Left unrecorded, the row waits out its lease; if its rewind had begun the
+                // recovery then fails it as an unknown outcome (never re-run).
+                let _ = jobs::record(
+                    &job_ref.lease,
+                    this.deps.config.lease,
+                    &lost,
+                    "recording the restore result",
+                    || this.finish(job_ref, &attempt, started.elapsed()),
+                )
+                .await;
             },
         )
         .await;
-        let attempt = match ran {
-            Ok(attempt) => attempt,
-            Err(panicked) => return jobs::after_panic(self.pool(), &job.lease, &panicked).await,
-        };
-        if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
-            tracing::error!(restore_id = %job.lease.id, error = %e, "recording the restore result failed");
+        if let Err(panicked) = ran {
+            jobs::after_panic(self.pool(), &job.lease, &panicked).await;
         }
     }
 
-    /// Guards, then download + verify, then the engine's rewind.
-    async fn attempt(&self, job: &Job) -> Result<(), Failure> {
-        let config = |detail: String| Failure {
-            reason: FailureReason::Config,
-            detail,
+    /// Guards, then download + verify, then — once the row records that the destructive step
+    /// begins — the engine's rewind.
+    async fn attempt(&self, job: &Job, lost: &CancellationToken) -> Result<(), Halt> {
+        let config = |detail: String| {
+            Halt::Failed(Failure {
+                reason: FailureReason::Config,
+                detail,
+            })
         };
         // Another team's backup is never reachable, whatever the row says.
         if job.backup_team_id != job.team_id {
@@ -253,13 +282,27 @@ impl Restores {
             source_url: &job.backup_connection_url,
             temp: temp.path(),
         };
-        engines::restore(resource_type, &target, &backup).await
+        // At most once per row: from here a lapsed lease means "outcome unknown", not "run it
+        // again". Without the mark written there is no rewind (the row is not ours, or the
+        // database cannot say so): the job stops and the recovery gives the row back.
+        let marked = jobs::record(
+            &job.lease,
+            self.deps.config.lease,
+            lost,
+            "marking the restore's rewind as begun",
+            || jobs::mark_applying(self.pool(), &job.lease),
+        )
+        .await;
+        if marked != Ok(true) {
+            return Err(Halt::LeaseLost);
+        }
+        Ok(engines::restore(resource_type, &target, &backup).await?)
     }
 
     async fn finish(
         &self,
         job: &Job,
-        attempt: Attempt,
+        attempt: &Attempt,
         elapsed: Duration,
     ) -> Result<(), sqlx::Error> {
         let lease = &job.lease;
@@ -281,7 +324,21 @@ impl Restores {
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 0 {
-                    tracing::warn!(restore_id = %lease.id, "lease taken over before the restore was recorded");
+                    // A retry after a commit whose answer was lost finds its own result there
+                    // (the claim token is this attempt's; the recovery never writes succeeded).
+                    let ours: bool = sqlx::query_scalar(
+                        "SELECT EXISTS (SELECT 1 FROM resource_restores
+                                         WHERE id = $1 AND status = 'succeeded' AND claim_token = $2)",
+                    )
+                    .bind(lease.id)
+                    .bind(lease.token)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if ours {
+                        tracing::info!(restore_id = %lease.id, "restore result already recorded by an earlier try");
+                    } else {
+                        tracing::warn!(restore_id = %lease.id, "lease taken over before the restore was recorded");
+                    }
                     return Ok(());
                 }
                 let detail =
@@ -303,8 +360,9 @@ impl Restores {
                     seconds = elapsed.as_secs_f64(), "restore succeeded");
             }
             Attempt::Failed(Failure { reason, detail }) => {
+                let reason = *reason;
                 let detail = crate::secret::redact_known(
-                    &detail,
+                    detail,
                     &[
                         job.connection_url.expose(),
                         job.backup_connection_url.expose(),
@@ -314,12 +372,18 @@ impl Restores {
                 let mut tx = self.pool().begin().await?;
                 let outcome = jobs::record_failure(&mut tx, lease, reason, &detail).await?;
                 if outcome == FailureOutcome::Failed {
-                    let audit_detail = json!({
+                    let mut audit_detail = json!({
                         "resource_type": job.resource_type,
                         "backup_id": job.backup_id,
                         "failure_reason": reason.as_str(),
-                        "error_summary": reason.final_summary(),
+                        "error_summary": reason.restore_summary(true),
                     });
+                    // A partly applied restore says how far it got (the engine's counts).
+                    for field in ["documents_restored", "documents_failed"] {
+                        if let Some(n) = counted(&detail, field) {
+                            audit_detail[field] = json!(n);
+                        }
+                    }
                     audit(
                         &mut *tx,
                         "restore.failed",
@@ -349,6 +413,16 @@ impl Restores {
         }
         Ok(())
     }
+}
+
+/// `<field>=<n>` in an engine's detail text.
+fn counted(detail: &str, field: &str) -> Option<u64> {
+    let at = detail.find(&format!("{field}="))? + field.len() + 1;
+    let digits: String = detail[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
 }
 
 #[async_trait]
@@ -386,11 +460,16 @@ impl jobs::Queue for Restores {
         if due {
             // Expired leases back to pending (or failed after the last attempt), as for backups.
             match jobs::recover_and_audit(self.pool(), JobTable::Restores, "restore.failed").await {
-                Ok(recovered) => self
-                    .deps
-                    .metrics
-                    .restore_stuck_recovered
-                    .inc_by(recovered.len() as u64),
+                Ok(recovered) => {
+                    let m = &self.deps.metrics;
+                    m.restore_stuck_recovered.inc_by(recovered.len() as u64);
+                    for r in recovered.iter().filter(|r| r.outcome_unknown) {
+                        m.restore_outcome_unknown.inc();
+                        let t = ResourceType::parse(&r.resource_type)
+                            .map_or("unsupported", ResourceType::as_str);
+                        m.restore_by_type.with_label_values(&[t, "timeout"]).inc();
+                    }
+                }
                 Err(e) => tracing::error!(error = %e, "stuck-restore recovery failed"),
             }
         }

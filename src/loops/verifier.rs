@@ -56,6 +56,8 @@ pub struct Job {
     pub sha256: Option<String>,
     pub size_bytes: Option<i64>,
     pub key_id: Option<Uuid>,
+    /// The resource's connection, as its restore would use it (MongoDB: the database).
+    pub connection_url: crate::secret::Secret,
 }
 
 #[derive(sqlx::FromRow)]
@@ -67,6 +69,7 @@ struct Context {
     sha256: Option<String>,
     size_bytes: Option<i64>,
     key_id: Option<Uuid>,
+    connection_url: String,
 }
 
 /// How a verification failed: its class, and whether the backup is to blame (it does not
@@ -265,7 +268,7 @@ impl Verifier {
     ) -> Result<Option<Job>, sqlx::Error> {
         let c: Option<Context> = sqlx::query_as(
             "SELECT r.team_id, r.resource_type, b.status AS backup_status, b.object_key, b.sha256,
-                    b.size_bytes, b.key_id
+                    b.size_bytes, b.key_id, r.connection_url
                FROM resource_backups b JOIN resources r ON r.id = b.resource_id
               WHERE b.id = $1",
         )
@@ -297,6 +300,7 @@ impl Verifier {
             sha256: c.sha256,
             size_bytes: c.size_bytes,
             key_id: c.key_id,
+            connection_url: crate::secret::Secret::new(c.connection_url),
         }))
     }
 
@@ -313,7 +317,7 @@ impl Verifier {
             self.deps.config.lease,
             |lost| async move {
                 let work = this.attempt(job_ref, scratch_ref);
-                match jobs::until_stopped(work, timeout, abort, &lost).await {
+                let attempt = match jobs::until_stopped(work, timeout, abort, &lost).await {
                     Ok((Ok(detail), _)) => Attempt::Verified(detail),
                     Ok((Err(f), detail)) => Attempt::Failed(f, detail),
                     Err(Stopped::TimedOut) => Attempt::Failed(
@@ -329,7 +333,17 @@ impl Verifier {
                     ),
                     Err(Stopped::Aborted) => Attempt::Cancelled,
                     Err(Stopped::LeaseLost) => Attempt::LeaseLost,
-                }
+                };
+                // Recorded while the lease is renewed, retried across a database blip: a
+                // verdict lost at the last step cost the whole test restore again.
+                let _ = jobs::record(
+                    &job_ref.lease,
+                    this.deps.config.lease,
+                    &lost,
+                    "recording the verification result",
+                    || this.finish(job_ref, &attempt, started.elapsed()),
+                )
+                .await;
             },
         )
         .await;
@@ -341,12 +355,8 @@ impl Verifier {
                     "dropping the scratch database failed; a later pass drops it");
             }
         }
-        let attempt = match ran {
-            Ok(attempt) => attempt,
-            Err(panicked) => return jobs::after_panic(self.pool(), &job.lease, &panicked).await,
-        };
-        if let Err(e) = self.finish(&job, attempt, started.elapsed()).await {
-            tracing::error!(verification_id = %job.lease.id, error = %e, "recording the verification result failed");
+        if let Err(panicked) = ran {
+            jobs::after_panic(self.pool(), &job.lease, &panicked).await;
         }
     }
 
@@ -374,9 +384,9 @@ impl Verifier {
         started: Instant,
     ) -> Result<(), Failed> {
         let download = |failure: Failure| Failed {
-            // A store that fails to answer is ours; an object that is missing, altered or
-            // undecodable is the backup's.
-            backup_at_fault: failure.reason != FailureReason::Upload,
+            // A store that fails to answer, or a full temporary directory (config), is ours;
+            // an object that is missing, altered or undecodable is the backup's.
+            backup_at_fault: failure.reason == FailureReason::Integrity,
             failure,
             step: "download",
         };
@@ -436,9 +446,13 @@ impl Verifier {
                     source_url: &url,
                     temp: temp.path(),
                 };
-                let result =
-                    engines::test_restore(resource_type, &backup, Some((server, scratch, &target)))
-                        .await;
+                let result = engines::test_restore(
+                    resource_type,
+                    &backup,
+                    Some((server, scratch, &target)),
+                    &job.connection_url,
+                )
+                .await;
                 if let Err(e) = server.drop_database(scratch).await {
                     tracing::warn!(error = %e.detail, "dropping the scratch database failed; retried after the attempt");
                 }
@@ -457,7 +471,7 @@ impl Verifier {
                     }
                 })?
             }
-            _ => engines::test_restore(resource_type, &backup, None)
+            _ => engines::test_restore(resource_type, &backup, None, &job.connection_url)
                 .await
                 .map_err(|failure| Failed {
                     // Reading the file needs nothing but the file.
@@ -477,7 +491,7 @@ impl Verifier {
     async fn finish(
         &self,
         job: &Job,
-        attempt: Attempt,
+        attempt: &Attempt,
         elapsed: Duration,
     ) -> Result<(), sqlx::Error> {
         let lease = &job.lease;
@@ -497,7 +511,7 @@ impl Verifier {
                 .bind(lease.id)
                 .bind(&lease.worker)
                 .bind(lease.attempts)
-                .bind(&detail)
+                .bind(detail)
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 0 {
@@ -525,7 +539,7 @@ impl Verifier {
                 let mut tx = self.pool().begin().await?;
                 let outcome = jobs::record_failure(&mut tx, lease, reason, &internal).await?;
                 if outcome != FailureOutcome::Stale {
-                    let mut detail = detail;
+                    let mut detail = detail.clone();
                     detail["backup_at_fault"] = json!(f.backup_at_fault);
                     sqlx::query("UPDATE backup_verifications SET detail = $2 WHERE id = $1")
                         .bind(lease.id)

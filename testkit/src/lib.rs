@@ -4,10 +4,14 @@
 //! in-memory object store. Every process started here is killed when its handle drops.
 
 pub mod bench;
+mod blackout;
 pub mod jobs;
 mod memory;
+mod rows;
 
+pub use blackout::Blackout;
 pub use memory::MemoryStore;
+pub use rows::{back_up, insert_resource, insert_team, pass_ctx};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -808,5 +812,28 @@ impl PgServer {
         c.execute(format!("CREATE DATABASE \"{name}\"").as_str())
             .await?;
         Ok(self.url(name))
+    }
+
+    /// A tenant as the platform provisions one: a login role (not a superuser) owning database
+    /// `db`; its URL. `setup` (SQL) then runs as that role.
+    pub async fn tenant_database(
+        &self,
+        db: &str,
+        role: &str,
+        password: &str,
+        setup: &str,
+    ) -> Result<String, TestError> {
+        use sqlx::{Connection, Executor};
+        let mut admin = sqlx::PgConnection::connect(&self.url("postgres")).await?;
+        admin
+            .execute(format!("CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'").as_str())
+            .await?;
+        admin
+            .execute(format!("CREATE DATABASE \"{db}\" OWNER \"{role}\"").as_str())
+            .await?;
+        let url = format!("postgres://{role}:{password}@127.0.0.1:{}/{db}", self.port);
+        let mut c = sqlx::PgConnection::connect(&url).await?;
+        c.execute(setup).await?;
+        Ok(url)
     }
 }
