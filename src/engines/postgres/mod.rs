@@ -651,8 +651,9 @@ impl Headers {
     /// The entry psql's `psql:<stdin>:N: ERROR:` line falls in.
     fn at_error(&self, stderr: &str) -> Option<String> {
         let n: u64 = stderr
-            .split("psql:<stdin>:")
-            .nth(1)?
+            .lines()
+            .find(|l| l.contains("ERROR:"))?
+            .strip_prefix("psql:<stdin>:")?
             .split(':')
             .next()?
             .parse()
@@ -1008,7 +1009,7 @@ mod tests {
         // psql's line numbers map back to the entry being restored.
         let h = headers.lock().unwrap();
         let line = RESTORE_PREAMBLE.lines().count() + 12;
-        let err = format!("psql:<stdin>:{line}: ERROR:  permission denied for schema public");
+        let err = format!("psql:<stdin>:3: WARNING:  there is already a transaction in progress\npsql:<stdin>:{line}: ERROR:  permission denied for schema public");
         assert_eq!(h.at_error(&err).as_deref(), Some("TABLE public.t"));
         drop(h);
 
