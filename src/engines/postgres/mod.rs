@@ -1007,11 +1007,10 @@ mod tests {
         );
         assert!(rest.ends_with("\\unrestrict k\n\n"));
         // psql's line numbers map back to the entry being restored.
-        let h = headers.lock().unwrap();
         let line = RESTORE_PREAMBLE.lines().count() + 12;
         let err = format!("psql:<stdin>:3: WARNING:  there is already a transaction in progress\npsql:<stdin>:{line}: ERROR:  permission denied for schema public");
-        assert_eq!(h.at_error(&err).as_deref(), Some("TABLE public.t"));
-        drop(h);
+        let object = headers.lock().unwrap().at_error(&err);
+        assert_eq!(object.as_deref(), Some("TABLE public.t"));
 
         // A script that stops short of its COMMIT is passed on without one, and says so.
         let mut out = Vec::new();

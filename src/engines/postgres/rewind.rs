@@ -884,7 +884,7 @@ mod tests {
             "{after}"
         );
         assert!(
-            after.contains("ALTER SCHEMA \"app\"") == false,
+            !after.contains("ALTER SCHEMA \"app\""),
             "app's schema is the role's own"
         );
         assert_eq!(
@@ -916,7 +916,7 @@ mod tests {
         );
         assert!(p.after.contains("GRANT ALL ON SCHEMA partman TO owner;"));
         assert!(p.after.contains("SET SESSION AUTHORIZATION ro;\nGRANT SELECT ON TABLE app.\"my table\" TO app;\nRESET SESSION AUTHORIZATION;"), "{}", p.after);
-        assert!(p.after.contains("OWNER TO \"postgres\"") == false);
+        assert!(!p.after.contains("OWNER TO \"postgres\""));
     }
 
     #[test]
@@ -1003,7 +1003,7 @@ mod tests {
             "WHERE NOT (\nsrid = 1)"
         );
         assert!(t.exists("my role") && !t.can_act_as("my role") && !t.exists("ghost"));
-        assert_eq!(t.schemas["partman"], true);
+        assert!(t.schemas["partman"]);
         let mut r = RestoreReport::default();
         read_report(
             "backup-worker-report\towner_changed\tTABLE \"a\\tb\": x\\\\y",
