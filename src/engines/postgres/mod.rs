@@ -372,6 +372,9 @@ const SCRIPT_TAIL: usize = 16 * 1024;
 /// The script's only COMMIT, written by `pg_restore --single-transaction` at its end.
 const SCRIPT_COMMIT: &[u8] = b"\nCOMMIT;\n";
 
+/// The longest probe passed as one argument (Linux takes up to 128 KiB per argument).
+const PROBE_ARG_LIMIT: usize = 100 * 1024;
+
 /// The most of pg_restore's `--list` and of the probe's answer we keep in memory.
 const LISTING_LIMIT: usize = 64 * 1024 * 1024;
 
@@ -478,14 +481,16 @@ pub(crate) async fn restore(
         .map(str::to_owned)
         .collect();
     let entries = read_toc(backup).await?;
-    let probe_cmd = psql(&conn, t.url, t.temp)?.args([
-        "--no-align",
-        "--tuples-only",
-        "--field-separator=\x1f",
-        "--file=-",
-    ]);
     let probe = rewind::probe_sql(&rewind::named_roles(&entries));
-    let (_, answer) = process::run_one(t.tools, &probe_cmd, Some(probe.as_bytes()), LISTING_LIMIT)
+    let probe_cmd =
+        psql(&conn, t.url, t.temp)?.args(["--no-align", "--tuples-only", "--field-separator=\x1f"]);
+    // In argv (it holds names, never a secret) unless it is too long for one argument.
+    let (probe_cmd, input) = if probe.len() < PROBE_ARG_LIMIT {
+        (probe_cmd.args(["--command", probe.as_str()]), None)
+    } else {
+        (probe_cmd.args(["--file=-"]), Some(probe.as_bytes()))
+    };
+    let (_, answer) = process::run_one(t.tools, &probe_cmd, input, LISTING_LIMIT)
         .await
         .map_err(|e| run_failure(e, classify, "probing the target database"))?;
     let target = rewind::Target::parse(&String::from_utf8_lossy(&answer));
