@@ -296,7 +296,9 @@ impl Restores {
         if marked != Ok(true) {
             return Err(Halt::LeaseLost);
         }
-        Ok(engines::restore(resource_type, &target, &backup).await?)
+        Ok(engines::restore(resource_type, &target, &backup)
+            .await
+            .map(|_report| ())?)
     }
 
     async fn finish(
