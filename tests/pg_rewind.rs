@@ -471,6 +471,31 @@ async fn a_platform_made_tenant_database_rewinds_with_its_privileges_owners_and_
     .await
     .unwrap();
     assert_eq!(status, "succeeded", "{reason:?} {detail:?}");
+    // What the clone could not take as it was is listed, never silent: in internal_detail and
+    // in the restore.succeeded audit row.
+    let detail = detail.unwrap_or_default();
+    assert!(
+        detail.contains("skipped grant: GRANT SELECT ON TABLE app.\"order lines\" TO tenant_temp")
+            && detail.contains("owner changed: TABLE \"app\".\"audit\""),
+        "{detail}"
+    );
+    let audit: serde_json::Value = sqlx::query_scalar(
+        "SELECT detail FROM audit_log WHERE kind = 'restore.succeeded' AND subject_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        audit["skipped_grants"],
+        serde_json::json!(report.skipped_grants),
+        "{audit}"
+    );
+    assert_eq!(
+        audit["owner_changed"],
+        serde_json::json!(report.owner_changed),
+        "{audit}"
+    );
     let cloned = fingerprint(&pg, "tenant_clone").await;
     for k in want.keys() {
         assert_eq!(cloned[k], want[k], "the clone's {k} is the backup's");
