@@ -39,6 +39,17 @@ ensure_tools() {
   # Restore tests create contrib extensions (citext, pg_trgm, pg_buffercache) as the platform does.
   ls /usr/share/postgresql/*/extension/pg_trgm.control >/dev/null 2>&1 || [ -n "${PG_BINDIR:-}" ] \
     || apt_install postgresql-contrib
+  # ... and PostGIS and pg_partman (tests/pg_rewind.rs), Debian's packages for the installed
+  # server's major version; nothing is built from outside.
+  if [ -z "${PG_BINDIR:-}" ]; then
+    local major
+    major=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$major" ] || die "no Postgres server under /usr/lib/postgresql"
+    ls "/usr/share/postgresql/$major/extension/postgis.control" >/dev/null 2>&1 \
+      || apt_install "postgresql-$major-postgis-3"
+    ls "/usr/share/postgresql/$major/extension/pg_partman.control" >/dev/null 2>&1 \
+      || apt_install "postgresql-$major-partman"
+  fi
 }
 
 # Building: ISA-L (isal-sys) compiles its bundled source with nasm and autotools.

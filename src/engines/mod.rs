@@ -317,16 +317,30 @@ pub struct RestoreTarget<'a> {
     pub temp: &'a Path,
 }
 
+/// What a restore left out of the backup without failing (DESIGN §6, Postgres): grants to roles
+/// missing on the target or made by roles the restoring role cannot act as, and objects it
+/// could not give their owner (they stay owned by the restoring role). For the audit detail
+/// and internal_detail.
+#[derive(Default, Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RestoreReport {
+    pub skipped_grants: Vec<String>,
+    pub owner_changed: Vec<String>,
+}
+
 /// Rewinds the target to the backup with its engine.
 pub async fn restore(
     resource_type: ResourceType,
     target: &RestoreTarget<'_>,
     backup: &BackupFile,
-) -> Result<(), Failure> {
+) -> Result<RestoreReport, Failure> {
     match resource_type {
         ResourceType::Postgres | ResourceType::Vector => postgres::restore(target, backup).await,
-        ResourceType::Mongodb => mongodb::restore(target, backup).await,
-        ResourceType::Redis => redis::restore(target, backup).await,
+        ResourceType::Mongodb => mongodb::restore(target, backup)
+            .await
+            .map(|()| RestoreReport::default()),
+        ResourceType::Redis => redis::restore(target, backup)
+            .await
+            .map(|()| RestoreReport::default()),
     }
 }
 

@@ -506,6 +506,190 @@ fn hex(b: &[u8]) -> String {
         .join(" ")
 }
 
+/// One table-of-contents entry, as the rewind needs it (DESIGN §6): exact names (a listing line
+/// is ambiguous once a name holds a space), the owner, its dependencies, and the SQL of the
+/// entries whose statements the rewind applies itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TocEntry {
+    pub id: i64,
+    pub desc: String,
+    pub tag: String,
+    pub namespace: String,
+    pub owner: String,
+    /// The entry's SQL: kept for ACL and DEFAULT ACL entries only.
+    pub defn: String,
+    /// The DROP statement: kept whole for the kinds whose ALTER … OWNER is spelled from it
+    /// (functions, aggregates, operators …); for the others only whether there is one.
+    pub drop_stmt: String,
+    pub has_drop: bool,
+    pub deps: Vec<i64>,
+}
+
+/// Kinds whose `ALTER … OWNER TO` names the object as its DROP statement does.
+pub const OWNER_FROM_DROP: &[&str] = &[
+    "AGGREGATE",
+    "FUNCTION",
+    "OPERATOR",
+    "OPERATOR CLASS",
+    "OPERATOR FAMILY",
+    "PROCEDURE",
+];
+
+/// Reads the archive's header and table of contents from a blocking reader (the data blocks
+/// after it are not read).
+pub fn read_toc(r: &mut dyn std::io::Read) -> Result<Vec<TocEntry>, PgDumpError> {
+    let mut t = TocReader {
+        r,
+        int_size: 4,
+        buf: Vec::new(),
+        last_len: 0,
+    };
+    let magic = t.bytes(5)?.to_vec();
+    if magic != b"PGDMP" {
+        return Err(err("not a pg_dump custom-format archive"));
+    }
+    let v = t.bytes(3)?.to_vec();
+    let version = (v[0], v[1]);
+    if version < MIN_VERSION || version > MAX_VERSION {
+        return Err(err(format!(
+            "pg_dump archive version {}.{} is not supported",
+            v[0], v[1]
+        )));
+    }
+    let h = t.bytes(3)?.to_vec();
+    let (int_size, off_size) = (h[0] as usize, h[1] as usize);
+    if !(1..=8).contains(&int_size) || !(1..=8).contains(&off_size) || h[2] != 1 {
+        return Err(err("pg_dump archive header is corrupt"));
+    }
+    t.int_size = int_size;
+    if version >= (1, 15) {
+        t.bytes(1)?;
+    } else {
+        t.int()?;
+    }
+    for _ in 0..7 {
+        t.int()?;
+    }
+    for _ in 0..3 {
+        t.string(true)?;
+    }
+    let n = t.int()?;
+    if n < 0 {
+        return Err(err("the table of contents has a negative entry count"));
+    }
+    let mut entries = Vec::new();
+    for _ in 0..n {
+        let id = t.int()?;
+        t.int()?; // hadDumper
+        t.string(false)?; // tableoid
+        t.string(false)?; // oid
+        let tag = t.text()?;
+        let desc = t.text()?;
+        t.int()?; // section
+        let keep_defn = desc == "ACL" || desc == "DEFAULT ACL";
+        let defn = t.string(keep_defn)?.unwrap_or_default();
+        let keep_drop = OWNER_FROM_DROP.contains(&desc.as_str());
+        let drop = t.string(keep_drop)?;
+        let has_drop = t.last_len > 0;
+        let drop_stmt = drop.unwrap_or_default();
+        t.string(false)?; // copyStmt
+        let namespace = t.text()?;
+        t.string(false)?; // tablespace
+        if version >= (1, 14) {
+            t.string(false)?; // tableam
+        }
+        if version >= (1, 16) {
+            t.int()?; // relkind
+        }
+        let owner = t.text()?;
+        t.string(false)?; // withOids
+        let mut deps = Vec::new();
+        while let Some(d) = t.string(true)? {
+            if let Ok(d) = d.trim().parse() {
+                deps.push(d);
+            }
+            if deps.len() > 1_000_000 {
+                return Err(err(
+                    "a table-of-contents entry has an endless dependency list",
+                ));
+            }
+        }
+        t.bytes(1 + off_size)?; // data offset flag and offset
+        entries.push(TocEntry {
+            id,
+            desc,
+            tag,
+            namespace,
+            owner,
+            defn,
+            drop_stmt,
+            has_drop,
+            deps,
+        });
+    }
+    Ok(entries)
+}
+
+struct TocReader<'a> {
+    r: &'a mut dyn std::io::Read,
+    int_size: usize,
+    buf: Vec<u8>,
+    /// The length of the last string read (also when it was skipped).
+    last_len: usize,
+}
+
+impl TocReader<'_> {
+    fn bytes(&mut self, n: usize) -> Result<&[u8], PgDumpError> {
+        self.buf.resize(n, 0);
+        self.r
+            .read_exact(&mut self.buf)
+            .map_err(|e| err(format!("the table of contents is unreadable: {e}")))?;
+        Ok(&self.buf)
+    }
+
+    fn int(&mut self) -> Result<i64, PgDumpError> {
+        let size = self.int_size;
+        let b = self.bytes(1 + size)?;
+        let mut v: i64 = 0;
+        for (i, byte) in b[1..].iter().enumerate().take(8) {
+            v |= i64::from(*byte) << (8 * i);
+        }
+        Ok(if b[0] != 0 { -v } else { v })
+    }
+
+    /// A string, kept or skipped; None for NULL (and for a skipped one).
+    fn string(&mut self, keep: bool) -> Result<Option<String>, PgDumpError> {
+        let len = self.int()?;
+        self.last_len = 0;
+        if len < 0 {
+            return Ok(None);
+        }
+        if len as u64 > MAX_STRING as u64 {
+            return Err(err(format!(
+                "the table of contents has a string of {len} bytes: corrupt"
+            )));
+        }
+        self.last_len = len as usize;
+        if !keep {
+            let copied = std::io::copy(
+                &mut std::io::Read::take(&mut *self.r, len as u64),
+                &mut std::io::sink(),
+            )
+            .map_err(|e| err(format!("the table of contents is unreadable: {e}")))?;
+            if copied != len as u64 {
+                return Err(err("the table of contents is truncated"));
+            }
+            return Ok(None);
+        }
+        let b = self.bytes(len as usize)?;
+        Ok(Some(String::from_utf8_lossy(b).into_owned()))
+    }
+
+    fn text(&mut self) -> Result<String, PgDumpError> {
+        Ok(self.string(true)?.unwrap_or_default())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,6 +717,28 @@ mod tests {
         assert_eq!(whole.blocks, 2);
         for chunk in [1, 7, 4096, 65536] {
             assert_eq!(check(FIXTURE, chunk).unwrap(), whole, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn the_table_of_contents_reads_with_exact_names() {
+        let entries = read_toc(&mut &FIXTURE[..]).unwrap();
+        let tables: Vec<(&str, &str, &str)> = entries
+            .iter()
+            .filter(|e| e.desc == "TABLE")
+            .map(|e| (e.namespace.as_str(), e.tag.as_str(), e.owner.as_str()))
+            .collect();
+        assert_eq!(tables.len(), 2, "{entries:?}");
+        assert!(entries.iter().all(|e| e.id > 0));
+        let data = entries.iter().find(|e| e.desc == "TABLE DATA").unwrap();
+        let table = entries
+            .iter()
+            .find(|e| e.desc == "TABLE" && e.tag == data.tag)
+            .unwrap();
+        assert!(data.deps.contains(&table.id), "{data:?}");
+        assert!(table.has_drop && table.drop_stmt.is_empty());
+        for cut in [3, 20, 100] {
+            assert!(read_toc(&mut &FIXTURE[..cut]).is_err());
         }
     }
 

@@ -15,7 +15,7 @@ use super::{Loop, LoopError, LoopName, PassContext};
 use crate::db::audit;
 use crate::deps::Deps;
 use crate::domain::{FailureReason, ResourceType};
-use crate::engines::{self, Failure, RestoreTarget};
+use crate::engines::{self, Failure, RestoreReport, RestoreTarget};
 use crate::jobs::{self, FailureOutcome, JobTable, Lease, Stopped};
 use crate::restore;
 use crate::secret::Secret;
@@ -44,7 +44,8 @@ pub struct Job {
 }
 
 enum Attempt {
-    Succeeded,
+    /// With what the target could not take as it was (grants, owners), never silent.
+    Succeeded(RestoreReport),
     Failed(Failure),
     Cancelled,
     LeaseLost,
@@ -174,7 +175,7 @@ impl Restores {
                     match jobs::until_stopped(this.attempt(job_ref, &lost), timeout, abort, &lost)
                         .await
                     {
-                        Ok(Ok(())) => Attempt::Succeeded,
+                        Ok(Ok(report)) => Attempt::Succeeded(report),
                         Ok(Err(Halt::Failed(f))) => Attempt::Failed(f),
                         Ok(Err(Halt::LeaseLost)) => Attempt::LeaseLost,
                         Err(Stopped::TimedOut) => Attempt::Failed(Failure {
@@ -204,7 +205,7 @@ impl Restores {
 
     /// Guards, then download + verify, then — once the row records that the destructive step
     /// begins — the engine's rewind.
-    async fn attempt(&self, job: &Job, lost: &CancellationToken) -> Result<(), Halt> {
+    async fn attempt(&self, job: &Job, lost: &CancellationToken) -> Result<RestoreReport, Halt> {
         let config = |detail: String| {
             Halt::Failed(Failure {
                 reason: FailureReason::Config,
@@ -310,17 +311,19 @@ impl Restores {
             ResourceType::parse(&job.resource_type).map_or("unsupported", ResourceType::as_str);
         let m = &self.deps.metrics;
         match attempt {
-            Attempt::Succeeded => {
+            Attempt::Succeeded(report) => {
+                let noted = report_detail(report);
                 let mut tx = self.pool().begin().await?;
                 let done = sqlx::query(
                     "UPDATE resource_restores
                         SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL,
-                            failure_reason = NULL, error_summary = NULL, internal_detail = NULL
+                            failure_reason = NULL, error_summary = NULL, internal_detail = $4
                       WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
                 )
                 .bind(lease.id)
                 .bind(&lease.worker)
                 .bind(lease.attempts)
+                .bind(&noted)
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 0 {
@@ -341,8 +344,12 @@ impl Restores {
                     }
                     return Ok(());
                 }
-                let detail =
-                    json!({ "resource_type": job.resource_type, "backup_id": job.backup_id });
+                let detail = json!({
+                    "resource_type": job.resource_type,
+                    "backup_id": job.backup_id,
+                    "skipped_grants": report.skipped_grants,
+                    "owner_changed": report.owner_changed,
+                });
                 audit(
                     &mut *tx,
                     "restore.succeeded",
@@ -357,7 +364,8 @@ impl Restores {
                     .with_label_values(&[type_label, "ok"])
                     .inc();
                 tracing::info!(restore_id = %lease.id, resource_id = %job.resource_id, backup_id = %job.backup_id,
-                    seconds = elapsed.as_secs_f64(), "restore succeeded");
+                    seconds = elapsed.as_secs_f64(), skipped_grants = report.skipped_grants.len(),
+                    owner_changed = report.owner_changed.len(), "restore succeeded");
             }
             Attempt::Failed(Failure { reason, detail }) => {
                 let reason = *reason;
@@ -413,6 +421,33 @@ impl Restores {
         }
         Ok(())
     }
+}
+
+/// A succeeded restore's internal_detail: what the target could not take as it was (DESIGN §6:
+/// never a failure, never silent), one line each; NULL when it took everything.
+fn report_detail(report: &RestoreReport) -> Option<String> {
+    let mut lines = Vec::new();
+    lines.extend(
+        report
+            .skipped_grants
+            .iter()
+            .map(|l| format!("skipped grant: {l}")),
+    );
+    lines.extend(
+        report
+            .owner_changed
+            .iter()
+            .map(|l| format!("owner changed: {l}")),
+    );
+    if lines.is_empty() {
+        return None;
+    }
+    let text = lines.join("\n");
+    let mut cut: String = text.chars().take(8192).collect();
+    if cut.len() < text.len() {
+        cut.push_str("\n… (the audit row lists them all)");
+    }
+    Some(cut)
 }
 
 /// `<field>=<n>` in an engine's detail text.

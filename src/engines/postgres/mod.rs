@@ -9,15 +9,18 @@
 //! needed extension that is missing and that the role cannot create fails `config` before
 //! anything is touched.
 
-use std::collections::BTreeSet;
+mod rewind;
+
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::pg_archive::TocEntry;
 use super::{
     base_env, credential_file, fail, host_port, percent_decode, pipeline_failure, problem,
-    run_failure, split_url, BackupFile, ConfigProblem, Dump, DumpPlan, Failure, RestoreTarget,
-    ToolCommand,
+    run_failure, split_url, BackupFile, ConfigProblem, Dump, DumpPlan, Failure, RestoreReport,
+    RestoreTarget, ToolCommand,
 };
 use crate::classify::Dialect;
 use crate::domain::FailureReason;
@@ -224,10 +227,16 @@ pub(super) fn dump_command(url: &Secret, temp_dir: &Path) -> Result<Dump, Config
 /// Opens the restore's transaction and clears the database, so objects created after the backup
 /// do not survive the rewind. (pg_restore's own BEGIN then only warns.)
 ///
-/// The platform's role owns its database's objects: `DROP OWNED BY CURRENT_USER` removes exactly
-/// those and leaves extensions a superuser installed. A superuser owns the system catalogs, so
-/// DROP OWNED refuses; for it every large object is unlinked and every user schema dropped
-/// instead, and `public` is recreated with its owner and grants.
+/// The tenant's role: everything owned by a role it acts as ("ours": itself and the roles it
+/// has the privileges of, never the predefined `pg_*`) is dropped — its schemas (not `public`,
+/// not one holding an extension another role installed), its extensions, every other object of
+/// ours found through pg_shdepend (not an extension's member) and its large objects — while
+/// privileges granted to our roles on the platform's objects stay (`DROP OWNED BY` would revoke
+/// them, and only the platform could grant them again). Default privileges of our roles go back
+/// to the built-in ones, and `public`'s privileges to its initial ones (pg_init_privs) when we
+/// act as its owner: the dump's privileges are differences from those. A superuser owns the
+/// system catalogs, so for it every large object is unlinked and every user schema dropped
+/// instead, and `public` is recreated with its owner and initial grants.
 pub(crate) const RESTORE_PREAMBLE: &str = r#"BEGIN;
 SET client_min_messages = warning;
 SET lock_timeout = '30s';
@@ -235,30 +244,117 @@ DO $backup_worker_rewind$
 DECLARE
   s record;
   g record;
+  stmt text;
+  stmts text[];
+  ours oid[];
   public_owner text;
   public_acl aclitem[];
+  kinds CONSTANT jsonb := '{"r": "TABLES", "S": "SEQUENCES", "f": "FUNCTIONS", "T": "TYPES", "n": "SCHEMAS"}';
 BEGIN
   IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
-    DROP OWNED BY CURRENT_USER;
-    RETURN;
-  END IF;
-  PERFORM lo_unlink(oid) FROM pg_largeobject_metadata;
-  FOR s IN SELECT nspname FROM pg_namespace
-            WHERE nspname !~ '^pg_' AND nspname NOT IN ('information_schema', 'public') LOOP
-    EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname);
-  END LOOP;
-  SELECT nspowner::regrole::text, nspacl INTO public_owner, public_acl
-    FROM pg_namespace WHERE nspname = 'public';
-  IF FOUND THEN
-    DROP SCHEMA public CASCADE;
-    CREATE SCHEMA public;
-    EXECUTE format('ALTER SCHEMA public OWNER TO %s', public_owner);
-    FOR g IN SELECT * FROM aclexplode(public_acl) LOOP
-      EXECUTE format('GRANT %s ON SCHEMA public TO %s%s', g.privilege_type,
-        CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END,
-        CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    ours := ARRAY(SELECT oid FROM pg_roles WHERE pg_has_role(oid, 'USAGE') AND rolname !~ '^pg_');
+    FOR s IN SELECT n.nspname FROM pg_namespace n
+              WHERE n.nspname !~ '^pg_' AND n.nspname NOT IN ('public', 'information_schema')
+                AND n.nspowner = ANY (ours)
+                AND NOT EXISTS (SELECT 1 FROM pg_extension e WHERE e.extnamespace = n.oid
+                                   AND e.extowner <> ALL (ours)) LOOP
+      EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname);
     END LOOP;
+    -- (An extension of ours another role's extension needs stays: the dump's CREATE EXTENSION
+    -- IF NOT EXISTS leaves it be.)
+    FOR s IN SELECT e.extname FROM pg_extension e
+              WHERE e.extowner = ANY (ours)
+                AND NOT EXISTS (SELECT 1 FROM pg_depend d JOIN pg_extension f ON f.oid = d.objid
+                                 WHERE d.classid = 'pg_extension'::regclass AND d.refobjid = e.oid
+                                   AND d.refclassid = 'pg_extension'::regclass
+                                   AND f.extowner <> ALL (ours)) LOOP
+      EXECUTE format('DROP EXTENSION IF EXISTS %I CASCADE', s.extname);
+    END LOOP;
+    PERFORM lo_unlink(d.objid) FROM pg_shdepend d
+      WHERE d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+        AND d.classid = 'pg_largeobject'::regclass AND d.deptype = 'o'
+        AND d.refobjid = ANY (ours);
+    -- Listed first, dropped after: a drop cascades to objects further down the list.
+    SELECT coalesce(array_agg(format('DROP %s IF EXISTS %s CASCADE',
+             CASE i.type WHEN 'composite type' THEN 'TYPE' WHEN 'statistics object' THEN 'STATISTICS'
+                         WHEN 'foreign-data wrapper' THEN 'FOREIGN DATA WRAPPER' ELSE upper(i.type) END,
+             i.identity)
+             ORDER BY CASE WHEN d.classid = 'pg_class'::regclass THEN 0 ELSE 1 END, d.objid), '{}')
+      INTO stmts
+      FROM pg_shdepend d, LATERAL pg_identify_object(d.classid, d.objid, d.objsubid) i
+     WHERE d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND d.deptype = 'o' AND d.refobjid = ANY (ours)
+       AND i.type NOT IN ('schema', 'extension', 'large object', 'default acl', 'database',
+                          'event trigger', 'subscription', 'role', 'tablespace')
+       AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = d.classid AND x.objid = d.objid
+                          AND x.deptype = 'e');
+    FOREACH stmt IN ARRAY stmts LOOP
+      EXECUTE stmt;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM pg_namespace n JOIN pg_init_privs p ON p.objoid = n.oid
+                 AND p.classoid = 'pg_namespace'::regclass AND p.objsubid = 0
+                WHERE n.nspname = 'public' AND pg_has_role(n.nspowner, 'USAGE')) THEN
+      FOR g IN SELECT a.* FROM pg_namespace n, aclexplode(n.nspacl) a WHERE n.nspname = 'public' LOOP
+        EXECUTE format('REVOKE %s ON SCHEMA public FROM %s CASCADE', g.privilege_type,
+          CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+      END LOOP;
+      FOR g IN SELECT a.* FROM pg_init_privs p, aclexplode(p.initprivs) a
+                WHERE p.objoid = 'public'::regnamespace AND p.classoid = 'pg_namespace'::regclass
+                  AND p.objsubid = 0 LOOP
+        EXECUTE format('GRANT %s ON SCHEMA public TO %s%s', g.privilege_type,
+          CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END,
+          CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+      END LOOP;
+    END IF;
+  ELSE
+    PERFORM lo_unlink(oid) FROM pg_largeobject_metadata;
+    FOR s IN SELECT nspname FROM pg_namespace
+              WHERE nspname !~ '^pg_' AND nspname NOT IN ('information_schema', 'public') LOOP
+      EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname);
+    END LOOP;
+    SELECT n.nspowner::regrole::text, coalesce(p.initprivs, n.nspacl) INTO public_owner, public_acl
+      FROM pg_namespace n LEFT JOIN pg_init_privs p ON p.objoid = n.oid
+       AND p.classoid = 'pg_namespace'::regclass AND p.objsubid = 0
+     WHERE n.nspname = 'public';
+    IF FOUND THEN
+      DROP SCHEMA public CASCADE;
+      CREATE SCHEMA public;
+      EXECUTE format('ALTER SCHEMA public OWNER TO %s', public_owner);
+      FOR g IN SELECT * FROM aclexplode(public_acl) LOOP
+        EXECUTE format('GRANT %s ON SCHEMA public TO %s%s', g.privilege_type,
+          CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END,
+          CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+      END LOOP;
+    END IF;
   END IF;
+  -- Default privileges of our roles (all roles, for a superuser) back to the built-in ones.
+  SELECT coalesce(array_agg(format('ALTER DEFAULT PRIVILEGES FOR ROLE %s %s REVOKE ALL ON %s FROM %s',
+           d.defaclrole::regrole::text,
+           CASE WHEN d.defaclnamespace = 0 THEN '' ELSE format('IN SCHEMA %I', n.nspname) END,
+           kinds ->> d.defaclobjtype::text,
+           CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END)), '{}')
+    INTO stmts
+    FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace,
+         aclexplode(d.defaclacl) a
+   WHERE pg_has_role(d.defaclrole, 'MEMBER')
+     AND (d.defaclrole NOT IN (SELECT oid FROM pg_roles WHERE rolname ~ '^pg_'));
+  SELECT stmts || coalesce(array_agg(format('ALTER DEFAULT PRIVILEGES FOR ROLE %1$s GRANT ALL ON %2$s TO %1$s',
+           d.defaclrole::regrole::text, kinds ->> d.defaclobjtype::text)), '{}')
+    INTO stmts
+    FROM pg_default_acl d
+   WHERE d.defaclnamespace = 0 AND pg_has_role(d.defaclrole, 'MEMBER')
+     AND (d.defaclrole NOT IN (SELECT oid FROM pg_roles WHERE rolname ~ '^pg_'));
+  SELECT stmts || coalesce(array_agg(format('ALTER DEFAULT PRIVILEGES FOR ROLE %s GRANT %s ON %s TO PUBLIC',
+           d.defaclrole::regrole::text,
+           CASE d.defaclobjtype WHEN 'f' THEN 'EXECUTE' ELSE 'USAGE' END,
+           kinds ->> d.defaclobjtype::text)), '{}')
+    INTO stmts
+    FROM pg_default_acl d
+   WHERE d.defaclnamespace = 0 AND d.defaclobjtype IN ('f', 'T') AND pg_has_role(d.defaclrole, 'MEMBER')
+     AND (d.defaclrole NOT IN (SELECT oid FROM pg_roles WHERE rolname ~ '^pg_'));
+  FOREACH stmt IN ARRAY stmts LOOP
+    EXECUTE stmt;
+  END LOOP;
 END
 $backup_worker_rewind$;
 "#;
@@ -270,150 +366,17 @@ const SCRIPT_LOCK_RESET: &[u8] = b"SET lock_timeout = 0;";
 const SCRIPT_LOCK_OURS: &[u8] = b"SET lock_timeout = '30s';";
 /// The script header (SET lines) is within its first few hundred bytes.
 const SCRIPT_HEADER: usize = 16 * 1024;
+/// The script's end (its COMMIT, a closing comment, psql's `\unrestrict`) is within this many
+/// bytes: held back so the worker's statements go in before that COMMIT.
+const SCRIPT_TAIL: usize = 16 * 1024;
+/// The script's only COMMIT, written by `pg_restore --single-transaction` at its end.
+const SCRIPT_COMMIT: &[u8] = b"\nCOMMIT;\n";
+
+/// The longest probe passed as one argument (Linux takes up to 128 KiB per argument).
+const PROBE_ARG_LIMIT: usize = 100 * 1024;
 
 /// The most of pg_restore's `--list` and of the probe's answer we keep in memory.
 const LISTING_LIMIT: usize = 64 * 1024 * 1024;
-
-/// The dump's table of contents (`pg_restore --list`) and the extensions it creates.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Toc {
-    /// Every line of `pg_restore --list`, in order.
-    lines: Vec<String>,
-    /// Extensions the dump creates.
-    extensions: BTreeSet<String>,
-}
-
-impl Toc {
-    pub(crate) fn parse(listing: &str) -> Self {
-        let mut toc = Toc::default();
-        for line in listing.lines() {
-            if let Some(name) = entry(line).and_then(|e| e.strip_prefix("EXTENSION - ")) {
-                if let Some(name) = name.split_whitespace().next() {
-                    toc.extensions.insert(name.to_owned());
-                }
-            }
-            toc.lines.push(line.to_owned());
-        }
-        toc
-    }
-}
-
-/// The part of a TOC line after `<dump id>; <catalog oid> <object oid> `, or None for comments.
-fn entry(line: &str) -> Option<&str> {
-    let (id, rest) = line.split_once("; ")?;
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let mut parts = rest.splitn(3, ' ');
-    let (_catalog, _oid) = (parts.next()?, parts.next()?);
-    parts.next()
-}
-
-/// What the target database says about extensions, as the restoring role sees it.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Target {
-    superuser: bool,
-    /// Installed extensions, and whether the role owns each.
-    installed: Vec<(String, bool)>,
-    /// Extensions the role could create (available, and trusted or the role is a superuser).
-    creatable: BTreeSet<String>,
-    /// (extension, `schema name`) of every table that belongs to an extension.
-    members: BTreeSet<(String, String)>,
-}
-
-/// One query, answered as `kind<US>a<US>b` lines (US = 0x1f, which no name contains). `trusted`
-/// is read through to_jsonb: the column exists from Postgres 13, and 12 has no trusted extensions.
-const PROBE_SQL: &str = "\
-SELECT 'super', (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)::text, ''
-UNION ALL
-SELECT 'installed', e.extname, (pg_get_userbyid(e.extowner) = current_user)::text FROM pg_extension e
-UNION ALL
-SELECT 'creatable', a.name, '' FROM pg_available_extensions a
-  JOIN pg_available_extension_versions v ON v.name = a.name AND v.version = a.default_version
- WHERE (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-    OR (coalesce((to_jsonb(v) ->> 'trusted')::boolean, false)
-        AND has_database_privilege(current_database(), 'CREATE'))
-UNION ALL
-SELECT 'member', e.extname, n.nspname || ' ' || c.relname FROM pg_depend d
-  JOIN pg_class c ON d.classid = 'pg_class'::regclass AND d.objid = c.oid
-  JOIN pg_namespace n ON n.oid = c.relnamespace
-  JOIN pg_extension e ON d.refclassid = 'pg_extension'::regclass AND d.refobjid = e.oid
- WHERE d.deptype = 'e'";
-
-impl Target {
-    pub(crate) fn parse(answer: &str) -> Self {
-        let mut t = Target::default();
-        for line in answer.lines() {
-            let mut f = line.split('\x1f');
-            let (Some(kind), Some(a), b) = (f.next(), f.next(), f.next().unwrap_or("")) else {
-                continue;
-            };
-            match kind {
-                "super" => t.superuser = a == "true",
-                "installed" => t.installed.push((a.to_owned(), b == "true")),
-                "creatable" => {
-                    t.creatable.insert(a.to_owned());
-                }
-                "member" => {
-                    t.members.insert((a.to_owned(), b.to_owned()));
-                }
-                _ => {}
-            }
-        }
-        t
-    }
-}
-
-/// The use-list for pg_restore: the dump's entries, minus those the role cannot apply and must
-/// not touch. Fails `config` (naming the extension) when the dump needs an extension the target
-/// lacks and the role cannot create.
-pub(crate) fn use_list(toc: &Toc, target: &Target) -> Result<(String, Vec<String>), ConfigProblem> {
-    let mut foreign = BTreeSet::new();
-    for ext in &toc.extensions {
-        match target.installed.iter().find(|(name, _)| name == ext) {
-            Some((_, owned)) if *owned || target.superuser => {}
-            Some(_) => {
-                foreign.insert(ext.as_str());
-            }
-            None if target.creatable.contains(ext) => {}
-            None => {
-                return Err(problem(format!(
-                    "the backup needs the extension {ext:?}, which is not installed in the target \
-                     database and which its role cannot create; install it (as a superuser) and retry"
-                )))
-            }
-        }
-    }
-    let mut skipped = Vec::new();
-    let mut out = String::new();
-    for line in &toc.lines {
-        let skip = entry(line).is_some_and(|e| {
-            let ext_entry = e
-                .strip_prefix("EXTENSION - ")
-                .or_else(|| e.strip_prefix("COMMENT - EXTENSION "))
-                .and_then(|rest| rest.split_whitespace().next())
-                .is_some_and(|name| foreign.contains(name));
-            // Data of a left-alone extension's own (configuration) tables belongs to it.
-            let member_data = ["TABLE DATA ", "SEQUENCE SET "].iter().any(|kind| {
-                e.strip_prefix(kind).is_some_and(|rest| {
-                    let t: Vec<&str> = rest.split(' ').collect();
-                    t.len() >= 2
-                        && target.members.iter().any(|(ext, table)| {
-                            foreign.contains(ext.as_str()) && *table == format!("{} {}", t[0], t[1])
-                        })
-                })
-            });
-            ext_entry || member_data
-        });
-        if skip {
-            skipped.push(line.clone());
-            out.push(';');
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    Ok((out, skipped))
-}
 
 /// psql reading SQL from stdin, stopping at the first error, as the resource's role.
 fn psql(conn: &PgConnection, url: &Secret, temp: &Path) -> Result<ToolCommand, ConfigProblem> {
@@ -428,15 +391,72 @@ fn psql(conn: &PgConnection, url: &Secret, temp: &Path) -> Result<ToolCommand, C
     Ok(cmd)
 }
 
+/// The failure class of the rewind's psql or pg_restore. Beyond libpq's dialect: a statement
+/// the target rejects deterministically — an object it cannot create or drop, a permission the
+/// role lacks — is `conflict` (not retried: the same statement would be rejected again).
+pub fn classify_restore(stderr: &str) -> FailureReason {
+    match classify(stderr) {
+        FailureReason::Dump => {}
+        other => return other,
+    }
+    let lower = stderr.to_ascii_lowercase();
+    const CONFLICT: &[&str] = &[
+        "permission denied",
+        "must be owner",
+        "must be member",
+        "must be able to set role",
+        "must be superuser",
+        "only superuser",
+        "already exists",
+        "cannot drop",
+        "does not exist",
+        "depends on",
+        "duplicate key value",
+    ];
+    let rejected = lower.lines().any(|l| {
+        l.contains("error:") && l.starts_with("psql:") && CONFLICT.iter().any(|p| l.contains(p))
+    });
+    if rejected {
+        FailureReason::Conflict
+    } else {
+        FailureReason::Dump
+    }
+}
+
+/// The archive's table of contents, read from the backup (only its head).
+async fn read_toc(backup: &BackupFile) -> Result<Vec<TocEntry>, Failure> {
+    let backup = backup.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut raw = backup.open_blocking()?;
+        super::pg_archive::read_toc(&mut raw).map_err(|e| {
+            fail(
+                FailureReason::Integrity,
+                format!("reading the backup's table of contents: {e}"),
+            )
+        })
+    })
+    .await
+    .map_err(|e| {
+        fail(
+            FailureReason::Dump,
+            format!("reading the backup's table of contents: {e}"),
+        )
+    })?
+}
+
 /// The atomic rewind. `pg_restore --single-transaction` turns the custom-format dump (stdin) into
 /// a SQL script (stdout) wrapped in one BEGIN … COMMIT (its own flag matters: without it the
 /// script COMMITs around large objects). psql runs our [`RESTORE_PREAMBLE`] — `BEGIN;`,
-/// lock_timeout, a block that clears the database — then that script, whose final COMMIT is the
-/// only one. An error stops psql before it; a pg_restore that dies midway never writes it; either
-/// way the connection closes with the transaction open and Postgres rolls it back, leaving the
-/// database exactly as it was. The two tools are supervised as one unit: whichever fails first,
-/// the other is killed at once.
-pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Result<(), Failure> {
+/// lock_timeout, a block that clears the database — and the plan's own statements before it,
+/// then that script with the plan's privileges and owners inserted before its final COMMIT,
+/// the only one. An error stops psql before it; a pg_restore that dies midway never writes it;
+/// either way the connection closes with the transaction open and Postgres rolls it back,
+/// leaving the database exactly as it was. The two tools are supervised as one unit: whichever
+/// fails first, the other is killed at once.
+pub(crate) async fn restore(
+    t: &RestoreTarget<'_>,
+    backup: &BackupFile,
+) -> Result<RestoreReport, Failure> {
     let conn = parse(t.url)?;
 
     // 1. What the dump holds, and what the target allows — before anything is touched.
@@ -456,25 +476,33 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
             format!("the backup's table of contents lists more than {LISTING_LIMIT} bytes of entries; too large to filter"),
         ));
     }
-    let toc = Toc::parse(&String::from_utf8_lossy(&listing));
-    let probe_cmd = psql(&conn, t.url, t.temp)?.args([
-        "--no-align",
-        "--tuples-only",
-        "--field-separator=\x1f",
-        "--command",
-        PROBE_SQL,
-    ]);
-    let (_, answer) = process::run_one(t.tools, &probe_cmd, None::<&[u8]>, LISTING_LIMIT)
+    let lines: Vec<String> = String::from_utf8_lossy(&listing)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let entries = read_toc(backup).await?;
+    let probe = rewind::probe_sql(&rewind::named_roles(&entries));
+    let probe_cmd =
+        psql(&conn, t.url, t.temp)?.args(["--no-align", "--tuples-only", "--field-separator=\x1f"]);
+    // In argv (it holds names, never a secret) unless it is too long for one argument.
+    let (probe_cmd, input) = if probe.len() < PROBE_ARG_LIMIT {
+        (probe_cmd.args(["--command", probe.as_str()]), None)
+    } else {
+        (probe_cmd.args(["--file=-"]), Some(probe.as_bytes()))
+    };
+    let (_, answer) = process::run_one(t.tools, &probe_cmd, input, LISTING_LIMIT)
         .await
         .map_err(|e| run_failure(e, classify, "probing the target database"))?;
-    let target = Target::parse(&String::from_utf8_lossy(&answer));
-    let (list, skipped) = use_list(&toc, &target)?;
-    if !skipped.is_empty() {
-        tracing::info!(entries = ?skipped, "restore leaves entries owned by another role as they are");
+    let target = rewind::Target::parse(&String::from_utf8_lossy(&answer));
+    let plan =
+        rewind::plan(&lines, &entries, &target).map_err(|r| fail(FailureReason::Config, r.0))?;
+    if !plan.skipped.is_empty() {
+        tracing::info!(entries = ?plan.skipped, "restore leaves the platform's objects as they are");
     }
-    let list_file = credential_file(t.temp, "use-list-", &list)?;
+    let list_file = credential_file(t.temp, "use-list-", &plan.use_list)?;
 
-    // 2. The rewind: pg_restore | (preamble + script) | psql, one transaction.
+    // 2. The rewind: pg_restore | (preamble + script + privileges and owners) | psql, one
+    // transaction.
     let mut list_arg = std::ffi::OsString::from("--use-list=");
     list_arg.push(list_file.path());
     let pgr_cmd = ToolCommand::new("pg_restore", base_env(t.temp)).args([
@@ -490,6 +518,11 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
     let mut psql = spawn(t.tools, &psql_cmd, true)?;
     let (pgr_in, pgr_out) = (pgr.stdin.take(), pgr.stdout.take());
     let (psql_in, psql_out) = (psql.stdin.take(), psql.stdout.take());
+    let headers = std::sync::Arc::new(std::sync::Mutex::new(Headers::default()));
+    let relay_headers = headers.clone();
+    let (before, after) = (plan.before, plan.after);
+    let committed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let committed_flag = committed.clone();
     let io = async move {
         let feed = async {
             match pgr_in {
@@ -504,38 +537,51 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
         };
         let relay = async {
             match (pgr_out, psql_in) {
-                (Some(r), Some(w)) => relay_script(r, w).await,
+                (Some(r), Some(w)) => relay_script(r, w, &before, &after, &relay_headers)
+                    .await
+                    .map(|committed| committed_flag.store(committed, Ordering::SeqCst)),
                 _ => Ok(()),
             }
         };
         let drain = async {
             match psql_out {
-                Some(out) => process::capture(out, 0).await.map(drop),
-                None => Ok(()),
+                Some(out) => read_reports(out).await,
+                None => Ok(RestoreReport::default()),
             }
         };
         let (a, b, c) = tokio::join!(feed, relay, drain);
         // A failure of our own beats a broken pipe, which a tool's exit explains better.
-        let results = [a, b, c];
         let mut pipe = None;
-        for r in results {
+        for r in [a, b, c.as_ref().map(drop).map_err(clone_io)] {
             match r {
                 Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e),
                 Err(e) => pipe = Some(e),
                 Ok(()) => {}
             }
         }
-        pipe.map_or(Ok(()), Err)
+        match pipe {
+            Some(e) => Err(e),
+            None => c,
+        }
     };
-    let finished = match supervise(vec![pgr, psql], io).await {
-        Ok((finished, ())) => finished,
+    let (finished, dynamic) = match supervise(vec![pgr, psql], io).await {
+        Ok(done) => done,
         Err(e) => {
-            let mut f = pipeline_failure(e, classify, "restoring");
+            let mut f = pipeline_failure(e, classify_restore, "restoring");
+            if let Some(object) = headers.lock().ok().and_then(|h| h.at_error(&f.detail)) {
+                f.detail.push_str(&format!(" (in {object})"));
+            }
             f.detail.push_str(" (transaction rolled back)");
             return Err(f);
         }
     };
     drop(list_file);
+    if !committed.load(Ordering::SeqCst) {
+        return Err(fail(
+            FailureReason::Dump,
+            "restoring: pg_restore's script ended without its COMMIT (transaction rolled back)",
+        ));
+    }
     if finished
         .iter()
         .any(|f| f.stderr.contains("there is no transaction in progress"))
@@ -545,7 +591,93 @@ pub(crate) async fn restore(t: &RestoreTarget<'_>, backup: &BackupFile) -> Resul
             "restore script committed more than once",
         ));
     }
-    Ok(())
+    let mut report = plan.report;
+    report.owner_changed.extend(dynamic.owner_changed);
+    report.skipped_grants.extend(dynamic.skipped_grants);
+    if report != RestoreReport::default() {
+        tracing::info!(
+            ?report,
+            "restore left out grants or owners the target cannot take"
+        );
+    }
+    Ok(report)
+}
+
+fn clone_io(e: &std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), e.to_string())
+}
+
+/// The rewind's report lines on psql's stdout; everything else there (the script's SELECTs) is
+/// read and dropped.
+async fn read_reports<R: tokio::io::AsyncRead + Unpin>(out: R) -> std::io::Result<RestoreReport> {
+    use tokio::io::AsyncBufReadExt;
+    let mut report = RestoreReport::default();
+    let mut reader = tokio::io::BufReader::new(out);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(report);
+        }
+        if line.starts_with(rewind::REPORT_MARK.as_bytes()) && report.owner_changed.len() < 100_000
+        {
+            let text = String::from_utf8_lossy(&line);
+            rewind::read_report(text.trim_end_matches('\n'), &mut report);
+        }
+    }
+}
+
+/// Where each entry's statements begin in the script psql reads (`-- Name: …` comments, by line
+/// number), so a failure names the object being restored.
+#[derive(Debug, Default)]
+struct Headers {
+    lines: u64,
+    at: Vec<(u64, String)>,
+}
+
+impl Headers {
+    fn scan(&mut self, bytes: &[u8]) {
+        for line in bytes.split_inclusive(|b| *b == b'\n') {
+            if let Some(rest) = line
+                .strip_prefix(b"-- Name: ")
+                .or_else(|| line.strip_prefix(b"-- Data for Name: "))
+            {
+                if self.at.len() < 10_000_000 {
+                    let text = String::from_utf8_lossy(rest);
+                    self.at.push((self.lines + 1, text.trim_end().to_owned()));
+                }
+            }
+            if line.ends_with(b"\n") {
+                self.lines += 1;
+            }
+        }
+    }
+
+    /// The entry psql's `psql:<stdin>:N: ERROR:` line falls in.
+    fn at_error(&self, stderr: &str) -> Option<String> {
+        let n: u64 = stderr
+            .lines()
+            .find(|l| l.contains("ERROR:"))?
+            .strip_prefix("psql:<stdin>:")?
+            .split(':')
+            .next()?
+            .parse()
+            .ok()?;
+        let i = self.at.partition_point(|(line, _)| *line <= n);
+        let (_, name) = self.at.get(i.checked_sub(1)?)?;
+        // "x; Type: TABLE; Schema: s; Owner: o" → "TABLE s.x"
+        let mut parts = name.split("; ");
+        let object = parts.next()?;
+        let kind = parts.next()?.strip_prefix("Type: ")?;
+        let schema = parts
+            .next()
+            .and_then(|s| s.strip_prefix("Schema: "))
+            .filter(|s| *s != "-");
+        Some(match schema {
+            Some(s) => format!("{kind} {s}.{object}"),
+            None => format!("{kind} {object}"),
+        })
+    }
 }
 
 /// Where a postgres URL points: host (lowercased; a socket directory or none is "local"), port
@@ -772,16 +904,31 @@ impl ScratchServer {
     }
 }
 
-/// pg_restore's script into psql: our preamble first, then the script with its lock_timeout
-/// reset replaced by ours, then EOF.
-async fn relay_script<R, W>(mut from: R, mut to: W) -> std::io::Result<()>
+/// pg_restore's script into psql: our preamble and `before` first, then the script with its
+/// lock_timeout reset replaced by ours, with `after` inserted before its final COMMIT, then EOF.
+/// Header comments are noted in `headers` as they pass. Returns whether the COMMIT came (a
+/// pg_restore that dies midway never writes it; psql then reaches EOF inside the transaction).
+async fn relay_script<R, W>(
+    mut from: R,
+    mut to: W,
+    before: &str,
+    after: &str,
+    headers: &std::sync::Mutex<Headers>,
+) -> std::io::Result<bool>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    to.write_all(RESTORE_PREAMBLE.as_bytes()).await?;
+    let note = |bytes: &[u8]| {
+        if let Ok(mut h) = headers.lock() {
+            h.scan(bytes);
+        }
+    };
+    let start = format!("{RESTORE_PREAMBLE}{before}");
+    note(start.as_bytes());
+    to.write_all(start.as_bytes()).await?;
     let mut head = Vec::with_capacity(SCRIPT_HEADER);
-    let mut buf = vec![0u8; SCRIPT_HEADER];
+    let mut buf = vec![0u8; 64 * 1024];
     while head.len() < SCRIPT_HEADER {
         let n = from.read(&mut buf[..SCRIPT_HEADER - head.len()]).await?;
         if n == 0 {
@@ -798,132 +945,102 @@ where
             SCRIPT_LOCK_OURS.iter().copied(),
         );
     }
-    to.write_all(&head).await?;
-    process::pump(from, to).await.map(drop)
+    // Everything but the last SCRIPT_TAIL bytes goes through as it comes; the tail is held back.
+    let mut held = head;
+    loop {
+        if held.len() > SCRIPT_TAIL {
+            let cut = held.len() - SCRIPT_TAIL;
+            // Whole lines, so header comments are noted whole.
+            let cut = held[..cut]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            if cut > 0 {
+                note(&held[..cut]);
+                to.write_all(&held[..cut]).await?;
+                held.drain(..cut);
+            }
+        }
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        held.extend_from_slice(&buf[..n]);
+    }
+    let Some(at) = held
+        .windows(SCRIPT_COMMIT.len())
+        .rposition(|w| w == SCRIPT_COMMIT)
+    else {
+        // pg_restore died before its end, or wrote no COMMIT: psql must not commit either.
+        note(&held);
+        to.write_all(&held).await?;
+        to.shutdown().await?;
+        return Ok(false);
+    };
+    let (script, end) = held.split_at(at + 1);
+    note(script);
+    to.write_all(script).await?;
+    note(after.as_bytes());
+    to.write_all(after.as_bytes()).await?;
+    to.write_all(end).await?;
+    to.shutdown().await?;
+    Ok(true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// `pg_restore --list` of a tenant database with superuser-created extensions (Postgres 15).
-    const LISTING: &str = "\
-;
-; Archive created at 2026-11-22 10:00:00 UTC
-;     dbname: tenant
-;
-; Selected TOC Entries:
-;
-2; 3079 16385 EXTENSION - citext 
-3390; 0 0 COMMENT - EXTENSION citext 
-3; 3079 16480 EXTENSION - pg_trgm 
-3391; 0 0 COMMENT - EXTENSION pg_trgm 
-4; 3079 16600 EXTENSION - postgis 
-215; 1259 16570 TABLE public notes app
-3383; 0 16570 TABLE DATA public notes app
-3384; 0 16700 TABLE DATA public spatial_ref_sys postgres
-3240; 2606 16576 CONSTRAINT public notes notes_pkey app
-3241; 1259 16578 INDEX public notes_body_trgm app
-";
-
-    fn target(super_: bool, installed: &[(&str, bool)], creatable: &[&str]) -> Target {
-        Target {
-            superuser: super_,
-            installed: installed.iter().map(|(n, o)| ((*n).into(), *o)).collect(),
-            creatable: creatable.iter().map(|n| (*n).into()).collect(),
-            members: [("postgis".to_owned(), "public spatial_ref_sys".to_owned())].into(),
-        }
-    }
-
-    fn commented(list: &str) -> Vec<&str> {
-        list.lines()
-            .filter_map(|l| l.strip_prefix(';'))
-            .filter(|l| l.contains(' '))
-            .filter(|l| !l.starts_with(' ') && !l.is_empty())
-            .collect()
-    }
-
-    #[test]
-    fn the_tenant_role_skips_extensions_it_does_not_own() {
-        let toc = Toc::parse(LISTING);
-        assert_eq!(
-            toc.extensions
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-            ["citext", "pg_trgm", "postgis"]
-        );
-        let t = target(
-            false,
-            &[("citext", false), ("pg_trgm", true), ("postgis", false)],
-            &[],
-        );
-        let (list, skipped) = use_list(&toc, &t).unwrap();
-        assert_eq!(
-            commented(&list),
-            [
-                "2; 3079 16385 EXTENSION - citext ",
-                "3390; 0 0 COMMENT - EXTENSION citext ",
-                "4; 3079 16600 EXTENSION - postgis ",
-                "3384; 0 16700 TABLE DATA public spatial_ref_sys postgres",
-            ],
-            "the role's own extension (pg_trgm) and everything it owns are kept"
-        );
-        assert_eq!(skipped.len(), 4);
-        assert_eq!(list.lines().count(), LISTING.lines().count(), "order kept");
-    }
-
-    #[test]
-    fn a_superuser_keeps_everything() {
-        let toc = Toc::parse(LISTING);
-        let t = target(
-            true,
-            &[("citext", false), ("pg_trgm", false), ("postgis", false)],
-            &[],
-        );
-        let (list, skipped) = use_list(&toc, &t).unwrap();
-        assert!(skipped.is_empty(), "{skipped:?}");
-        assert_eq!(list, format!("{LISTING}"));
-    }
-
-    #[test]
-    fn a_missing_extension_is_created_when_trusted_else_refused_by_name() {
-        let toc = Toc::parse(LISTING);
-        let ok = target(false, &[("postgis", false)], &["citext", "pg_trgm"]);
-        assert!(use_list(&toc, &ok).is_ok());
-        let refused = target(false, &[("citext", false)], &["citext", "pg_trgm"]);
-        let err = use_list(&toc, &refused).unwrap_err();
-        assert!(err.0.contains("\"postgis\""), "{err}");
-    }
-
-    #[test]
-    fn probe_answers_parse() {
-        let t = Target::parse(
-            "super\x1ffalse\x1f\ninstalled\x1fplpgsql\x1ffalse\ninstalled\x1fcitext\x1ftrue\n\
-             creatable\x1fhstore\x1f\nmember\x1fpostgis\x1fpublic spatial_ref_sys\n",
-        );
-        assert!(!t.superuser);
-        assert_eq!(
-            t.installed,
-            [("plpgsql".to_owned(), false), ("citext".to_owned(), true)]
-        );
-        assert!(t.creatable.contains("hstore"));
-        assert!(t
-            .members
-            .contains(&("postgis".to_owned(), "public spatial_ref_sys".to_owned())));
-    }
-
     #[tokio::test]
-    async fn the_script_keeps_our_lock_timeout() {
-        let script = b"--\n-- PostgreSQL database dump\n--\nSET statement_timeout = 0;\nSET lock_timeout = 0;\nSET idle_in_transaction_session_timeout = 0;\nBEGIN;\nCREATE TABLE t (x int);\nCOMMIT;\n";
+    async fn the_script_keeps_our_lock_timeout_and_takes_our_statements_before_its_commit() {
+        let script = b"--\n-- PostgreSQL database dump\n--\n\\restrict k\nSET statement_timeout = 0;\nSET lock_timeout = 0;\nSET idle_in_transaction_session_timeout = 0;\nBEGIN;\n--\n-- Name: t; Type: TABLE; Schema: public; Owner: app\n--\nCREATE TABLE t (x int);\nCOPY t FROM stdin;\nCOMMIT;\n\\.\n\nCOMMIT;\n\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict k\n\n";
+        let headers = std::sync::Mutex::new(Headers::default());
         let mut out = Vec::new();
-        relay_script(&script[..], &mut out).await.unwrap();
+        let committed = relay_script(&script[..], &mut out, "-- before\n", "GRANT x;\n", &headers)
+            .await
+            .unwrap();
+        assert!(committed);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with(RESTORE_PREAMBLE));
         let rest = &text[RESTORE_PREAMBLE.len()..];
+        assert!(rest.starts_with("-- before\n--\n-- PostgreSQL"), "{rest}");
         assert!(!rest.contains("SET lock_timeout = 0;"), "{rest}");
         assert!(rest.contains("SET lock_timeout = '30s';\nSET idle_in_transaction"));
-        assert!(rest.ends_with("COMMIT;\n"));
+        assert!(
+            rest.contains("\\.\n\nGRANT x;\nCOMMIT;\n\n--\n-- PostgreSQL database dump complete"),
+            "ours before the last COMMIT only: {rest}"
+        );
+        assert!(rest.ends_with("\\unrestrict k\n\n"));
+        // psql's line numbers map back to the entry being restored.
+        let line = RESTORE_PREAMBLE.lines().count() + 12;
+        let err = format!("psql:<stdin>:3: WARNING:  there is already a transaction in progress\npsql:<stdin>:{line}: ERROR:  permission denied for schema public");
+        let object = headers.lock().unwrap().at_error(&err);
+        assert_eq!(object.as_deref(), Some("TABLE public.t"));
+
+        // A script that stops short of its COMMIT is passed on without one, and says so.
+        let mut out = Vec::new();
+        let cut = &script[..script.len() - 80];
+        assert!(!relay_script(cut, &mut out, "", "GRANT x;\n", &headers)
+            .await
+            .unwrap());
+        assert!(!String::from_utf8(out).unwrap().contains("GRANT x;"));
+    }
+
+    #[test]
+    fn restore_failures_the_target_rejects_are_conflicts() {
+        use FailureReason::*;
+        for (stderr, want) in [
+            ("psql:<stdin>:40: ERROR:  schema \"partman\" already exists", Conflict),
+            ("psql:<stdin>:41: ERROR:  permission denied for schema public", Conflict),
+            ("psql:<stdin>:42: ERROR:  must be owner of extension vector", Conflict),
+            ("psql:<stdin>:43: ERROR:  role \"auditor\" does not exist", Conflict),
+            ("psql:<stdin>:12: ERROR:  canceling statement due to lock timeout", Unreachable),
+            ("psql: error: connection to server at \"db\" failed: FATAL:  password authentication failed for user \"app\"", Auth),
+            ("pg_restore: error: could not read from input file: end of file", Dump),
+            ("psql:<stdin>:44: ERROR:  invalid input syntax for type integer: \"x\"", Dump),
+        ] {
+            assert_eq!(classify_restore(stderr), want, "{stderr}");
+        }
     }
 
     fn env_of(cmd: &ToolCommand, k: &str) -> Option<String> {
