@@ -33,6 +33,7 @@ pub const ENV_VARS: &[&str] = &[
     "VERIFY_EVERY",
     "VERIFY_CONCURRENCY",
     "VERIFY_DATABASE_URL",
+    "VERIFY_REDIS_URL",
     "ENCRYPTION_KEY_FILE",
 ];
 
@@ -85,6 +86,9 @@ pub struct Config {
     pub verify_concurrency: usize,
     /// Where Postgres test restores create their scratch databases; `None`: integrity only.
     pub verify_database_url: Option<Secret>,
+    /// The scratch Redis that Redis test restores RESTORE into; `None`: Redis backups are cut, not
+    /// RESTOREd.
+    pub verify_redis_url: Option<Secret>,
     /// The master key (ENCRYPTION_KEY_FILE); `None`: backups are stored unencrypted.
     pub master_key: Option<std::sync::Arc<crate::crypto::MasterKey>>,
 }
@@ -188,6 +192,11 @@ impl Config {
             }
         }
 
+        let verify_redis_url = get("VERIFY_REDIS_URL").map(Secret::new);
+        if let Some(url) = &verify_redis_url {
+            crate::engines::ScratchRedis::new(url).map_err(|p| bad("VERIFY_REDIS_URL", p.0))?;
+        }
+
         let master_key = get("ENCRYPTION_KEY_FILE")
             .map(|path| {
                 crate::crypto::MasterKey::load(std::path::Path::new(&path))
@@ -221,6 +230,7 @@ impl Config {
             verify_every: duration_in(&get, "VERIFY_EVERY", 7 * 24 * 3600, 1, 365 * 24 * 3600)?,
             verify_concurrency: int_in(&get, "VERIFY_CONCURRENCY", 1, 1, 16)? as usize,
             verify_database_url: verify_database_url.map(Secret::new),
+            verify_redis_url,
             master_key,
         })
     }
@@ -364,6 +374,7 @@ mod tests {
         assert_eq!(c.verify_every, Duration::from_secs(7 * 86400));
         assert_eq!(c.verify_concurrency, 1);
         assert!(c.verify_database_url.is_none());
+        assert!(c.verify_redis_url.is_none());
         assert_eq!(c.shutdown_abort_window, Duration::from_secs(10));
     }
 
@@ -384,6 +395,9 @@ mod tests {
             ("VERIFY_INTERVAL", "0"),
             ("VERIFY_CONCURRENCY", "17"),
             ("VERIFY_DATABASE_URL", "mysql://root@x/db"),
+            ("VERIFY_REDIS_URL", "postgres://x/db"),
+            ("VERIFY_REDIS_URL", "redis://scratch:6379/3"),
+            ("VERIFY_REDIS_URL", "redis://a:1,b:2"),
             ("METRICS_ADDR", "9090"),
             ("LOG_FORMAT", "xml"),
             ("STORAGE_URL", "ftp://x"),
@@ -413,6 +427,15 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"));
         let c = cfg(&[("DATABASE_URL", "postgres://u:hunter2@x/db")]).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn verify_redis_url_is_a_secret() {
+        let c = cfg(&[("VERIFY_REDIS_URL", "rediss://verify:hunter2@scratch:6380")]).unwrap();
+        assert!(c.verify_redis_url.is_some());
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let err = cfg(&[("VERIFY_REDIS_URL", "redis://:hunter2@scratch/1")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]

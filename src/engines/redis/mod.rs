@@ -16,6 +16,7 @@
 //! `--user`, `--tls` for rediss://.
 //!
 //! Files: `dump.rs` (both dump modes), `restore.rs` (the rewind and the verifier's census),
+//! `verify.rs` (the verifier's test restore into the scratch server of `VERIFY_REDIS_URL`),
 //! `classify.rs` (the error dialect of redis-cli and of the worker's own client), `check.rs` (the
 //! stored stream's structural check and the diskless EOF mark), `rdb/` (the RDB check, reader and
 //! writer). This file: URL parsing and connections.
@@ -25,6 +26,7 @@ mod classify;
 mod dump;
 pub(crate) mod rdb;
 mod restore;
+mod verify;
 
 use super::{host_port, percent_decode, problem, split_url, ConfigProblem, Failure, ToolCommand};
 use crate::secret::Secret;
@@ -35,6 +37,7 @@ use classify::redis_failure;
 pub(super) use dump::prepare_dump;
 pub use dump::KeyspaceDump;
 pub(crate) use restore::{count_keys, restore};
+pub use verify::{DbCount, ScratchRedis, ScratchReport};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RedisConnection {

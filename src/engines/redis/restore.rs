@@ -33,12 +33,12 @@ const SCAN_COUNT: usize = 500;
 /// network, the batch being built included. A key larger than the whole budget takes all of it.
 const QUEUE_BYTES: usize = 8 * 1024 * 1024;
 /// Bytes of RESTORE commands sent per pipelined batch (and a cap on keys per batch).
-const BATCH_BYTES: usize = 4 * 1024 * 1024;
-const BATCH_KEYS: usize = 1000;
+pub(super) const BATCH_BYTES: usize = 4 * 1024 * 1024;
+pub(super) const BATCH_KEYS: usize = 1000;
 /// What a queued key costs besides its bytes (the entry, the channel slot, the command's args).
 const ENTRY_OVERHEAD: usize = 64;
 /// Redis' default `proto-max-bulk-len`, assumed when the target will not say.
-const DEFAULT_PROTO_MAX_BULK_LEN: u64 = 512 * 1024 * 1024;
+pub(super) const DEFAULT_PROTO_MAX_BULK_LEN: u64 = 512 * 1024 * 1024;
 /// The AUX field the worker's keyspace-mode writer puts in the header ([`super::rdb::RdbWriter`]).
 const MODE_AUX: &[u8] = b"backup-worker-mode";
 
@@ -394,7 +394,7 @@ async fn send(
 }
 
 /// A cut item on its way to the network, holding its share of the byte budget.
-enum Item {
+pub(super) enum Item {
     Key(Entry, OwnedSemaphorePermit),
     Function(Vec<u8>, OwnedSemaphorePermit),
 }
@@ -406,6 +406,75 @@ fn reserve(budget: &Arc<Semaphore>, bytes: usize) -> Option<OwnedSemaphorePermit
     futures::executor::block_on(budget.clone().acquire_many_owned(n)).ok()
 }
 
+/// The RDB read as a stream on a blocking thread, every key cut out and queued within the byte
+/// budget ([`QUEUE_BYTES`]): the restore's and the scratch verification's common source.
+pub(super) struct CutKeys {
+    budget: Arc<Semaphore>,
+    pub(super) rx: mpsc::UnboundedReceiver<Result<Item, Failure>>,
+    reader: tokio::task::JoinHandle<Result<(), ()>>,
+}
+
+impl CutKeys {
+    pub(super) fn start(backup: &BackupFile) -> Self {
+        let budget = Arc::new(Semaphore::new(QUEUE_BYTES));
+        // The budget bounds the bytes; the channel needs no bound of its own.
+        let (tx, rx) = mpsc::unbounded_channel::<Result<Item, Failure>>();
+        let backup = backup.clone();
+        let reader_budget = budget.clone();
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut reader = match open_rdb(&backup) {
+                Ok(r) => r,
+                Err(f) => return tx.send(Err(f)).map_err(drop),
+            };
+            loop {
+                let item = match reader.next_item() {
+                    Ok(Some(RdbItem::Key(e))) => {
+                        let cost = e.key.len() + e.payload.len() + ENTRY_OVERHEAD;
+                        let Some(permit) = reserve(&reader_budget, cost) else {
+                            return Err(());
+                        };
+                        Item::Key(e, permit)
+                    }
+                    Ok(Some(RdbItem::Function { payload })) => {
+                        let Some(permit) = reserve(&reader_budget, payload.len() + ENTRY_OVERHEAD)
+                        else {
+                            return Err(());
+                        };
+                        Item::Function(payload, permit)
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Ok(()),
+                    Err(e) => return tx.send(Err(rdb_failure(e))).map_err(drop),
+                };
+                // The receiver gone means the consumer stopped: stop reading.
+                tx.send(Ok(item)).map_err(drop)?;
+            }
+        });
+        Self { budget, rx, reader }
+    }
+
+    /// Stops the read early (the consumer failed): a reader waiting for room is released, so it
+    /// ends.
+    pub(super) fn stop(self) {
+        self.budget.close();
+    }
+
+    /// Ends the read with the consumer's result: stopped early (a failure), a reader waiting for
+    /// room is released so it ends.
+    pub(super) async fn finish<T>(self, result: Result<T, Failure>) -> Result<T, Failure> {
+        self.budget.close();
+        drop(self.rx);
+        let value = result?;
+        match self.reader.await {
+            Ok(_) => Ok(value),
+            Err(e) => Err(fail(
+                FailureReason::Dump,
+                format!("reading the backup stopped: {e}"),
+            )),
+        }
+    }
+}
+
 /// Streams the RDB a second time (a blocking reader feeding the byte budget) and RESTOREs every
 /// key of a mapped database, in batches bounded in bytes.
 async fn stream_keys(
@@ -414,52 +483,9 @@ async fn stream_keys(
     mapping: &BTreeMap<u64, i64>,
     functions: bool,
 ) -> Result<(), Failure> {
-    let budget = Arc::new(Semaphore::new(QUEUE_BYTES));
-    // The budget bounds the bytes; the channel needs no bound of its own.
-    let (tx, mut rx) = mpsc::unbounded_channel::<Result<Item, Failure>>();
-    let backup = backup.clone();
-    let reader_budget = budget.clone();
-    let reader = tokio::task::spawn_blocking(move || {
-        let mut reader = match open_rdb(&backup) {
-            Ok(r) => r,
-            Err(f) => return tx.send(Err(f)).map_err(drop),
-        };
-        loop {
-            let item = match reader.next_item() {
-                Ok(Some(RdbItem::Key(e))) => {
-                    let cost = e.key.len() + e.payload.len() + ENTRY_OVERHEAD;
-                    let Some(permit) = reserve(&reader_budget, cost) else {
-                        return Err(());
-                    };
-                    Item::Key(e, permit)
-                }
-                Ok(Some(RdbItem::Function { payload })) => {
-                    let Some(permit) = reserve(&reader_budget, payload.len() + ENTRY_OVERHEAD)
-                    else {
-                        return Err(());
-                    };
-                    Item::Function(payload, permit)
-                }
-                Ok(Some(_)) => continue,
-                Ok(None) => return Ok(()),
-                Err(e) => return tx.send(Err(rdb_failure(e))).map_err(drop),
-            };
-            // The receiver gone means the restore stopped: stop reading.
-            tx.send(Ok(item)).map_err(drop)?;
-        }
-    });
-    let result = restore_items(target, mapping, functions, &mut rx).await;
-    // Stopped early (a failure): release a reader waiting for room, so it ends.
-    budget.close();
-    drop(rx);
-    result?;
-    match reader.await {
-        Ok(_) => Ok(()),
-        Err(e) => Err(fail(
-            FailureReason::Dump,
-            format!("reading the backup stopped: {e}"),
-        )),
-    }
+    let mut cut = CutKeys::start(backup);
+    let result = restore_items(target, mapping, functions, &mut cut.rx).await;
+    cut.finish(result).await
 }
 
 async fn restore_items(

@@ -82,10 +82,19 @@ impl RdbCheck {
         let seen = self.total.min(9) as usize;
         let version = parse_header(&self.header[..seen])?;
         if version < 5 {
-            return Err(format_err(format!(
-                "RDB version {version} predates the checksum trailer (Redis < 2.6): its \
-                 completeness cannot be verified"
-            )));
+            // RDB < 5 (Redis < 2.6) carries no checksum: the stream ends at the EOF opcode,
+            // which is all there is to check here (DESIGN §11: such files are valid).
+            if self.total < 10 || self.tail[..self.tail_len].last() != Some(&OP_EOF) {
+                return Err(format_err(format!(
+                    "truncated RDB stream: RDB version {version} (no checksum) must end with the \
+                     EOF opcode (0xff) after its 9-byte header; {} bytes do not",
+                    self.total
+                )));
+            }
+            return Ok(RdbCheckSummary {
+                version,
+                total_bytes: self.total,
+            });
         }
         if self.total < 18 {
             return Err(format_err(format!(

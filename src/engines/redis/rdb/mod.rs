@@ -813,7 +813,7 @@ pub fn payload_version(payload: &[u8]) -> Option<u16> {
 }
 
 /// Renders a key for error messages (lossy, at most 64 bytes).
-fn show_key(key: &[u8]) -> String {
+pub(crate) fn show_key(key: &[u8]) -> String {
     let shown = String::from_utf8_lossy(&key[..key.len().min(64)]).into_owned();
     if key.len() > 64 {
         format!("{shown:?}…")

@@ -839,8 +839,8 @@ fn writer_refuses_bad_payloads() {
 }
 
 #[test]
-fn pre_checksum_versions_read_but_fail_the_check() {
-    // RDB < 5 (Redis < 2.6) ends at the EOF opcode: no checksum to read or verify.
+fn pre_checksum_versions_read_and_pass_the_check() {
+    // RDB < 5 (Redis < 2.6) ends at the EOF opcode: no checksum to read or verify (DESIGN §11).
     let mut rdb = b"REDIS0004".to_vec();
     rdb.extend_from_slice(&[OP_SELECTDB, 0, T_STRING, 1, b'k', 1, b'v', OP_EOF]);
     let (v, items) = read_all(rdb.as_slice()).unwrap();
@@ -849,8 +849,15 @@ fn pre_checksum_versions_read_but_fail_the_check() {
         panic!("{items:?}");
     };
     assert_eq!(payload_version(&e.payload), Some(4));
-    let err = check_all(&rdb, 4).unwrap_err();
-    assert!(err.to_string().contains("predates"), "{err}");
+    for chunk in [1, 4, 64] {
+        let s = check_all(&rdb, chunk).unwrap();
+        assert_eq!((s.version, s.total_bytes), (4, rdb.len() as u64));
+    }
+    // Cut short (no EOF opcode at the end), or nothing after the header: still refused.
+    for cut in [&rdb[..rdb.len() - 1], &rdb[..9]] {
+        let err = check_all(cut, 3).unwrap_err();
+        assert!(err.to_string().contains("EOF opcode"), "{err}");
+    }
 }
 
 #[test]
