@@ -187,7 +187,7 @@ async fn every_type_in_several_databases_restores_into_the_scratch_server(pool: 
         .unwrap();
     every_type(&src).await;
     // A key whose expiry passes between the backup and the verification.
-    src.cli(&["SET", "soon", "v", "PX", "2500"]).await.unwrap();
+    src.cli(&["SET", "soon", "v", "PX", "8000"]).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let d = deps(&pool, dir.path(), Some(&scratch.url())).await;
     let team = insert_team(&pool, "pro").await.unwrap();
