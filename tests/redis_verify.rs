@@ -502,3 +502,30 @@ async fn an_rdb_older_than_version_5_has_no_checksum_and_is_valid(pool: PgPool) 
         }
     }
 }
+
+#[sqlx::test]
+async fn a_scratch_server_older_than_the_backup_is_the_environments_fault(pool: PgPool) {
+    // Redis 7.0 payloads (RDB 10) into a Redis 6.2 scratch server (RDB 9): the verifier's to
+    // fix (run a newer scratch server), not the backup's.
+    let src = RedisServer::start(None).await.unwrap();
+    src.populate(10).await.unwrap();
+    let old = RedisServer::start_old(None).await.unwrap();
+    old.cli(&["CONFIG", "SET", "sanitize-dump-payload", "yes"])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = deps(&pool, dir.path(), Some(&old.url())).await;
+    let team = insert_team(&pool, "pro").await.unwrap();
+    let r = insert_resource(&pool, team, "redis", &src.url())
+        .await
+        .unwrap();
+    let b = back_up(&d, r).await.unwrap();
+    let report = verify(&d, b).await;
+    assert_eq!(report.status, "failed", "{report:?}");
+    assert_eq!(report.failure_reason.as_deref(), Some("config"));
+    assert_eq!(report.detail["backup_at_fault"], false, "{}", report.detail);
+    let why = report.internal_detail.as_deref().unwrap();
+    assert!(why.contains("VERIFY_REDIS_URL at least as new"), "{why}");
+    assert_eq!(verify_status(&pool, b).await, None);
+    assert_eq!(keyspace(&old).await, []);
+}
