@@ -529,3 +529,41 @@ async fn a_scratch_server_older_than_the_backup_is_the_environments_fault(pool: 
     assert_eq!(verify_status(&pool, b).await, None);
     assert_eq!(keyspace(&old).await, []);
 }
+
+#[sqlx::test]
+async fn multi_mib_values_restore_within_the_byte_budget(pool: PgPool) {
+    // Incompressible 3 MiB values: a batch under 4 MiB holds budget the reader needs for the
+    // next key, so the batch must go out before the verifier waits for it.
+    let src = RedisServer::start(None).await.unwrap();
+    let scratch = RedisServer::start_with(None, SANITIZE).await.unwrap();
+    let mut c = src.admin(0).await.unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..4 {
+        let value: Vec<u8> = (0..3 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let _: () = redis::cmd("SET")
+            .arg(format!("big{i}"))
+            .arg(value)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = deps(&pool, dir.path(), Some(&scratch.url())).await;
+    let team = insert_team(&pool, "pro").await.unwrap();
+    let r = insert_resource(&pool, team, "redis", &src.url())
+        .await
+        .unwrap();
+    let b = back_up(&d, r).await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), verify(&d, b))
+        .await
+        .expect("the verification finishes");
+    assert_eq!(report.status, "verified", "{report:?}");
+    assert_eq!(report.detail["counted"], serde_json::json!({"0": 4}));
+}

@@ -14,6 +14,8 @@
 //! restore drops it; here it is reported as `expired`). No REPLACE: the slot was flushed, so a
 //! `BUSYKEY` answer is a key the backup holds twice (a keyspace dump whose SCAN returned it twice),
 //! counted as a duplicate. After each database DBSIZE must equal the keys RESTOREd.
+//! Memory is the restore's: the reader's byte budget, batches of at most 4 MiB / 1000 keys, a
+//! batch sent early whenever nothing more is cut (so the reader never waits for room it holds).
 //!
 //! Blame: a payload the server refuses as `Bad data format` (`sanitize-dump-payload yes` walks
 //! every structure; the CRC64 of the stream was already good) is the backup's fault, `integrity`.
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::Value;
+use tokio::sync::mpsc::error::TryRecvError;
 
 use super::classify::client_class;
 use super::restore::{CutKeys, Item, BATCH_BYTES, BATCH_KEYS, DEFAULT_PROTO_MAX_BULK_LEN};
@@ -346,7 +349,22 @@ async fn restore_into(
     let mut segment: Option<Segment> = None;
     let now = now_ms();
     let read = async {
-        while let Some(item) = cut.rx.recv().await {
+        loop {
+            // Nothing cut yet: send what the segment holds before waiting, so the budget its
+            // keys hold is never what the reader waits for.
+            let item = match cut.rx.try_recv() {
+                Ok(item) => item,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    if let Some(s) = segment.as_mut() {
+                        send(&mut c, s).await?;
+                    }
+                    match cut.rx.recv().await {
+                        Some(item) => item,
+                        None => break,
+                    }
+                }
+            };
             // The reader's failures (a file that does not read) are the backup's, as without a
             // scratch server; the scratch server's are judged where they happen.
             let item = item.map_err(|failure| Rejected {
