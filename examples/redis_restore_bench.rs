@@ -14,22 +14,12 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use backup_worker_testkit::bench::status_kib;
 use backup_worker_testkit::RedisServer;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Executor};
 
 type BenchError = Box<dyn std::error::Error + Send + Sync>;
-
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
 
 /// Whether `pid` has a child process named redis-server.
 fn has_redis_child(pid: u32) -> bool {
