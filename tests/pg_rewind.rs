@@ -501,3 +501,285 @@ async fn a_platform_made_tenant_database_rewinds_with_its_privileges_owners_and_
         assert_eq!(cloned[k], want[k], "the clone's {k} is the backup's");
     }
 }
+
+/// Deps whose VERIFY_DATABASE_URL is `verify_url`, over the local store `dir`.
+async fn verifier_deps(pool: &PgPool, dir: &Path, verify_url: &str) -> Deps {
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.to_path_buf()).await.unwrap());
+    test_deps(
+        pool.clone(),
+        store,
+        test_config(&[("VERIFY_DATABASE_URL", verify_url)]).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Exact row counts of the tenant's tables (not the extensions'), read as the superuser: what
+/// the verifier must report.
+async fn row_counts(url: &str) -> BTreeMap<String, i64> {
+    let mut c = PgConnection::connect(url).await.unwrap();
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT n.nspname || '.' || c.relname, format('%I.%I', n.nspname, c.relname)
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                              AND d.objid = c.oid AND d.deptype = 'e')",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    let mut out = BTreeMap::new();
+    for (label, q) in tables {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM ONLY {q}"))
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        out.insert(label, n);
+    }
+    out
+}
+
+/// Scratch databases and roles left on a server.
+async fn scratch_leftovers(pg: &PgServer) -> Vec<String> {
+    let mut c = PgConnection::connect(&pg.url("postgres")).await.unwrap();
+    sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'bw\\_verify\\_%'
+          UNION ALL SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'bw\\_verify\\_%'",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap()
+}
+
+/// A tenant function in a CHECK constraint that tries what only a superuser may: create a
+/// superuser role, run a program on the server. Refused, it says nothing (so the tenant's own
+/// inserts, as its role, work).
+fn sneaky_table(marker: &Path) -> String {
+    format!(
+        r#"
+        CREATE FUNCTION app.sneaky() RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN
+          BEGIN
+            EXECUTE 'CREATE ROLE tenant_escaped SUPERUSER LOGIN';
+          EXCEPTION WHEN insufficient_privilege OR duplicate_object THEN NULL;
+          END;
+          BEGIN
+            EXECUTE format('COPY (SELECT 1) TO PROGRAM %L', 'touch {marker}');
+          EXCEPTION WHEN insufficient_privilege THEN NULL;
+          END;
+          RETURN true;
+        END $$;
+        CREATE TABLE app.guarded (id int PRIMARY KEY, CONSTRAINT "checked by tenant code" CHECK (app.sneaky()));
+        INSERT INTO app.guarded SELECT generate_series(1, 3);
+        "#,
+        marker = marker.display()
+    )
+}
+
+#[sqlx::test]
+async fn the_verifier_replays_the_tenants_restore_as_an_unprivileged_role_twice(pool: PgPool) {
+    let pg = PgServer::start().await.unwrap();
+    // The platform's scratch server is its own: none of the tenant's roles exist there.
+    let scratch = PgServer::start().await.unwrap();
+    let url = platform_database(&pg, "tenant").await;
+    tenant_objects(&pg, "tenant", &url).await;
+    let marker_dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Writable by the server's OS user, so only a refusal keeps the program from running.
+        std::fs::set_permissions(marker_dir.path(), std::fs::Permissions::from_mode(0o777))
+            .unwrap();
+    }
+    let marker = marker_dir.path().join("tenant-code-ran-a-program");
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute(sneaky_table(&marker).as_str())
+        .await
+        .unwrap();
+    let want = row_counts(&pg.url("tenant")).await;
+    assert_eq!(want["app.guarded"], 3);
+    assert_eq!(want["app.order lines"], 100_000);
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = verifier_deps(&pool, dir.path(), &scratch.url("postgres")).await;
+    let team = insert_team(&pool, "pro").await.unwrap();
+    let res = insert_resource(&pool, team, "postgres", &url)
+        .await
+        .unwrap();
+    let backup = back_up(&d, res).await.unwrap();
+
+    backup_worker::loops::verifier::Verifier::new(d.clone())
+        .pass(&pass_ctx())
+        .await
+        .unwrap();
+    let (status, reason, internal, detail): (
+        String,
+        Option<String>,
+        Option<String>,
+        serde_json::Value,
+    ) = sqlx::query_as(
+        "SELECT status, failure_reason, internal_detail, detail FROM backup_verifications
+              WHERE backup_id = $1",
+    )
+    .bind(backup)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "verified", "{reason:?} {internal:?} {detail}");
+    assert_eq!(detail["level"], "restore", "{detail}");
+    let counted: BTreeMap<String, i64> = serde_json::from_value(detail["tables"].clone()).unwrap();
+    assert_eq!(counted, want, "rows per table after the second rewind");
+    let rewinds = detail["rewind_seconds"].as_array().unwrap();
+    assert_eq!(rewinds.len(), 2, "{detail}");
+    assert!(
+        rewinds.iter().all(|s| s.as_f64().unwrap() > 0.0),
+        "{detail}"
+    );
+
+    // The tenant's code ran (its CHECK held every row) with the throwaway role's rights only.
+    let mut su = PgConnection::connect(&scratch.url("postgres"))
+        .await
+        .unwrap();
+    let escaped: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = 'tenant_escaped'")
+            .fetch_one(&mut su)
+            .await
+            .unwrap();
+    assert_eq!(
+        escaped, 0,
+        "tenant code created a role on the scratch server"
+    );
+    assert!(
+        !marker.exists(),
+        "tenant code ran a program on the scratch server"
+    );
+    assert!(scratch_leftovers(&scratch).await.is_empty());
+
+    // What the old verifier did — restore as the superuser into an empty database — runs the
+    // same tenant code with the superuser's rights: the test above can fail.
+    let obj: String = sqlx::query_scalar("SELECT object_key FROM resource_backups WHERE id = $1")
+        .bind(backup)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let old_url = scratch.create_database("old_way").await.unwrap();
+    let out = std::process::Command::new("bash")
+        .args([
+            "-c",
+            "gunzip -c \"$OBJ\" | pg_restore --no-owner --no-privileges -d \"$DST\"",
+        ])
+        .env("OBJ", dir.path().join(&obj))
+        .env("DST", &old_url)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let escaped: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = 'tenant_escaped'")
+            .fetch_one(&mut su)
+            .await
+            .unwrap();
+    assert_eq!(
+        escaped, 1,
+        "as a superuser the tenant's CHECK creates its role: {stderr}"
+    );
+    assert!(
+        marker.exists(),
+        "as a superuser the tenant's CHECK runs its program"
+    );
+}
+
+#[sqlx::test]
+async fn a_backup_the_tenants_own_restore_cannot_apply_fails_verification(pool: PgPool) {
+    let pg = PgServer::start().await.unwrap();
+    let scratch = PgServer::start().await.unwrap();
+    let mut admin = PgConnection::connect(&pg.url("postgres")).await.unwrap();
+    for sql in [
+        "CREATE ROLE shop_owner LOGIN PASSWORD 'shop-pw'",
+        "CREATE DATABASE shop OWNER shop_owner",
+    ] {
+        admin.execute(sql).await.unwrap();
+    }
+    // The platform's schema, which the tenant may use but not create in — and a table in it
+    // the platform made for the tenant and handed over. The tenant's restore drops that table
+    // (it is the tenant's) and cannot create it again.
+    PgConnection::connect(&pg.url("shop"))
+        .await
+        .unwrap()
+        .execute(
+            "CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman;
+             GRANT USAGE ON SCHEMA partman TO shop_owner;
+             GRANT SELECT ON ALL TABLES IN SCHEMA partman TO shop_owner;
+             CREATE TABLE partman.shop_jobs (id int PRIMARY KEY, what text);
+             INSERT INTO partman.shop_jobs VALUES (1, 'nightly');
+             ALTER TABLE partman.shop_jobs OWNER TO shop_owner;",
+        )
+        .await
+        .unwrap();
+    let url = format!("postgres://shop_owner:shop-pw@127.0.0.1:{}/shop", pg.port);
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute("CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders SELECT generate_series(1, 10);")
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = verifier_deps(&pool, dir.path(), &scratch.url("postgres")).await;
+    let team = insert_team(&pool, "pro").await.unwrap();
+    let res = insert_resource(&pool, team, "postgres", &url)
+        .await
+        .unwrap();
+    let backup = back_up(&d, res).await.unwrap();
+
+    // The customer's restore fails, and leaves the database as it was.
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute("INSERT INTO orders VALUES (11)")
+        .await
+        .unwrap();
+    let failure = rewind(dir.path(), &pool, backup, &url).await.unwrap_err();
+    assert_eq!(
+        failure.reason,
+        backup_worker::domain::FailureReason::Conflict,
+        "{}",
+        failure.detail
+    );
+    assert_eq!(row_counts(&pg.url("shop")).await["public.orders"], 11);
+
+    // So does the verification: the backup is at fault, not the scratch server.
+    let report = backup_worker::loops::verifier::Verifier::new(d.clone())
+        .verify_now(backup)
+        .await
+        .unwrap();
+    assert_eq!(report.status, "failed", "{report:?}");
+    assert_eq!(
+        report.failure_reason.as_deref(),
+        Some("conflict"),
+        "{report:?}"
+    );
+    let internal = report.internal_detail.clone().unwrap_or_default();
+    assert!(
+        internal.contains("the first rewind")
+            && internal.contains("permission denied for schema partman")
+            && internal.contains("TABLE partman.shop_jobs"),
+        "{internal}"
+    );
+    assert!(!internal.contains("shop-pw") && !internal.contains(&scratch.password));
+    let verify_status: Option<String> =
+        sqlx::query_scalar("SELECT verify_status FROM resource_backups WHERE id = $1")
+            .bind(backup)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(verify_status.as_deref(), Some("failed"));
+    let fresh: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM resource_backups WHERE resource_id = $1 AND status = 'pending'",
+    )
+    .bind(res)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(fresh, 1, "a fresh backup is enqueued at once");
+    assert!(scratch_leftovers(&scratch).await.is_empty());
+}

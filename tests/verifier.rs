@@ -111,12 +111,17 @@ async fn verifications(pool: &PgPool) -> Vec<Verification> {
     .unwrap()
 }
 
+/// Scratch databases and throwaway roles on the server (`database <name>`, `role <name>`).
 async fn scratch_databases(pg: &PgServer) -> Vec<String> {
     let mut c = PgConnection::connect(&pg.url("postgres")).await.unwrap();
-    sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'bw\\_verify\\_%'")
-        .fetch_all(&mut c)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT 'database ' || datname FROM pg_database WHERE datname LIKE 'bw\\_verify\\_%'
+          UNION ALL SELECT 'role ' || rolname FROM pg_roles WHERE rolname LIKE 'bw\\_verify\\_%'
+          ORDER BY 1",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap()
 }
 
 /// A database owned by a non-superuser role, with contrib extensions the superuser created.
@@ -495,6 +500,7 @@ async fn a_verifier_killed_mid_restore_leaves_its_scratch_database_to_the_next_p
         .env("PATH", path)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     wait_until(
@@ -505,7 +511,24 @@ async fn a_verifier_killed_mid_restore_leaves_its_scratch_database_to_the_next_p
     .await
     .unwrap();
     let left = scratch_databases(&pg).await;
-    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert_eq!(
+        left[0].strip_prefix("database "),
+        left[1].strip_prefix("role "),
+        "the attempt's database and its role: {left:?}"
+    );
+    // The test restore runs as the throwaway role, which has no attribute beyond LOGIN.
+    let mut c = PgConnection::connect(&pg.url("postgres")).await.unwrap();
+    let (login, attributes, owns): (bool, bool, bool) = sqlx::query_as(
+        "SELECT r.rolcanlogin, r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication
+                OR r.rolbypassrls,
+                EXISTS (SELECT 1 FROM pg_database d WHERE d.datname = r.rolname AND d.datdba = r.oid)
+           FROM pg_roles r WHERE r.rolname LIKE 'bw\\_verify\\_%'",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!((login, attributes, owns), (true, false, true));
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     let sleeper: i32 = std::fs::read_to_string(&gate)
@@ -537,7 +560,7 @@ async fn a_verifier_killed_mid_restore_leaves_its_scratch_database_to_the_next_p
     );
     assert!(
         scratch_databases(&pg).await.is_empty(),
-        "the killed attempt's scratch database {left:?} was dropped"
+        "the killed attempt's scratch database and role {left:?} were dropped"
     );
 }
 

@@ -23,7 +23,10 @@ use crate::process::{RunningTool, SpawnError, Tools};
 use crate::secret::Secret;
 
 pub use mongodb::mongo_database;
-pub use postgres::{parse_scratch_name, scratch_name, ScratchServer, SCRATCH_PREFIX};
+pub use postgres::{
+    parse_scratch_name, scratch_name, test_restore as postgres_test_restore, ScratchServer,
+    TestRestore, SCRATCH_PREFIX,
+};
 pub use redis::{DbCount, ScratchRedis, ScratchReport};
 
 /// Why a resource's configuration cannot be used (failure reason `config`). Messages name the
@@ -361,25 +364,18 @@ pub enum Census {
     RedisScratch(ScratchReport),
 }
 
-/// The test restore of a downloaded, verified backup, touching no customer: Redis and MongoDB
-/// backups are read whole; a Postgres backup is rewound into `scratch` (an empty database the
-/// caller created and drops) and its rows counted. `None` when Postgres has no scratch server.
-/// `source_url` is the connection of the resource the backup was taken of, as a restore would
-/// use it: a MongoDB one naming no database fails `config` (its restore would be refused).
+/// The test restore of a downloaded, verified MongoDB or Redis backup, touching no customer:
+/// read whole and counted. `None` for Postgres, whose test restore needs a scratch server
+/// ([`postgres_test_restore`]). `source_url` is the connection of the resource the backup was
+/// taken of, as a restore would use it: a MongoDB one naming no database fails `config` (its
+/// restore would be refused).
 pub async fn test_restore(
     resource_type: ResourceType,
     backup: &BackupFile,
-    scratch: Option<(&postgres::ScratchServer, &str, &RestoreTarget<'_>)>,
     source_url: &Secret,
 ) -> Result<Option<Census>, Failure> {
     Ok(Some(match resource_type {
-        ResourceType::Postgres | ResourceType::Vector => {
-            let Some((server, name, target)) = scratch else {
-                return Ok(None);
-            };
-            postgres::restore(target, backup).await?;
-            Census::Tables(server.count_rows(name).await?)
-        }
+        ResourceType::Postgres | ResourceType::Vector => return Ok(None),
         ResourceType::Mongodb => Census::Namespaces(mongodb::census(source_url, backup).await?),
         ResourceType::Redis => {
             let (keys, functions) = redis::count_keys(backup).await?;

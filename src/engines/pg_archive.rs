@@ -516,7 +516,7 @@ pub struct TocEntry {
     pub tag: String,
     pub namespace: String,
     pub owner: String,
-    /// The entry's SQL: kept for ACL and DEFAULT ACL entries only.
+    /// The entry's SQL: kept for ACL, DEFAULT ACL, EXTENSION and POLICY entries only.
     pub defn: String,
     /// The DROP statement: kept whole for the kinds whose ALTER … OWNER is spelled from it
     /// (functions, aggregates, operators …); for the others only whether there is one.
@@ -586,7 +586,12 @@ pub fn read_toc(r: &mut dyn std::io::Read) -> Result<Vec<TocEntry>, PgDumpError>
         let tag = t.text()?;
         let desc = t.text()?;
         t.int()?; // section
-        let keep_defn = desc == "ACL" || desc == "DEFAULT ACL";
+                  // ACLs are applied statement by statement; an extension's names its schema; a
+                  // policy's names its roles.
+        let keep_defn = matches!(
+            desc.as_str(),
+            "ACL" | "DEFAULT ACL" | "EXTENSION" | "POLICY"
+        );
         let defn = t.string(keep_defn)?.unwrap_or_default();
         let keep_drop = OWNER_FROM_DROP.contains(&desc.as_str());
         let drop = t.string(keep_drop)?;

@@ -21,7 +21,7 @@ use super::{Loop, LoopError, LoopName, PassContext};
 use crate::db::audit;
 use crate::deps::Deps;
 use crate::domain::{FailureReason, ResourceType, SUPPORTED_RESOURCE_TYPES};
-use crate::engines::{self, fail, Census, Failure, RestoreTarget, ScratchServer};
+use crate::engines::{self, fail, Census, Failure, ScratchServer};
 use crate::jobs::{self, FailureOutcome, JobTable, Lease, Stopped};
 use crate::restore;
 
@@ -358,11 +358,11 @@ impl Verifier {
         )
         .await;
         // Whatever happened (a dropped attempt cannot clean up after itself), the scratch
-        // database does not outlive its attempt.
+        // database and its role do not outlive their attempt.
         if let (Some(server), true) = (&self.scratch, is_postgres(&job.resource_type)) {
-            if let Err(e) = server.drop_database(&scratch).await {
+            if let Err(e) = server.drop_scratch(&scratch).await {
                 tracing::warn!(verification_id = %job.lease.id, error = %e.detail,
-                    "dropping the scratch database failed; a later pass drops it");
+                    "dropping the scratch database and role failed; a later pass drops them");
             }
         }
         if let Err(panicked) = ran {
@@ -449,37 +449,42 @@ impl Verifier {
         let restore_started = Instant::now();
         let census = match (resource_type, &self.scratch) {
             (ResourceType::Postgres | ResourceType::Vector, Some(server)) => {
-                let url = server.create(scratch).await.map_err(environment)?;
-                let target = RestoreTarget {
-                    tools: &self.deps.tools,
-                    url: &url,
-                    source_url: &url,
-                    temp: temp.path(),
-                };
-                let result = engines::test_restore(
-                    resource_type,
+                // The throwaway role's password outlives the attempt only by a margin.
+                let valid_for = self.deps.config.backup_timeout + Duration::from_secs(600);
+                let result = engines::postgres_test_restore(
+                    server,
+                    scratch,
+                    &self.deps.tools,
+                    temp.path(),
                     &backup,
-                    Some((server, scratch, &target)),
-                    &job.connection_url,
+                    valid_for,
                 )
                 .await;
-                if let Err(e) = server.drop_database(scratch).await {
-                    tracing::warn!(error = %e.detail, "dropping the scratch database failed; retried after the attempt");
+                if let Err(e) = server.drop_scratch(scratch).await {
+                    tracing::warn!(error = %e.detail, "dropping the scratch database and role failed; retried after the attempt");
                 }
-                result.map_err(|mut failure| {
+                let restored = result.map_err(|mut failure| {
                     // A dump format newer than the scratch server's pg_restore reads is the
                     // verifier's to fix (run a newer Postgres there), not the backup's.
                     if failure.detail.contains("unsupported version") {
                         failure.reason = FailureReason::Config;
                     }
                     Failed {
-                        // pg_restore or psql refusing the dump's contents is the backup's
-                        // fault; a login, a connection, a missing extension or tool is ours.
-                        backup_at_fault: failure.reason == FailureReason::Dump,
+                        // The dump's contents refused, or a statement the tenant's own restore
+                        // would be refused too, is the backup's fault; a login, a connection,
+                        // an extension or tool the scratch server lacks is ours.
+                        backup_at_fault: matches!(
+                            failure.reason,
+                            FailureReason::Dump
+                                | FailureReason::Conflict
+                                | FailureReason::Integrity
+                        ),
                         failure,
                         step: "restore",
                     }
-                })?
+                })?;
+                detail["rewind_seconds"] = json!(restored.rewind_seconds.map(round));
+                Some(Census::Tables(restored.tables))
             }
             // A payload the scratch Redis refuses as corrupt (or a file that does not read) is
             // the backup's fault; the scratch server's trouble is the environment's.
@@ -496,7 +501,7 @@ impl Verifier {
                     step: "restore",
                 })?,
             ),
-            _ => engines::test_restore(resource_type, &backup, None, &job.connection_url)
+            _ => engines::test_restore(resource_type, &backup, &job.connection_url)
                 .await
                 .map_err(|failure| Failed {
                     // Reading the file needs nothing but the file.
@@ -702,7 +707,7 @@ impl Verifier {
         }
     }
 
-    /// Drops scratch databases older than a lease whose attempt is not running any more.
+    /// Drops scratch databases and roles older than a lease whose attempt is not running any more.
     pub async fn drop_leftovers(&self) -> Result<usize, LoopError> {
         let Some(server) = &self.scratch else {
             return Ok(0);
@@ -727,8 +732,8 @@ impl Verifier {
             .fetch_one(self.pool())
             .await?;
             if !live {
-                server.drop_database(&name).await.map_err(|f| f.detail)?;
-                tracing::info!(database = %name, "dropped a scratch database left by an earlier attempt");
+                server.drop_scratch(&name).await.map_err(|f| f.detail)?;
+                tracing::info!(database = %name, "dropped a scratch database and role left by an earlier attempt");
                 dropped += 1;
             }
         }

@@ -10,6 +10,11 @@
 //! anything is touched.
 
 mod rewind;
+mod scratch;
+
+pub use scratch::{
+    parse_scratch_name, scratch_name, test_restore, ScratchServer, TestRestore, SCRATCH_PREFIX,
+};
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -737,171 +742,6 @@ pub(crate) async fn same_database(a: &Secret, b: &Secret) -> bool {
     };
     (both_loopback(&ips_a, &host_a) && both_loopback(&ips_b, &host_b))
         || ips_a.iter().flatten().any(|ip| ips_b.contains(&Some(*ip)))
-}
-
-/// The verifier's scratch databases (DESIGN §11) are named `bw_verify_<verification>_<attempt>_<unix
-/// seconds>`: which attempt owns one and when it was made, so a replica can drop what a crashed
-/// one left behind (and nothing a live attempt still uses).
-pub const SCRATCH_PREFIX: &str = "bw_verify_";
-
-pub fn scratch_name(verification: uuid::Uuid, attempt: i32, created_unix: i64) -> String {
-    format!(
-        "{SCRATCH_PREFIX}{}_{attempt}_{created_unix}",
-        verification.simple()
-    )
-}
-
-/// (verification, attempt, created unix seconds) of a scratch database's name.
-pub fn parse_scratch_name(name: &str) -> Option<(uuid::Uuid, i32, i64)> {
-    let mut parts = name.strip_prefix(SCRATCH_PREFIX)?.split('_');
-    let id = uuid::Uuid::try_parse(parts.next()?).ok()?;
-    let attempt = parts.next()?.parse().ok()?;
-    let created = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some((id, attempt, created))
-}
-
-/// `url` with its database replaced (and any `dbname=` parameter dropped): the scratch
-/// database's URL for psql, credentials kept.
-pub(crate) fn with_database(url: &Secret, database: &str) -> Result<Secret, ConfigProblem> {
-    parse(url)?;
-    let raw = url.expose();
-    let (scheme, rest) = raw
-        .split_once("://")
-        .ok_or_else(|| problem("connection URL has no scheme"))?;
-    let (rest, query) = match rest.split_once('?') {
-        Some((r, q)) => (r, q),
-        None => (rest, ""),
-    };
-    let authority = rest.split('/').next().unwrap_or("");
-    let params: Vec<&str> = query
-        .split('&')
-        .filter(|p| !p.is_empty() && !p.starts_with("dbname="))
-        .collect();
-    let mut out = format!("{scheme}://{authority}/{database}");
-    if !params.is_empty() {
-        out.push('?');
-        out.push_str(&params.join("&"));
-    }
-    Ok(Secret::new(out))
-}
-
-/// A failure talking to the verifier's Postgres: rejected logins are `auth`, anything on the wire
-/// `unreachable`, the rest (a role that may not create databases, …) `config`.
-fn sql_failure(what: &str, e: sqlx::Error) -> Failure {
-    let reason = match &e {
-        sqlx::Error::Database(d) => match d.code().as_deref() {
-            Some("28P01" | "28000") => FailureReason::Auth,
-            Some(c) if c.starts_with("08") || c.starts_with("57P") => FailureReason::Unreachable,
-            _ => FailureReason::Config,
-        },
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => {
-            FailureReason::Unreachable
-        }
-        // Anything else on the verifier's own server is the server's problem, never the
-        // backup's (`dump` is reserved for the tools refusing the backup's contents).
-        _ => FailureReason::Config,
-    };
-    fail(
-        reason,
-        crate::secret::redact_credentials(&format!("{what}: {e}")),
-    )
-}
-
-/// The server scratch databases are made on (`VERIFY_DATABASE_URL`, a role that may CREATE
-/// DATABASE). Connections are opened as they are needed.
-pub struct ScratchServer {
-    url: Secret,
-    options: sqlx::postgres::PgConnectOptions,
-    admin: sqlx::PgPool,
-}
-
-impl ScratchServer {
-    pub fn new(url: &Secret) -> Result<Self, ConfigProblem> {
-        let options: sqlx::postgres::PgConnectOptions = url
-            .expose()
-            .parse()
-            .map_err(|_| problem("VERIFY_DATABASE_URL is not a valid postgres URL"))?;
-        let options = options.application_name("backup-worker verifier");
-        let admin = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(std::time::Duration::from_secs(15))
-            .connect_lazy_with(options.clone());
-        Ok(Self {
-            url: url.clone(),
-            options,
-            admin,
-        })
-    }
-
-    /// Creates an empty database (from template0) and returns its URL.
-    pub async fn create(&self, name: &str) -> Result<Secret, Failure> {
-        sqlx::query(&format!("CREATE DATABASE \"{name}\" TEMPLATE template0"))
-            .execute(&self.admin)
-            .await
-            .map_err(|e| sql_failure("creating the scratch database", e))?;
-        Ok(with_database(&self.url, name)?)
-    }
-
-    /// Drops a scratch database, disconnecting whoever is still in it.
-    pub async fn drop_database(&self, name: &str) -> Result<(), Failure> {
-        let forced = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .execute(&self.admin)
-            .await;
-        match forced {
-            Ok(_) => Ok(()),
-            // Before Postgres 13 there is no FORCE.
-            Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42601") => {
-                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\""))
-                    .execute(&self.admin)
-                    .await
-                    .map(drop)
-                    .map_err(|e| sql_failure("dropping the scratch database", e))
-            }
-            Err(e) => Err(sql_failure("dropping the scratch database", e)),
-        }
-    }
-
-    /// Every scratch database on the server.
-    pub async fn list(&self) -> Result<Vec<String>, Failure> {
-        sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
-            .bind(SCRATCH_PREFIX)
-            .fetch_all(&self.admin)
-            .await
-            .map_err(|e| sql_failure("listing scratch databases", e))
-    }
-
-    /// Exact row counts of every user table (`schema.table`; extension-owned tables left out).
-    pub async fn count_rows(
-        &self,
-        name: &str,
-    ) -> Result<std::collections::BTreeMap<String, i64>, Failure> {
-        use sqlx::Connection as _;
-        let mut conn = sqlx::PgConnection::connect_with(&self.options.clone().database(name))
-            .await
-            .map_err(|e| sql_failure("connecting to the scratch database", e))?;
-        let tables: Vec<(String, String)> = sqlx::query_as(
-            "SELECT n.nspname || '.' || c.relname, format('%I.%I', n.nspname, c.relname)
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
-                AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
-                                   AND d.deptype = 'e')
-              ORDER BY 1",
-        )
-        .fetch_all(&mut conn)
-        .await
-        .map_err(|e| sql_failure("listing the restored tables", e))?;
-        let mut counts = std::collections::BTreeMap::new();
-        for (label, qualified) in tables {
-            let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM ONLY {qualified}"))
-                .fetch_one(&mut conn)
-                .await
-                .map_err(|e| sql_failure(&format!("counting the rows of {label}"), e))?;
-            counts.insert(label, n);
-        }
-        let _ = conn.close().await;
-        Ok(counts)
-    }
 }
 
 /// pg_restore's script into psql: our preamble and `before` first, then the script with its

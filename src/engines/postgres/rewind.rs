@@ -169,6 +169,11 @@ pub(crate) fn named_roles(entries: &[TocEntry]) -> BTreeSet<String> {
         if !e.owner.is_empty() {
             roles.insert(e.owner.clone());
         }
+        if e.desc == "POLICY" {
+            if let Some(p) = Policy::parse(&e.defn) {
+                roles.extend(p.roles.into_iter().filter(|r| r != "public"));
+            }
+        }
         if e.desc == "ACL" || e.desc == "DEFAULT ACL" {
             for s in statements(&e.defn) {
                 match Acl::parse(s) {
@@ -281,6 +286,7 @@ pub(crate) fn plan(
     let mut plan = Plan::default();
     let mut skipped_ids = BTreeSet::new();
     let mut acls: Vec<&TocEntry> = Vec::new();
+    let mut policies: Vec<(&TocEntry, Policy)> = Vec::new();
     let mut restored: Vec<&TocEntry> = Vec::new();
     let mut config_rows = Vec::new();
     for line in lines {
@@ -319,9 +325,17 @@ pub(crate) fn plan(
             }
             _ => false,
         };
+        let policy = (desc == "POLICY")
+            .then(|| Policy::parse(&e.defn))
+            .flatten()
+            .filter(|p| p.roles.iter().any(|r| r != "public" && !target.exists(r)));
         if leave {
             skipped_ids.insert(e.id);
             plan.skipped.push(line.clone());
+            plan.use_list.push(';');
+        } else if let Some(p) = policy {
+            // Made by the worker after the script, without the roles the target lacks.
+            policies.push((e, p));
             plan.use_list.push(';');
         } else if desc == "ACL" || desc == "DEFAULT ACL" {
             // Applied by the worker after the script, statement by statement.
@@ -342,6 +356,9 @@ pub(crate) fn plan(
     }
     plan.after
         .push_str(&format!("SET LOCAL {OWNER_REPORT} = '';\n"));
+    for (e, p) in policies {
+        create_policy(e, &p, target, &mut plan);
+    }
     for e in acls {
         apply_acl(e, target, &mut plan);
     }
@@ -395,6 +412,108 @@ fn assign_owner(e: &TocEntry, target: &Target, plan: &mut Plan) {
         "-- Name: {object}; Type: OWNER\nDO {tag} BEGIN {alter}; EXCEPTION WHEN insufficient_privilege OR feature_not_supported THEN PERFORM set_config({rep}, current_setting({rep}, true) || chr(30) || {note} || SQLERRM, true); END {tag};\n",
         rep = literal(OWNER_REPORT),
     ));
+}
+
+/// A policy whose roles do not all exist on the target: made without the missing ones, which
+/// it could never apply to (so nothing changes for any role that exists), or — when none is
+/// left — left out, since a policy without roles would apply to everyone. Listed either way.
+fn create_policy(e: &TocEntry, p: &Policy, target: &Target, plan: &mut Plan) {
+    let (present, missing): (Vec<&String>, Vec<&String>) = p
+        .roles
+        .iter()
+        .partition(|r| *r == "public" || target.exists(r));
+    // `"name" ON schema."table"` (and its AS/FOR clauses).
+    let what = p.text[..p.roles_at.0 - 4]
+        .strip_prefix("CREATE POLICY ")
+        .unwrap_or(&p.text);
+    for r in &missing {
+        plan.report.skipped_grants.push(format!(
+            "POLICY {what} TO {r}: the role {r} does not exist on the target{}",
+            if present.is_empty() {
+                " (the policy is left out: it applies to no role there)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if present.is_empty() {
+        return;
+    }
+    let roles: Vec<String> = present
+        .iter()
+        .map(|r| {
+            if *r == "public" {
+                "PUBLIC".to_owned()
+            } else {
+                ident(r)
+            }
+        })
+        .collect();
+    plan.after.push_str(&format!(
+        "-- Name: {}; Type: POLICY; Schema: {}\n{}{}{};\n",
+        e.tag.replace('\n', " "),
+        e.namespace,
+        &p.text[..p.roles_at.0],
+        roles.join(", "),
+        p.text[p.roles_at.1..].trim_end().trim_end_matches(';'),
+    ));
+}
+
+/// `CREATE POLICY name ON table [AS …] [FOR …] TO role[, …] [USING (…)] [WITH CHECK (…)];` as
+/// pg_dump writes it: the roles and where their list is.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Policy {
+    text: String,
+    roles_at: (usize, usize),
+    /// Unquoted; `public` (unquoted in the dump) is PUBLIC.
+    roles: Vec<String>,
+}
+
+impl Policy {
+    pub(super) fn parse(defn: &str) -> Option<Policy> {
+        let text = statements(defn).first()?.trim().to_owned();
+        // Byte offsets of what lies outside double quotes (identifiers) and single quotes.
+        let b = text.as_bytes();
+        let mut outside = vec![false; b.len()];
+        let mut quote: Option<u8> = None;
+        for (i, c) in b.iter().enumerate() {
+            match quote {
+                Some(q) if *c == q => quote = None,
+                Some(_) => {}
+                None if *c == b'"' || *c == b'\'' => quote = Some(*c),
+                None => outside[i] = true,
+            }
+        }
+        let find = |pat: &str, from: usize| {
+            (from..b.len().saturating_sub(pat.len() - 1))
+                .find(|&i| outside[i] && b[i..].starts_with(pat.as_bytes()))
+        };
+        let start = find(" TO ", 0)? + 4;
+        let end = [" USING (", " WITH CHECK ("]
+            .iter()
+            .filter_map(|p| find(p, start))
+            .min()
+            .unwrap_or(text.len());
+        let mut roles = Vec::new();
+        let mut from = start;
+        for i in start..=end {
+            if i == end || (outside[i] && b[i] == b',') {
+                let r = text[from..i].trim();
+                let r = match r.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+                    Some(q) => q.replace("\"\"", "\""),
+                    None if r.eq_ignore_ascii_case("public") => "public".to_owned(),
+                    None => r.to_owned(),
+                };
+                roles.push(r);
+                from = i + 1;
+            }
+        }
+        Some(Policy {
+            roles_at: (start, end),
+            roles,
+            text,
+        })
+    }
 }
 
 /// How `ALTER … OWNER TO` names an entry's object (pg_restore's `_getObjectDescription`, with
@@ -509,7 +628,7 @@ fn apply_acl(e: &TocEntry, target: &Target, plan: &mut Plan) {
 
 /// One statement of an ACL entry, as pg_dump writes them.
 #[derive(Debug, PartialEq, Eq)]
-enum Acl {
+pub(super) enum Acl {
     SetAuthorization(String),
     ResetAuthorization,
     /// GRANT … TO / REVOKE … FROM; grantee None for PUBLIC.
@@ -527,7 +646,7 @@ enum Acl {
 }
 
 impl Acl {
-    fn parse(stmt: &str) -> Acl {
+    pub(super) fn parse(stmt: &str) -> Acl {
         let t = tokens(stmt);
         let kw = |i: usize, w: &str| {
             t.get(i)
@@ -584,7 +703,7 @@ impl Acl {
 
 /// Words of a statement: (text, quoted). Quoted identifiers are unescaped; punctuation is left
 /// out (it never holds a role name).
-fn tokens(stmt: &str) -> Vec<(String, bool)> {
+pub(super) fn tokens(stmt: &str) -> Vec<(String, bool)> {
     let mut out = Vec::new();
     let mut chars = stmt.chars().peekable();
     while let Some(c) = chars.next() {
@@ -632,7 +751,7 @@ fn tokens(stmt: &str) -> Vec<(String, bool)> {
 }
 
 /// SQL text split into statements at semicolons outside quotes and comments.
-fn statements(sql: &str) -> Vec<&str> {
+pub(super) fn statements(sql: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let (mut start, mut quote, mut comment) = (0, None::<u8>, false);
     let b = sql.as_bytes();
@@ -840,6 +959,44 @@ mod tests {
             .filter_map(|l| l.strip_prefix(';'))
             .filter_map(line_id)
             .collect()
+    }
+
+    #[test]
+    fn policies_lose_the_roles_the_target_lacks_and_are_left_out_when_none_is_left() {
+        let policy = |id: i64, defn: &str| TocEntry {
+            deps: vec![6],
+            defn: defn.into(),
+            ..entry(id, "POLICY", "app", "my table p", "app")
+        };
+        let (mut lines, mut entries) = fixture();
+        entries.extend([
+            policy(20, "CREATE POLICY \"ro, TO all\" ON app.\"my table\" AS RESTRICTIVE FOR SELECT TO ro, ghost, \"a \"\"b\" USING ((note <> ' TO x, y'::text));\n"),
+            policy(21, "CREATE POLICY gone ON app.\"my table\" TO ghost WITH CHECK (true);\n"),
+            policy(22, "CREATE POLICY fine ON app.\"my table\" TO ro, public USING (true);\n"),
+            policy(23, "CREATE POLICY everyone ON app.\"my table\" USING (true);\n"),
+        ]);
+        lines.extend((20..24).map(|i| format!("{i}; 0 0 POLICY app my table p app")));
+        let roles = named_roles(&entries);
+        assert!(roles.contains("ghost") && roles.contains("a \"b") && !roles.contains("public"));
+        let p = plan(&lines, &entries, &tenant()).unwrap();
+        let out = left_out(&p);
+        assert!(out.contains(&20) && out.contains(&21), "{out:?}");
+        assert!(!out.contains(&22) && !out.contains(&23), "{out:?}");
+        assert!(
+            p.after.contains("CREATE POLICY \"ro, TO all\" ON app.\"my table\" AS RESTRICTIVE FOR SELECT TO \"ro\" USING ((note <> ' TO x, y'::text));\n"),
+            "{}",
+            p.after
+        );
+        assert!(!p.after.contains("CREATE POLICY gone"), "{}", p.after);
+        assert_eq!(
+            p.report.skipped_grants[..4],
+            [
+                "POLICY \"ro, TO all\" ON app.\"my table\" AS RESTRICTIVE FOR SELECT TO ghost: the role ghost does not exist on the target",
+                "POLICY \"ro, TO all\" ON app.\"my table\" AS RESTRICTIVE FOR SELECT TO a \"b: the role a \"b does not exist on the target",
+                "POLICY gone ON app.\"my table\" TO ghost: the role ghost does not exist on the target (the policy is left out: it applies to no role there)",
+                "GRANT SELECT(id) ON TABLE app.\"my table\" TO ghost: the role ghost does not exist on the target",
+            ]
+        );
     }
 
     #[test]
