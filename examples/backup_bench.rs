@@ -547,26 +547,30 @@ async fn restore(b: &Bench, run: &Run, dst_url: &str) -> Result<(), BenchError> 
 }
 
 /// `backup-worker verify` of the file:// backup (download + sha256 + full decode + structural
-/// check, a test restore into a scratch database, exact row counts, drop) against the same
-/// hand-made restore.
+/// check, the test restore — two rewinds as a throwaway role into a scratch database, the second
+/// over the first's result —, exact row counts, drop) against the same hand-made restore.
 async fn verify(b: &Bench, run: &Run) -> Result<(), BenchError> {
     let mut env = store_env(b, run.use_s3, run.store.path());
     env.push(("VERIFY_DATABASE_URL".into(), b.admin_url.clone()));
     let (verify_s, peak_kib, _) =
         run_binary(&["verify", &run.backup.to_string()], &env, &b.worker_url)?;
-    let (download, restore): (Option<f64>, Option<f64>) = sqlx::query_as(
-        "SELECT (detail ->> 'download_seconds')::float8, (detail ->> 'restore_seconds')::float8
-           FROM backup_verifications WHERE backup_id = $1 ORDER BY created_at DESC LIMIT 1",
-    )
-    .bind(run.backup)
-    .fetch_one(&b.wpool)
-    .await?;
+    let (download, restore, first, second): (Option<f64>, Option<f64>, Option<f64>, Option<f64>) =
+        sqlx::query_as(
+            "SELECT (detail ->> 'download_seconds')::float8, (detail ->> 'restore_seconds')::float8,
+                    (detail -> 'rewind_seconds' ->> 0)::float8, (detail -> 'rewind_seconds' ->> 1)::float8
+               FROM backup_verifications WHERE backup_id = $1 ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(run.backup)
+        .fetch_one(&b.wpool)
+        .await?;
     let hand_s = by_hand(b, run).await?;
+    let (first, second) = (first.unwrap_or(0.0), second.unwrap_or(0.0));
     println!(
-        "verify: stored_MB={:.0} verify_s={verify_s:.2} download_check_s={:.2} restore_count_s={:.2} MB_per_s_stored={:.1} peak_rss_MiB={:.1} by_hand_s={hand_s:.2} ratio={:.2}",
+        "verify: stored_MB={:.0} verify_s={verify_s:.2} download_check_s={:.2} restore_count_s={:.2} first_rewind_s={first:.2} second_rewind_s={second:.2} second_over_first={:.2} MB_per_s_stored={:.1} peak_rss_MiB={:.1} by_hand_s={hand_s:.2} ratio={:.2}",
         run.stored as f64 / 1e6,
         download.unwrap_or(0.0),
         restore.unwrap_or(0.0),
+        if first > 0.0 { second / first } else { 0.0 },
         run.stored as f64 / 1e6 / verify_s,
         peak_kib as f64 / 1024.0,
         verify_s / hand_s,

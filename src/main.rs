@@ -23,6 +23,7 @@ Environment (every command but --help reads it):
   STORAGE_URL          where backups are stored: file:///path or s3://bucket/prefix
                        (default file://./var/backups)
   VERIFY_DATABASE_URL  a Postgres server for test restores (optional)
+  VERIFY_REDIS_URL     a scratch Redis for Redis test restores (optional)
   LOG_FORMAT           json (default) or pretty; RUST_LOG filters
 Every variable is listed in README.md (Configuration).";
 

@@ -596,6 +596,27 @@ async fn the_verifier_replays_the_tenants_restore_as_an_unprivileged_role_twice(
         .execute(sneaky_table(&marker).as_str())
         .await
         .unwrap();
+    // A foreign server the tenant made with the platform's postgres_fdw, and a user mapping for
+    // its owner role (missing on the scratch server: left out there, and listed).
+    PgConnection::connect(&pg.url("tenant"))
+        .await
+        .unwrap()
+        .execute(
+            "CREATE EXTENSION postgres_fdw;
+             GRANT USAGE ON FOREIGN DATA WRAPPER postgres_fdw TO tenant_owner;",
+        )
+        .await
+        .unwrap();
+    PgConnection::connect(&url)
+        .await
+        .unwrap()
+        .execute(
+            "CREATE SERVER elsewhere FOREIGN DATA WRAPPER postgres_fdw
+                 OPTIONS (host 'db.invalid', dbname 'reports');
+             CREATE USER MAPPING FOR tenant_owner SERVER elsewhere OPTIONS (user 'reporter');",
+        )
+        .await
+        .unwrap();
     let want = row_counts(&pg.url("tenant")).await;
     assert_eq!(want["app.guarded"], 3);
     assert_eq!(want["app.order lines"], 100_000);

@@ -2,8 +2,10 @@
 //! touching the customer. Each pass enqueues the newest succeeded backup of every resource that
 //! is due (no verification within VERIFY_EVERY, fairest first), then claims rows like the other
 //! queues (`FOR UPDATE SKIP LOCKED` + a lease) and, per row — [`Verifier::attempt`] reads top to
-//! bottom — downloads the object (sha256, full decode, structural check), test-restores it
-//! (Postgres into a scratch database that is always dropped; Redis and MongoDB read whole), and
+//! bottom — downloads the object (sha256, full decode, structural check), test-restores it the
+//! way the customer's restore runs (Postgres: the rewind as a throwaway unprivileged role, twice,
+//! into a scratch database; both always dropped — `engines::postgres_test_restore`; Redis:
+//! every key RESTOREd into a scratch server, or cut out of the RDB; MongoDB read whole), and
 //! records the counts it found. A backup that fails is no longer a good backup: its row says so,
 //! the RPO gauge stops counting it, an audit row is written and a fresh backup is enqueued.
 

@@ -169,6 +169,9 @@ pub(crate) fn named_roles(entries: &[TocEntry]) -> BTreeSet<String> {
         if !e.owner.is_empty() {
             roles.insert(e.owner.clone());
         }
+        if let Some(u) = mapped_user(e) {
+            roles.insert(u);
+        }
         if e.desc == "POLICY" {
             if let Some(p) = Policy::parse(&e.defn) {
                 roles.extend(p.roles.into_iter().filter(|r| r != "public"));
@@ -299,6 +302,17 @@ pub(crate) fn plan(
         let leave = match desc {
             "EXTENSION" => foreign.contains(e.tag.as_str()),
             "SCHEMA" => platform_schema(&e.tag),
+            // A user mapping for a role the target lacks could never be used: listed, left out.
+            "USER MAPPING" => match mapped_user(e).filter(|u| !target.exists(u)) {
+                Some(u) => {
+                    plan.report.skipped_grants.push(format!(
+                        "{}: the role {u} does not exist on the target",
+                        e.tag.replace('\n', " ")
+                    ));
+                    true
+                }
+                None => false,
+            },
             "COMMENT" | "ACL" | "SECURITY LABEL" => {
                 let present: Vec<&i64> = e.deps.iter().filter(|d| by_id.contains_key(d)).collect();
                 if present.is_empty() {
@@ -412,6 +426,22 @@ fn assign_owner(e: &TocEntry, target: &Target, plan: &mut Plan) {
         "-- Name: {object}; Type: OWNER\nDO {tag} BEGIN {alter}; EXCEPTION WHEN insufficient_privilege OR feature_not_supported THEN PERFORM set_config({rep}, current_setting({rep}, true) || chr(30) || {note} || SQLERRM, true); END {tag};\n",
         rep = literal(OWNER_REPORT),
     ));
+}
+
+/// The role of a `USER MAPPING <role> SERVER <server>` entry (pg_dump's tag); None for PUBLIC.
+fn mapped_user(e: &TocEntry) -> Option<String> {
+    if e.desc != "USER MAPPING" {
+        return None;
+    }
+    let (user, _) = e
+        .tag
+        .strip_prefix("USER MAPPING ")?
+        .rsplit_once(" SERVER ")?;
+    let user = match user.strip_prefix('"').and_then(|u| u.strip_suffix('"')) {
+        Some(q) => q.replace("\"\"", "\""),
+        None => user.to_owned(),
+    };
+    (!user.eq_ignore_ascii_case("public")).then_some(user)
 }
 
 /// A policy whose roles do not all exist on the target: made without the missing ones, which
@@ -962,7 +992,7 @@ mod tests {
     }
 
     #[test]
-    fn policies_lose_the_roles_the_target_lacks_and_are_left_out_when_none_is_left() {
+    fn policies_and_user_mappings_lose_the_roles_the_target_lacks() {
         let policy = |id: i64, defn: &str| TocEntry {
             deps: vec![6],
             defn: defn.into(),
@@ -976,6 +1006,18 @@ mod tests {
             policy(23, "CREATE POLICY everyone ON app.\"my table\" USING (true);\n"),
         ]);
         lines.extend((20..24).map(|i| format!("{i}; 0 0 POLICY app my table p app")));
+        for (id, user) in [(30, "ghost"), (31, "ro"), (32, "public")] {
+            entries.push(entry(
+                id,
+                "USER MAPPING",
+                "",
+                &format!("USER MAPPING {user} SERVER remote"),
+                "app",
+            ));
+            lines.push(format!(
+                "{id}; 0 0 USER MAPPING - USER MAPPING {user} SERVER remote app"
+            ));
+        }
         let roles = named_roles(&entries);
         assert!(roles.contains("ghost") && roles.contains("a \"b") && !roles.contains("public"));
         let p = plan(&lines, &entries, &tenant()).unwrap();
@@ -983,18 +1025,31 @@ mod tests {
         assert!(out.contains(&20) && out.contains(&21), "{out:?}");
         assert!(!out.contains(&22) && !out.contains(&23), "{out:?}");
         assert!(
+            out.contains(&30) && !out.contains(&31) && !out.contains(&32),
+            "{out:?}"
+        );
+        assert!(p.report.skipped_grants.contains(
+            &"USER MAPPING ghost SERVER remote: the role ghost does not exist on the target"
+                .to_owned()
+        ));
+        assert!(
             p.after.contains("CREATE POLICY \"ro, TO all\" ON app.\"my table\" AS RESTRICTIVE FOR SELECT TO \"ro\" USING ((note <> ' TO x, y'::text));\n"),
             "{}",
             p.after
         );
         assert!(!p.after.contains("CREATE POLICY gone"), "{}", p.after);
+        let policies: Vec<&String> = p
+            .report
+            .skipped_grants
+            .iter()
+            .filter(|g| g.starts_with("POLICY"))
+            .collect();
         assert_eq!(
-            p.report.skipped_grants[..4],
+            policies,
             [
                 "POLICY \"ro, TO all\" ON app.\"my table\" AS RESTRICTIVE FOR SELECT TO ghost: the role ghost does not exist on the target",
                 "POLICY \"ro, TO all\" ON app.\"my table\" AS RESTRICTIVE FOR SELECT TO a \"b: the role a \"b does not exist on the target",
                 "POLICY gone ON app.\"my table\" TO ghost: the role ghost does not exist on the target (the policy is left out: it applies to no role there)",
-                "GRANT SELECT(id) ON TABLE app.\"my table\" TO ghost: the role ghost does not exist on the target",
             ]
         );
     }
