@@ -186,13 +186,23 @@ pub fn format_verification(r: &crate::loops::verifier::Report) -> String {
         r.backup_id, r.resource_type, r.resource_id
     );
     let mut timing = secs("seconds").unwrap_or_else(|| "-".into());
-    let steps: Vec<String> = [
+    let mut steps: Vec<String> = [
         ("download", "download_seconds"),
         ("restore", "restore_seconds"),
     ]
     .iter()
     .filter_map(|(name, k)| secs(k).map(|s| format!("{name} {s}")))
     .collect();
+    // Postgres: the customer's rewind, twice (into the empty scratch database, then over it).
+    let rewinds: Vec<String> = d["rewind_seconds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_f64().map(|s| format!("{s:.2} s")))
+        .collect();
+    if rewinds.len() == 2 {
+        steps.push(format!("rewinds {}", rewinds.join(" + ")));
+    }
     if !steps.is_empty() {
         let _ = write!(timing, " ({})", steps.join(", "));
     }

@@ -243,6 +243,10 @@ async fn postgres_backup_verifies_with_exact_row_counts_and_leaves_no_scratch_da
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("VERIFIED"), "{stdout}");
     assert!(
+        stdout.contains(", rewinds "),
+        "both rewinds' times: {stdout}"
+    );
+    assert!(
         stdout
             .lines()
             .any(|l| l.contains("public.people") && l.trim_end().ends_with("4321")),
