@@ -69,6 +69,7 @@ pub fn build_loops(deps: &Deps, names: &[LoopName]) -> Vec<Arc<dyn Loop>> {
                 LoopName::Backups => Arc::new(Backups::new(deps.clone())),
                 LoopName::Restores => Arc::new(Restores::new(deps.clone())),
                 LoopName::Verifier => Arc::new(Verifier::new(deps.clone())),
+                LoopName::Copies => Arc::new(crate::loops::copies::Copies::new(deps.clone())),
                 LoopName::Propagations => Arc::new(Propagations::with_options(
                     deps.pool.clone(),
                     deps.plans.clone(),

@@ -35,6 +35,13 @@ pub const ENV_VARS: &[&str] = &[
     "VERIFY_DATABASE_URL",
     "VERIFY_REDIS_URL",
     "ENCRYPTION_KEY_FILE",
+    "COPY_STORAGE_URL",
+    "COPY_S3_ENDPOINT",
+    "COPY_S3_REGION",
+    "COPY_S3_FORCE_PATH_STYLE",
+    "COPY_AWS_ACCESS_KEY_ID",
+    "COPY_AWS_SECRET_ACCESS_KEY",
+    "COPY_AWS_PROFILE",
 ];
 
 pub const DEFAULT_STORAGE_URL: &str = "file://./var/backups";
@@ -91,6 +98,119 @@ pub struct Config {
     pub verify_redis_url: Option<Secret>,
     /// The master key (ENCRYPTION_KEY_FILE); `None`: backups are stored unencrypted.
     pub master_key: Option<std::sync::Arc<crate::crypto::MasterKey>>,
+    /// The second destination (COPY_STORAGE_URL, DESIGN §13); `None`: backups exist once.
+    pub copy: Option<CopyDestination>,
+}
+
+/// A copy destination: its own URL, endpoint settings and credentials — nothing taken from the
+/// primary's (a different provider is the normal case).
+#[derive(Debug, Clone)]
+pub struct CopyDestination {
+    pub url: StorageUrl,
+    pub s3: S3Options,
+    pub credentials: CopyCredentials,
+}
+
+#[derive(Debug, Clone)]
+pub enum CopyCredentials {
+    /// A file:// destination needs none.
+    None,
+    Static {
+        access_key_id: String,
+        secret_access_key: Secret,
+    },
+    /// A named profile of the shared AWS config and credentials files.
+    Profile(String),
+}
+
+/// COPY_STORAGE_URL and its settings; every problem names its variable.
+fn copy_destination(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<CopyDestination>, ConfigError> {
+    let Some(raw) = get("COPY_STORAGE_URL") else {
+        for var in [
+            "COPY_S3_ENDPOINT",
+            "COPY_S3_REGION",
+            "COPY_S3_FORCE_PATH_STYLE",
+            "COPY_AWS_ACCESS_KEY_ID",
+            "COPY_AWS_SECRET_ACCESS_KEY",
+            "COPY_AWS_PROFILE",
+        ] {
+            if get(var).is_some() {
+                return Err(bad(
+                    "COPY_STORAGE_URL",
+                    format!(
+                        "is unset but {var} is set: set COPY_STORAGE_URL to use a copy destination"
+                    ),
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let url = StorageUrl::parse(&raw).map_err(|e| bad("COPY_STORAGE_URL", e))?;
+    let endpoint = get("COPY_S3_ENDPOINT");
+    if let Some(e) = &endpoint {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(bad(
+                "COPY_S3_ENDPOINT",
+                format!("must be an http:// or https:// URL, got {e:?}"),
+            ));
+        }
+    }
+    let force_path_style = match get("COPY_S3_FORCE_PATH_STYLE") {
+        None => false,
+        Some(v) => parse_bool(&v).ok_or_else(|| {
+            bad(
+                "COPY_S3_FORCE_PATH_STYLE",
+                format!("expected true or false, got {v:?}"),
+            )
+        })?,
+    };
+    let credentials = match (
+        get("COPY_AWS_ACCESS_KEY_ID"),
+        get("COPY_AWS_SECRET_ACCESS_KEY"),
+        get("COPY_AWS_PROFILE"),
+    ) {
+        (Some(_), Some(_), Some(_)) => {
+            return Err(bad(
+                "COPY_AWS_PROFILE",
+                "set either COPY_AWS_PROFILE or COPY_AWS_ACCESS_KEY_ID/COPY_AWS_SECRET_ACCESS_KEY, not both",
+            ))
+        }
+        (Some(id), Some(secret), None) => CopyCredentials::Static {
+            access_key_id: id,
+            secret_access_key: Secret::new(secret),
+        },
+        (Some(_), None, _) => {
+            return Err(bad(
+                "COPY_AWS_SECRET_ACCESS_KEY",
+                "is required with COPY_AWS_ACCESS_KEY_ID",
+            ))
+        }
+        (None, Some(_), _) => {
+            return Err(bad(
+                "COPY_AWS_ACCESS_KEY_ID",
+                "is required with COPY_AWS_SECRET_ACCESS_KEY",
+            ))
+        }
+        (None, None, Some(profile)) => CopyCredentials::Profile(profile),
+        (None, None, None) => CopyCredentials::None,
+    };
+    if matches!(url, StorageUrl::S3 { .. }) && matches!(credentials, CopyCredentials::None) {
+        return Err(bad(
+            "COPY_AWS_ACCESS_KEY_ID",
+            "an s3:// COPY_STORAGE_URL needs its own credentials (COPY_AWS_ACCESS_KEY_ID and COPY_AWS_SECRET_ACCESS_KEY, or COPY_AWS_PROFILE): the primary's are never used for the copy",
+        ));
+    }
+    Ok(Some(CopyDestination {
+        url,
+        s3: S3Options {
+            endpoint,
+            region: get("COPY_S3_REGION"),
+            force_path_style,
+        },
+        credentials,
+    }))
 }
 
 impl Config {
@@ -205,6 +325,16 @@ impl Config {
             })
             .transpose()?;
 
+        let copy = copy_destination(&get)?;
+        if let Some(c) = &copy {
+            if c.url.to_string() == storage_url.to_string() {
+                return Err(bad(
+                    "COPY_STORAGE_URL",
+                    "names the same place as STORAGE_URL: a copy must be somewhere else",
+                ));
+            }
+        }
+
         Ok(Config {
             database_url: Secret::new(database_url),
             storage_url,
@@ -232,6 +362,7 @@ impl Config {
             verify_database_url: verify_database_url.map(Secret::new),
             verify_redis_url,
             master_key,
+            copy,
         })
     }
 }

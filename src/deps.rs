@@ -19,6 +19,8 @@ pub struct Deps {
     pub config: Arc<Config>,
     pub pool: PgPool,
     pub store: Arc<dyn ObjectStore>,
+    /// The copy destination (COPY_STORAGE_URL, DESIGN §13); `None`: backups exist once.
+    pub copy_store: Option<Arc<dyn ObjectStore>>,
     pub plans: Arc<Plans>,
     pub metrics: Metrics,
     pub tools: Tools,

@@ -21,12 +21,16 @@ use crate::domain::FailureReason;
 pub const MAX_ATTEMPTS: i32 = 3;
 /// Backoff before attempt n+1, indexed by n−1 (DESIGN §5: 1, 5, 15 minutes).
 pub const RETRY_BACKOFF_MINUTES: [i64; 3] = [1, 5, 15];
+/// Copies (DESIGN §13) outlast a destination's outage: 10 attempts, 1 min … 1 h apart.
+pub const COPY_MAX_ATTEMPTS: i32 = 10;
+pub const COPY_BACKOFF_MINUTES: [i64; 5] = [1, 5, 15, 30, 60];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobTable {
     Backups,
     Restores,
     Verifications,
+    Copies,
 }
 
 impl JobTable {
@@ -35,7 +39,26 @@ impl JobTable {
             JobTable::Backups => "resource_backups",
             JobTable::Restores => "resource_restores",
             JobTable::Verifications => "backup_verifications",
+            JobTable::Copies => "backup_copies",
         }
+    }
+
+    /// Attempts before a retryable failure (or an expired lease) becomes final.
+    pub fn max_attempts(self) -> i32 {
+        match self {
+            JobTable::Copies => COPY_MAX_ATTEMPTS,
+            _ => MAX_ATTEMPTS,
+        }
+    }
+
+    /// The pause before attempt n+1.
+    pub fn retry_delay(self, attempts: i32) -> Duration {
+        let steps: &[i64] = match self {
+            JobTable::Copies => &COPY_BACKOFF_MINUTES,
+            _ => &RETRY_BACKOFF_MINUTES,
+        };
+        let idx = (attempts.max(1) - 1) as usize;
+        Duration::from_secs(steps[idx.min(steps.len() - 1)] as u64 * 60)
     }
 }
 
@@ -66,9 +89,7 @@ pub enum FailureOutcome {
 }
 
 pub fn retry_delay(attempts: i32) -> Duration {
-    let idx = (attempts.max(1) - 1) as usize;
-    let minutes = RETRY_BACKOFF_MINUTES[idx.min(RETRY_BACKOFF_MINUTES.len() - 1)];
-    Duration::from_secs(minutes as u64 * 60)
+    JobTable::Backups.retry_delay(attempts)
 }
 
 /// Extends the lease; false when the row is no longer ours (taken over, released, finished).
@@ -127,7 +148,7 @@ pub async fn record_failure(
     reason: FailureReason,
     internal_detail: &str,
 ) -> Result<FailureOutcome, sqlx::Error> {
-    let retry = reason.retryable() && lease.attempts < MAX_ATTEMPTS;
+    let retry = reason.retryable() && lease.attempts < lease.table.max_attempts();
     let sql = if retry {
         format!(
             "UPDATE {} SET status = 'pending', run_after = now() + make_interval(secs => $7),
@@ -145,7 +166,7 @@ pub async fn record_failure(
             lease.table.table()
         )
     };
-    let delay = retry_delay(lease.attempts);
+    let delay = lease.table.retry_delay(lease.attempts);
     let done = sqlx::query(&sql)
         .bind(lease.id)
         .bind(&lease.worker)
@@ -320,7 +341,7 @@ pub async fn recover_expired(
         t = table.table()
     );
     let rows: Vec<RecoveredRow> = sqlx::query_as(&sql)
-        .bind(MAX_ATTEMPTS)
+        .bind(table.max_attempts())
         .bind(summary(table, FailureReason::Timeout, true))
         .bind(OUTCOME_UNKNOWN_SUMMARY)
         .fetch_all(&mut **tx)

@@ -285,6 +285,13 @@ async fn deps(config: Config, pool_size: u32) -> Result<Deps, ExitCode> {
         Ok(s) => s,
         Err(e) => return Err(fail(format!("STORAGE_URL: {e}"))),
     };
+    let copy_store = match &config.copy {
+        None => None,
+        Some(dest) => match storage::open_copy(dest).await {
+            Ok(s) => Some(s),
+            Err(e) => return Err(fail(format!("COPY_STORAGE_URL: {e}"))),
+        },
+    };
     let pool = connect(&config, pool_size).await?;
     let provisioner: Option<Arc<dyn backup_worker::provisioner::Provisioner>> =
         match config.provisioner_addr.as_deref() {
@@ -305,6 +312,7 @@ async fn deps(config: Config, pool_size: u32) -> Result<Deps, ExitCode> {
         config: Arc::new(config),
         pool,
         store,
+        copy_store,
         plans: Arc::new(plans),
         metrics,
         tools: backup_worker::process::Tools::default(),

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub restore_by_type: IntCounterVec,
     pub backup_verified: IntCounterVec,
     pub unverified_backups: IntGauge,
+    pub copies: IntCounterVec,
+    pub unprotected_backups: IntGauge,
+    pub copy_reads: IntCounterVec,
     pub propagation_applied: IntCounterVec,
     pub propagation_unexpected_skip: IntCounterVec,
     pub propagation_dead_lettered: IntCounterVec,
@@ -177,6 +180,26 @@ impl Metrics {
                 r.register(Box::new(g.clone()))?;
                 g
             },
+            copies: counter_vec(
+                &r,
+                "backup_worker_copies_total",
+                "Copies to a second destination that ended (DESIGN §13); result is ok or a failure reason.",
+                &["destination", "result"],
+            )?,
+            unprotected_backups: {
+                let g = IntGauge::new(
+                    "backup_worker_unprotected_backups",
+                    "Succeeded backups older than an hour that some configured copy destination does not hold yet (refreshed by the copies loop).",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            copy_reads: counter_vec(
+                &r,
+                "backup_worker_copy_reads_total",
+                "Restores and verifications whose object was read from a copy because the primary's was missing, unreadable or altered.",
+                &["reader"],
+            )?,
             propagation_applied: counter_vec(
                 &r,
                 "instant_propagation_applied_total",
@@ -285,6 +308,19 @@ impl Metrics {
             self.backup_duration.with_label_values(&[t]);
             self.backup_bytes.with_label_values(&[t]);
             self.backup_scheduled.with_label_values(&[t]);
+        }
+        self.copies
+            .with_label_values(&[crate::loops::copies::DESTINATION, "ok"]);
+        for r in [
+            FailureReason::Upload,
+            FailureReason::Integrity,
+            FailureReason::Timeout,
+        ] {
+            self.copies
+                .with_label_values(&[crate::loops::copies::DESTINATION, r.as_str()]);
+        }
+        for reader in ["restore", "verify"] {
+            self.copy_reads.with_label_values(&[reader]);
         }
         for k in KNOWN_PROPAGATION_KINDS.iter().chain([&UNKNOWN_KIND]) {
             self.propagation_applied.with_label_values(&[k]);

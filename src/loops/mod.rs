@@ -1,4 +1,4 @@
-//! The five loops (DESIGN §1). Each is one room: it implements [`Loop`], and the supervisor drives
+//! The six loops (DESIGN §1). Each is one room: it implements [`Loop`], and the supervisor drives
 //! it — passes on an interval in the daemon, a single pass with `--once`.
 
 use std::fmt;
@@ -10,6 +10,7 @@ use async_trait::async_trait;
 pub use crate::pass::{LoopError, PassContext};
 
 pub mod backups;
+pub mod copies;
 pub mod propagations;
 pub mod restores;
 pub mod scheduler;
@@ -22,13 +23,15 @@ pub enum LoopName {
     Restores,
     Verifier,
     Propagations,
+    Copies,
 }
 
 impl LoopName {
     /// Also the order of a `--once` run: the scheduler's rows are claimed in the same run.
-    pub const ALL: [LoopName; 5] = [
+    pub const ALL: [LoopName; 6] = [
         LoopName::Scheduler,
         LoopName::Backups,
+        LoopName::Copies,
         LoopName::Restores,
         LoopName::Verifier,
         LoopName::Propagations,
@@ -41,6 +44,7 @@ impl LoopName {
             LoopName::Restores => "restores",
             LoopName::Verifier => "verifier",
             LoopName::Propagations => "propagations",
+            LoopName::Copies => "copies",
         }
     }
 }
@@ -58,7 +62,7 @@ impl FromStr for LoopName {
             .into_iter()
             .find(|l| l.as_str() == s.trim())
             .ok_or_else(|| {
-                format!("unknown loop {s:?}: expected scheduler, backups, restores, verifier or propagations")
+                format!("unknown loop {s:?}: expected scheduler, backups, copies, restores, verifier or propagations")
             })
     }
 }

@@ -243,6 +243,53 @@ pub async fn open(url: &StorageUrl, s3: &S3Options) -> Result<Arc<dyn ObjectStor
                 region: s3.region.clone(),
                 force_path_style: s3.force_path_style,
                 static_credentials: None,
+                profile: None,
+                part_size: s3::DEFAULT_PART_SIZE,
+                parts_in_flight: s3::DEFAULT_PARTS_IN_FLIGHT,
+            };
+            Ok(Arc::new(S3Store::new(settings).await))
+        }
+    }
+}
+
+/// Opens a copy destination (DESIGN §13) with its own endpoint, region and credentials only.
+pub async fn open_copy(
+    dest: &crate::config::CopyDestination,
+) -> Result<Arc<dyn ObjectStore>, StorageError> {
+    use crate::config::CopyCredentials;
+    match &dest.url {
+        StorageUrl::File { root } => Ok(Arc::new(LocalStore::new(root.clone()).await?)),
+        StorageUrl::S3 { bucket, .. } => {
+            let (static_credentials, profile) = match &dest.credentials {
+                CopyCredentials::Static {
+                    access_key_id,
+                    secret_access_key,
+                } => (
+                    Some((access_key_id.clone(), secret_access_key.expose().to_owned())),
+                    None,
+                ),
+                CopyCredentials::Profile(p) => (None, Some(p.clone())),
+                CopyCredentials::None => (None, None),
+            };
+            // Explicit region and endpoint: the environment's AWS_REGION and AWS_ENDPOINT_URL
+            // are the primary's.
+            let region = dest
+                .s3
+                .region
+                .clone()
+                .unwrap_or_else(|| "us-east-1".to_owned());
+            let endpoint = dest
+                .s3
+                .endpoint
+                .clone()
+                .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+            let settings = S3Settings {
+                bucket: bucket.clone(),
+                endpoint: Some(endpoint),
+                region: Some(region),
+                force_path_style: dest.s3.force_path_style,
+                static_credentials,
+                profile,
                 part_size: s3::DEFAULT_PART_SIZE,
                 parts_in_flight: s3::DEFAULT_PARTS_IN_FLIGHT,
             };

@@ -43,6 +43,9 @@ pub struct S3Settings {
     pub force_path_style: bool,
     /// (access key id, secret); `None` uses the standard AWS credential chain.
     pub static_credentials: Option<(String, String)>,
+    /// A named profile of the shared AWS files, alone (not the environment's keys): a copy
+    /// destination's credentials never come from the primary's chain.
+    pub profile: Option<String>,
     pub part_size: usize,
     pub parts_in_flight: usize,
 }
@@ -109,6 +112,13 @@ impl S3Store {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(region) = &s.region {
             loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(profile) = &s.profile {
+            loader = loader.profile_name(profile).credentials_provider(
+                aws_config::profile::ProfileFileCredentialsProvider::builder()
+                    .profile_name(profile)
+                    .build(),
+            );
         }
         if let Some((id, secret)) = &s.static_credentials {
             loader = loader.credentials_provider(Credentials::new(

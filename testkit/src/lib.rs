@@ -244,6 +244,7 @@ impl S3Server {
             region: Some("us-east-1".into()),
             force_path_style: true,
             static_credentials: Some((TEST_ACCESS_KEY.into(), TEST_ACCESS_KEY.into())),
+            profile: None,
             part_size: backup_worker::storage::S3_MIN_PART_SIZE,
             parts_in_flight: 2,
         }
@@ -534,6 +535,7 @@ pub fn test_deps(
         config: Arc::new(config),
         pool,
         store,
+        copy_store: None,
         plans: Arc::new(Plans::load(None)?),
         metrics: Metrics::new()?,
         tools: backup_worker::process::Tools::default(),

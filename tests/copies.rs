@@ -1,0 +1,270 @@
+//! Copies to a second destination (DESIGN §13, issue 24): two S3-protocol servers (moto) on
+//! loopback, a real Postgres backed up through the real backups loop, the copies loop in-process
+//! and the real binary configured by COPY_* variables alone.
+
+use std::sync::Arc;
+
+use backup_worker::loops::copies::Copies;
+use backup_worker::loops::Loop;
+use backup_worker::storage::ObjectStore;
+use backup_worker_testkit::{
+    back_up, database_url, insert_resource, insert_team, pass_ctx, test_config, test_deps,
+    PgServer, S3Server, TEST_ACCESS_KEY,
+};
+use sqlx::PgPool;
+use tokio::io::AsyncReadExt;
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_backup-worker");
+
+async fn bytes(store: &dyn ObjectStore, key: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    store
+        .get(key)
+        .await
+        .unwrap()
+        .read_to_end(&mut out)
+        .await
+        .unwrap();
+    out
+}
+
+async fn copy_row(pool: &PgPool, backup: Uuid) -> (String, i32, Option<String>, Option<String>) {
+    sqlx::query_as(
+        "SELECT status, attempts, failure_reason, internal_detail FROM backup_copies
+          WHERE backup_id = $1 AND destination = 'copy'",
+    )
+    .bind(backup)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+fn metric(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A tenant database with more rows than one upload part holds.
+async fn tenant(pg: &PgServer) -> String {
+    pg.tenant_database(
+        "shop",
+        "shop_owner",
+        "shop-pw",
+        "CREATE TABLE orders (id bigint PRIMARY KEY, note text);
+         INSERT INTO orders SELECT i, md5(i::text) || md5(random()::text) || md5(random()::text)
+           FROM generate_series(1, 150000) i;",
+    )
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn backups_are_copied_verified_and_caught_up_after_the_copy_store_was_down(pool: PgPool) {
+    let pg = PgServer::start().await.unwrap();
+    let primary_s3 = S3Server::start().await.unwrap();
+    let mut copy_s3 = S3Server::start().await.unwrap();
+    let primary: Arc<dyn ObjectStore> = Arc::new(primary_s3.store("primary").await.unwrap());
+    let copy: Arc<dyn ObjectStore> = Arc::new(copy_s3.store("copies").await.unwrap());
+    let url = tenant(&pg).await;
+    let mut d = test_deps(
+        pool.clone(),
+        primary.clone(),
+        test_config(&[("STORAGE_URL", "s3://primary")]).unwrap(),
+    )
+    .unwrap();
+    let team = insert_team(&pool, "pro").await.unwrap();
+    let res = insert_resource(&pool, team, "postgres", &url)
+        .await
+        .unwrap();
+
+    // A backup taken before any copy destination was configured: the backfill copies it.
+    let backup = back_up(&d, res).await.unwrap();
+    Copies::new(d.clone()).pass(&pass_ctx()).await.unwrap();
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM backup_copies")
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
+        0,
+        "no copy destination, no copies"
+    );
+
+    // The copy store is down: the copy fails `upload`, is retried later, and the backup is
+    // counted unprotected once it is an hour old — while it stays succeeded on the primary.
+    copy_s3.kill().await;
+    d.copy_store = Some(copy.clone());
+    Copies::new(d.clone()).pass(&pass_ctx()).await.unwrap();
+    let (status, attempts, reason, _) = copy_row(&pool, backup).await;
+    assert_eq!(
+        (status.as_str(), attempts, reason.as_deref()),
+        ("pending", 1, Some("upload"))
+    );
+    let status: String = sqlx::query_scalar("SELECT status FROM resource_backups WHERE id = $1")
+        .bind(backup)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "succeeded");
+    sqlx::query(
+        "UPDATE resource_backups SET finished_at = now() - interval '2 hours' WHERE id = $1",
+    )
+    .bind(backup)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let copies = Copies::new(d.clone());
+    assert_eq!(copies.refresh_unprotected().await.unwrap(), 1);
+    assert_eq!(
+        metric(&d.metrics.render(), "backup_worker_unprotected_backups"),
+        Some(1.0)
+    );
+
+    // Back up (a new server: the old one's buckets died with it); the retry is due.
+    let copy_s3 = S3Server::start().await.unwrap();
+    let copy: Arc<dyn ObjectStore> = Arc::new(copy_s3.store("copies").await.unwrap());
+    d.copy_store = Some(copy.clone());
+    sqlx::query("UPDATE backup_copies SET run_after = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    Copies::new(d.clone()).pass(&pass_ctx()).await.unwrap();
+    let (status, attempts, _, _) = copy_row(&pool, backup).await;
+    assert_eq!((status.as_str(), attempts), ("succeeded", 2));
+    let (key, sha): (String, String) =
+        sqlx::query_as("SELECT object_key, sha256 FROM resource_backups WHERE id = $1")
+            .bind(backup)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let held = bytes(copy.as_ref(), &key).await;
+    assert!(
+        held.len() > 5 * 1024 * 1024,
+        "more than one part: {}",
+        held.len()
+    );
+    assert_eq!(held, bytes(primary.as_ref(), &key).await, "byte-for-byte");
+    let copied_sha: String = sqlx::query_scalar(
+        "SELECT sha256 FROM backup_copies WHERE backup_id = $1 AND status = 'succeeded'",
+    )
+    .bind(backup)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(copied_sha, sha);
+    let text = d.metrics.render();
+    assert_eq!(
+        metric(&text, "backup_worker_unprotected_backups"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "backup_worker_copies_total{destination=\"copy\",result=\"ok\"}"
+        ),
+        Some(1.0)
+    );
+
+    // A primary object that no longer matches its row is never copied: failed `integrity` at
+    // once (retrying cannot fix the primary), nothing committed on the copy store.
+    let second = back_up(&d, res).await.unwrap();
+    let key2: String = sqlx::query_scalar("SELECT object_key FROM resource_backups WHERE id = $1")
+        .bind(second)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    backup_worker::storage::put_reader(
+        primary.as_ref(),
+        &key2,
+        &b"not the backup"[..],
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    Copies::new(d.clone()).pass(&pass_ctx()).await.unwrap();
+    let (status, _, reason, detail) = copy_row(&pool, second).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("integrity")),
+        "{detail:?}"
+    );
+    assert!(
+        matches!(
+            copy.head(&key2).await,
+            Err(backup_worker::storage::StorageError::NotFound { .. })
+        ),
+        "nothing of a damaged primary object reaches the copy store"
+    );
+}
+
+#[sqlx::test]
+async fn the_binary_copies_with_the_copy_destinations_own_settings(pool: PgPool) {
+    let pg = PgServer::start().await.unwrap();
+    let primary_s3 = S3Server::start().await.unwrap();
+    let copy_s3 = S3Server::start().await.unwrap();
+    let primary: Arc<dyn ObjectStore> = Arc::new(primary_s3.store("primary").await.unwrap());
+    let copy: Arc<dyn ObjectStore> = Arc::new(copy_s3.store("copies").await.unwrap());
+    let url = tenant(&pg).await;
+    let team = insert_team(&pool, "pro").await.unwrap();
+    let res = insert_resource(&pool, team, "postgres", &url)
+        .await
+        .unwrap();
+    let copy_secret = "copy-secret-never-logged";
+    let run = |only: &'static str| {
+        tokio::process::Command::new(BIN)
+            .args(["run", "--once", "--only", only])
+            .env("DATABASE_URL", database_url(&pool))
+            .env("STORAGE_URL", "s3://primary")
+            .env("S3_ENDPOINT", &primary_s3.endpoint)
+            .env("S3_FORCE_PATH_STYLE", "true")
+            .env("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", TEST_ACCESS_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("COPY_STORAGE_URL", "s3://copies")
+            .env("COPY_S3_ENDPOINT", &copy_s3.endpoint)
+            .env("COPY_S3_FORCE_PATH_STYLE", "true")
+            .env("COPY_AWS_ACCESS_KEY_ID", "copy-key")
+            .env("COPY_AWS_SECRET_ACCESS_KEY", copy_secret)
+            .env("LOG_FORMAT", "json")
+            .output()
+    };
+    let id = backup_worker::commands::enqueue_backup(&pool, res)
+        .await
+        .unwrap();
+    let out = run("backups,copies").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains(copy_secret), "{stderr}");
+    let (status, key): (String, String) =
+        sqlx::query_as("SELECT status, object_key FROM resource_backups WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "succeeded");
+    let (copy_status, _, reason, detail) = copy_row(&pool, id).await;
+    assert_eq!(copy_status, "succeeded", "{reason:?} {detail:?}");
+    assert_eq!(
+        bytes(copy.as_ref(), &key).await,
+        bytes(primary.as_ref(), &key).await
+    );
+
+    // Bad copy settings fail at start with one line naming the variable.
+    let out = tokio::process::Command::new(BIN)
+        .args(["run", "--once", "--only", "copies"])
+        .env("DATABASE_URL", database_url(&pool))
+        .env("STORAGE_URL", "s3://primary")
+        .env("COPY_STORAGE_URL", "s3://copies")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("COPY_AWS_ACCESS_KEY_ID") && stderr.contains("never used for the copy"),
+        "{stderr}"
+    );
+}
