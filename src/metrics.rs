@@ -46,6 +46,7 @@ pub struct Metrics {
     pub unverified_backups: IntGauge,
     pub copies: IntCounterVec,
     pub unprotected_backups: IntGauge,
+    pub copy_reads: IntCounterVec,
     pub propagation_applied: IntCounterVec,
     pub propagation_unexpected_skip: IntCounterVec,
     pub propagation_dead_lettered: IntCounterVec,
@@ -193,6 +194,12 @@ impl Metrics {
                 r.register(Box::new(g.clone()))?;
                 g
             },
+            copy_reads: counter_vec(
+                &r,
+                "backup_worker_copy_reads_total",
+                "Restores and verifications whose object was read from the copy destination because the primary's was missing, unreadable or altered.",
+                &["reader"],
+            )?,
             propagation_applied: counter_vec(
                 &r,
                 "instant_propagation_applied_total",
@@ -311,6 +318,9 @@ impl Metrics {
         ] {
             self.copies
                 .with_label_values(&[crate::loops::copies::DESTINATION, r.as_str()]);
+        }
+        for reader in ["restore", "verify"] {
+            self.copy_reads.with_label_values(&[reader]);
         }
         for k in KNOWN_PROPAGATION_KINDS.iter().chain([&UNKNOWN_KIND]) {
             self.propagation_applied.with_label_values(&[k]);

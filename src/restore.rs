@@ -48,6 +48,83 @@ pub async fn backup_identity(
 /// streamed from that file, here and whenever the engine reads it. A temporary directory without
 /// room for the object fails `config` (the worker's environment, not the backup) before or while
 /// downloading, saying how many bytes are needed.
+/// Which destination a verified download was read from (DESIGN §13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Primary,
+    Copy,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Primary => "primary",
+            Source::Copy => "copy",
+        }
+    }
+}
+
+/// [`download_verified`] from the primary, and — when the primary's object is missing,
+/// unreadable or fails its sha256 or its decode — from the copy destination, with a fresh check.
+/// A failure of the worker's own environment (a full temporary directory) is not retried
+/// elsewhere. When both fail, the primary's failure is returned with the copy's appended.
+#[allow(clippy::too_many_arguments)]
+pub async fn download_from_any(
+    primary: &dyn ObjectStore,
+    copy: Option<&dyn ObjectStore>,
+    key: &str,
+    expected_sha256: &str,
+    expected_size: Option<u64>,
+    check: impl Fn() -> Box<dyn StreamCheck>,
+    dir: &Path,
+    identity: Option<age::x25519::Identity>,
+) -> Result<(BackupFile, Source), Failure> {
+    let first = download_verified(
+        primary,
+        key,
+        expected_sha256,
+        expected_size,
+        check(),
+        dir,
+        identity.clone(),
+    )
+    .await;
+    let primary_failure = match (first, copy) {
+        (Ok(file), _) => return Ok((file, Source::Primary)),
+        (Err(f), Some(_))
+            if matches!(f.reason, FailureReason::Integrity | FailureReason::Upload) =>
+        {
+            f
+        }
+        (Err(f), _) => return Err(f),
+    };
+    let Some(copy) = copy else {
+        return Err(primary_failure);
+    };
+    tracing::warn!(object_key = %key, reason = primary_failure.reason.as_str(), detail = %primary_failure.detail,
+        "the primary object does not serve; reading the copy");
+    match download_verified(
+        copy,
+        key,
+        expected_sha256,
+        expected_size,
+        check(),
+        dir,
+        identity,
+    )
+    .await
+    {
+        Ok(file) => Ok((file, Source::Copy)),
+        Err(c) => Err(fail(
+            primary_failure.reason,
+            format!(
+                "{}; the copy does not serve either: {}",
+                primary_failure.detail, c.detail
+            ),
+        )),
+    }
+}
+
 pub async fn download_verified(
     store: &dyn ObjectStore,
     key: &str,

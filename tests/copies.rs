@@ -268,3 +268,131 @@ async fn the_binary_copies_with_the_copy_destinations_own_settings(pool: PgPool)
         "{stderr}"
     );
 }
+
+#[sqlx::test]
+async fn restores_and_verifications_read_the_copy_when_the_primary_object_does_not_serve(
+    pool: PgPool,
+) {
+    use backup_worker::storage::LocalStore;
+    let pg = PgServer::start().await.unwrap();
+    let copy_s3 = S3Server::start().await.unwrap();
+    let primary_dir = tempfile::tempdir().unwrap();
+    let primary: Arc<dyn ObjectStore> = Arc::new(
+        LocalStore::new(primary_dir.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    let copy: Arc<dyn ObjectStore> = Arc::new(copy_s3.store("copies").await.unwrap());
+    let url = tenant(&pg).await;
+    let mut d = test_deps(
+        pool.clone(),
+        primary.clone(),
+        test_config(&[("VERIFY_DATABASE_URL", &pg.url("postgres"))]).unwrap(),
+    )
+    .unwrap();
+    d.copy_store = Some(copy.clone());
+    let team = insert_team(&pool, "pro").await.unwrap();
+    let res = insert_resource(&pool, team, "postgres", &url)
+        .await
+        .unwrap();
+    let backup = back_up(&d, res).await.unwrap();
+    Copies::new(d.clone()).pass(&pass_ctx()).await.unwrap();
+    assert_eq!(copy_row(&pool, backup).await.0, "succeeded");
+    let key: String = sqlx::query_scalar("SELECT object_key FROM resource_backups WHERE id = $1")
+        .bind(backup)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+
+    // The primary object altered behind the worker's back: the verifier proves the copy.
+    backup_worker::storage::put_reader(primary.as_ref(), &key, &b"garbage"[..], Default::default())
+        .await
+        .unwrap();
+    let report = backup_worker::loops::verifier::Verifier::new(d.clone())
+        .verify_now(backup)
+        .await
+        .unwrap();
+    assert_eq!(report.status, "verified", "{report:?}");
+    assert_eq!(report.detail["source"], "copy", "{}", report.detail);
+    assert_eq!(report.detail["tables"]["public.orders"], 150_000);
+
+    // The primary object deleted: a clone restores from the copy, and says so.
+    primary.delete(&key).await.unwrap();
+    let clone_url = pg
+        .tenant_database("shop_clone", "clone_owner", "clone-pw", "SELECT 1")
+        .await
+        .unwrap();
+    let clone = insert_resource(&pool, team, "postgres", &clone_url)
+        .await
+        .unwrap();
+    let id = backup_worker::commands::enqueue_restore(&pool, backup, Some(clone))
+        .await
+        .unwrap();
+    backup_worker::loops::restores::Restores::new(d.clone())
+        .pass(&pass_ctx())
+        .await
+        .unwrap();
+    let (status, detail): (String, Option<String>) =
+        sqlx::query_as("SELECT status, internal_detail FROM resource_restores WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "succeeded", "{detail:?}");
+    let audit: serde_json::Value = sqlx::query_scalar(
+        "SELECT detail FROM audit_log WHERE kind = 'restore.succeeded' AND subject_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(audit["source"], "copy", "{audit}");
+    let rows: i64 = {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&clone_url).await.unwrap();
+        sqlx::query_scalar("SELECT count(*) FROM orders")
+            .fetch_one(&mut c)
+            .await
+            .unwrap()
+    };
+    assert_eq!(rows, 150_000);
+    let text = d.metrics.render();
+    for reader in ["restore", "verify"] {
+        assert_eq!(
+            metric(
+                &text,
+                &format!("backup_worker_copy_reads_total{{reader=\"{reader}\"}}")
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    }
+
+    // Gone from both: the restore fails `integrity`, naming both.
+    copy.delete(&key).await.unwrap();
+    let id = backup_worker::commands::enqueue_restore(&pool, backup, Some(clone))
+        .await
+        .unwrap();
+    backup_worker::loops::restores::Restores::new(d.clone())
+        .pass(&pass_ctx())
+        .await
+        .unwrap();
+    let (status, reason, detail): (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT status, failure_reason, internal_detail FROM resource_restores WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("failed", Some("integrity")),
+        "{detail:?}"
+    );
+    assert!(
+        detail
+            .unwrap_or_default()
+            .contains("the copy does not serve either"),
+        "both destinations named"
+    );
+}

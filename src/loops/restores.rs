@@ -45,7 +45,7 @@ pub struct Job {
 
 enum Attempt {
     /// With what the target could not take as it was (grants, owners), never silent.
-    Succeeded(RestoreReport),
+    Succeeded(RestoreReport, restore::Source),
     Failed(Failure),
     Cancelled,
     LeaseLost,
@@ -175,7 +175,7 @@ impl Restores {
                     match jobs::until_stopped(this.attempt(job_ref, &lost), timeout, abort, &lost)
                         .await
                     {
-                        Ok(Ok(report)) => Attempt::Succeeded(report),
+                        Ok(Ok((report, source))) => Attempt::Succeeded(report, source),
                         Ok(Err(Halt::Failed(f))) => Attempt::Failed(f),
                         Ok(Err(Halt::LeaseLost)) => Attempt::LeaseLost,
                         Err(Stopped::TimedOut) => Attempt::Failed(Failure {
@@ -205,7 +205,11 @@ impl Restores {
 
     /// Guards, then download + verify, then — once the row records that the destructive step
     /// begins — the engine's rewind.
-    async fn attempt(&self, job: &Job, lost: &CancellationToken) -> Result<RestoreReport, Halt> {
+    async fn attempt(
+        &self,
+        job: &Job,
+        lost: &CancellationToken,
+    ) -> Result<(RestoreReport, restore::Source), Halt> {
         let config = |detail: String| {
             Halt::Failed(Failure {
                 reason: FailureReason::Config,
@@ -267,12 +271,13 @@ impl Restores {
             reason: FailureReason::Dump,
             detail: format!("cannot create a temporary directory: {e}"),
         })?;
-        let backup = restore::download_verified(
+        let (backup, source) = restore::download_from_any(
             self.deps.store.as_ref(),
+            self.deps.copy_store.as_deref(),
             key,
             sha,
             job.size_bytes.and_then(|n| u64::try_from(n).ok()),
-            engines::stream_check(resource_type),
+            || engines::stream_check(resource_type),
             temp.path(),
             identity,
         )
@@ -297,7 +302,10 @@ impl Restores {
         if marked != Ok(true) {
             return Err(Halt::LeaseLost);
         }
-        Ok(engines::restore(resource_type, &target, &backup).await?)
+        Ok((
+            engines::restore(resource_type, &target, &backup).await?,
+            source,
+        ))
     }
 
     async fn finish(
@@ -311,7 +319,7 @@ impl Restores {
             ResourceType::parse(&job.resource_type).map_or("unsupported", ResourceType::as_str);
         let m = &self.deps.metrics;
         match attempt {
-            Attempt::Succeeded(report) => {
+            Attempt::Succeeded(report, source) => {
                 let noted = report_detail(report);
                 let mut tx = self.pool().begin().await?;
                 let done = sqlx::query(
@@ -349,6 +357,7 @@ impl Restores {
                     "backup_id": job.backup_id,
                     "skipped_grants": report.skipped_grants,
                     "owner_changed": report.owner_changed,
+                    "source": source.as_str(),
                 });
                 audit(
                     &mut *tx,
@@ -363,6 +372,9 @@ impl Restores {
                 m.restore_by_type
                     .with_label_values(&[type_label, "ok"])
                     .inc();
+                if *source == restore::Source::Copy {
+                    m.copy_reads.with_label_values(&["restore"]).inc();
+                }
                 tracing::info!(restore_id = %lease.id, resource_id = %job.resource_id, backup_id = %job.backup_id,
                     seconds = elapsed.as_secs_f64(), skipped_grants = report.skipped_grants.len(),
                     owner_changed = report.owner_changed.len(), "restore succeeded");

@@ -434,17 +434,27 @@ impl Verifier {
         )
         .await
         .map_err(environment)?;
-        let backup = restore::download_verified(
+        // A primary object that does not serve is read from the copy, as a restore would.
+        let (backup, source) = restore::download_from_any(
             self.deps.store.as_ref(),
+            self.deps.copy_store.as_deref(),
             key,
             sha,
             job.size_bytes.and_then(|n| u64::try_from(n).ok()),
-            engines::stream_check(resource_type),
+            || engines::stream_check(resource_type),
             temp.path(),
             identity,
         )
         .await
         .map_err(download)?;
+        detail["source"] = json!(source.as_str());
+        if source == restore::Source::Copy {
+            self.deps
+                .metrics
+                .copy_reads
+                .with_label_values(&["verify"])
+                .inc();
+        }
         detail["download_seconds"] = json!(round(started.elapsed().as_secs_f64()));
 
         // 2. The test restore, touching no customer.
