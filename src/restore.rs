@@ -71,7 +71,7 @@ impl Source {
 #[allow(clippy::too_many_arguments)]
 pub async fn download_from_any(
     primary: &dyn ObjectStore,
-    copy: Option<&dyn ObjectStore>,
+    copy: Option<(&dyn ObjectStore, &str)>,
     key: &str,
     expected_sha256: &str,
     expected_size: Option<u64>,
@@ -98,14 +98,14 @@ pub async fn download_from_any(
         }
         (Err(f), _) => return Err(f),
     };
-    let Some(copy) = copy else {
+    let Some((copy, copy_key)) = copy else {
         return Err(primary_failure);
     };
     tracing::warn!(object_key = %key, reason = primary_failure.reason.as_str(), detail = %primary_failure.detail,
         "the primary object does not serve; reading the copy");
     match download_verified(
         copy,
-        key,
+        copy_key,
         expected_sha256,
         expected_size,
         check(),

@@ -217,13 +217,13 @@ async fn the_binary_copies_with_the_copy_destinations_own_settings(pool: PgPool)
         tokio::process::Command::new(BIN)
             .args(["run", "--once", "--only", only])
             .env("DATABASE_URL", database_url(&pool))
-            .env("STORAGE_URL", "s3://primary")
+            .env("STORAGE_URL", "s3://primary/p1")
             .env("S3_ENDPOINT", &primary_s3.endpoint)
             .env("S3_FORCE_PATH_STYLE", "true")
             .env("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", TEST_ACCESS_KEY)
             .env("AWS_REGION", "us-east-1")
-            .env("COPY_STORAGE_URL", "s3://copies")
+            .env("COPY_STORAGE_URL", "s3://copies/elsewhere/c2")
             .env("COPY_S3_ENDPOINT", &copy_s3.endpoint)
             .env("COPY_S3_FORCE_PATH_STYLE", "true")
             .env("COPY_AWS_ACCESS_KEY_ID", "copy-key")
@@ -247,8 +247,17 @@ async fn the_binary_copies_with_the_copy_destinations_own_settings(pool: PgPool)
     assert_eq!(status, "succeeded");
     let (copy_status, _, reason, detail) = copy_row(&pool, id).await;
     assert_eq!(copy_status, "succeeded", "{reason:?} {detail:?}");
+    // The same path under the copy destination's own prefix.
+    let copy_key: String =
+        sqlx::query_scalar("SELECT object_key FROM backup_copies WHERE backup_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(key.starts_with("p1/"), "{key}");
+    assert_eq!(copy_key, format!("elsewhere/c2/{}", &key["p1/".len()..]));
     assert_eq!(
-        bytes(copy.as_ref(), &key).await,
+        bytes(copy.as_ref(), &copy_key).await,
         bytes(primary.as_ref(), &key).await
     );
 

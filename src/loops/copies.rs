@@ -31,12 +31,26 @@ const ENQUEUE_BATCH: i64 = 1000;
 /// A backup is counted unprotected once it has been succeeded this long without every copy.
 const UNPROTECTED_AFTER: &str = "1 hour";
 
+/// Where the copy of the primary object `key` lives on the copy store: the same path, under
+/// COPY_STORAGE_URL's prefix instead of STORAGE_URL's.
+pub fn copy_key(config: &crate::config::Config, key: &str) -> String {
+    match &config.copy {
+        None => key.to_owned(),
+        Some(copy) => {
+            let rest = key.strip_prefix(config.storage_url.prefix()).unwrap_or(key);
+            format!("{}{rest}", copy.url.prefix())
+        }
+    }
+}
+
 /// A claimed copy and the backup it copies.
 #[derive(Debug)]
 pub struct Job {
     pub lease: Lease,
     pub backup_id: Uuid,
+    /// The primary's key, and the copy's.
     pub object_key: String,
+    pub copy_key: String,
     pub sha256: String,
 }
 
@@ -160,10 +174,12 @@ impl Copies {
         .await?;
         match row {
             Some((backup_id, status, Some(object_key), Some(sha256))) if status == "succeeded" => {
+                let copy_key = copy_key(&self.deps.config, &object_key);
                 Ok(Some(Job {
                     lease,
                     backup_id,
                     object_key,
+                    copy_key,
                     sha256,
                 }))
             }
@@ -241,7 +257,7 @@ impl Copies {
                 .bind(lease.id)
                 .bind(&lease.worker)
                 .bind(lease.attempts)
-                .bind(&job.object_key)
+                .bind(&job.copy_key)
                 .bind(&job.sha256)
                 .execute(self.pool())
                 .await?;
@@ -309,7 +325,7 @@ fn store_failure(what: &str, e: &StorageError) -> Failure {
     fail(reason, format!("{what}: {e}"))
 }
 
-/// Streams `job`'s object from `primary` to `copy` under the same key and metadata, hashing it:
+/// Streams `job`'s object from `primary` to `copy` (its copy key, the same metadata), hashing it:
 /// the upload is committed only when the bytes equal the row's sha256, and kept only when the
 /// copy read back does too. Returns the bytes copied.
 async fn copy_object(
@@ -317,7 +333,7 @@ async fn copy_object(
     copy: &dyn ObjectStore,
     job: &Job,
 ) -> Result<u64, Failure> {
-    let key = &job.object_key;
+    let (key, target) = (&job.object_key, &job.copy_key);
     let (_, metadata) = primary
         .head(key)
         .await
@@ -327,7 +343,7 @@ async fn copy_object(
         .await
         .map_err(|e| store_failure("reading the primary object", &e))?;
     let mut upload = copy
-        .begin_upload(key, metadata)
+        .begin_upload(target, metadata)
         .await
         .map_err(|e| store_failure("starting the copy's upload", &e))?;
     let mut hasher = Sha256::new();
@@ -367,11 +383,11 @@ async fn copy_object(
         .commit(Metadata::new())
         .await
         .map_err(|e| store_failure("committing the copy", &e))?;
-    let held = read_sha256(copy, key)
+    let held = read_sha256(copy, target)
         .await
         .map_err(|e| store_failure("reading the copy back", &e))?;
     if held != job.sha256 {
-        let _ = copy.delete(key).await;
+        let _ = copy.delete(target).await;
         return Err(fail(
             FailureReason::Upload,
             format!(

@@ -271,9 +271,13 @@ impl Restores {
             reason: FailureReason::Dump,
             detail: format!("cannot create a temporary directory: {e}"),
         })?;
+        let copy_key = crate::loops::copies::copy_key(&self.deps.config, key);
         let (backup, source) = restore::download_from_any(
             self.deps.store.as_ref(),
-            self.deps.copy_store.as_deref(),
+            self.deps
+                .copy_store
+                .as_deref()
+                .map(|store| (store, copy_key.as_str())),
             key,
             sha,
             job.size_bytes.and_then(|n| u64::try_from(n).ok()),

@@ -435,9 +435,13 @@ impl Verifier {
         .await
         .map_err(environment)?;
         // A primary object that does not serve is read from the copy, as a restore would.
+        let copy_key = crate::loops::copies::copy_key(&self.deps.config, key);
         let (backup, source) = restore::download_from_any(
             self.deps.store.as_ref(),
-            self.deps.copy_store.as_deref(),
+            self.deps
+                .copy_store
+                .as_deref()
+                .map(|store| (store, copy_key.as_str())),
             key,
             sha,
             job.size_bytes.and_then(|n| u64::try_from(n).ok()),
