@@ -405,3 +405,123 @@ async fn restores_and_verifications_read_the_copy_when_the_primary_object_does_n
         "both destinations named"
     );
 }
+
+#[sqlx::test]
+async fn deletes_reach_the_copy_and_a_failed_one_is_retried_never_forgotten(pool: PgPool) {
+    use backup_worker::storage::LocalStore;
+    let pg = PgServer::start().await.unwrap();
+    let primary_dir = tempfile::tempdir().unwrap();
+    let copy_dir = tempfile::tempdir().unwrap();
+    let primary: Arc<dyn ObjectStore> = Arc::new(
+        LocalStore::new(primary_dir.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    let copy: Arc<dyn ObjectStore> = Arc::new(
+        LocalStore::new(copy_dir.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    let url = tenant(&pg).await;
+    let mut d = test_deps(pool.clone(), primary.clone(), test_config(&[]).unwrap()).unwrap();
+    d.copy_store = Some(copy.clone());
+    let team = insert_team(&pool, "pro").await.unwrap();
+    let res = insert_resource(&pool, team, "postgres", &url)
+        .await
+        .unwrap();
+    let kept = back_up(&d, res).await.unwrap();
+    let expired = back_up(&d, res).await.unwrap();
+    Copies::new(d.clone()).pass(&pass_ctx()).await.unwrap();
+    let key = |id: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT object_key FROM backup_copies WHERE backup_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (kept_key, expired_key) = (key(kept).await, key(expired).await);
+    assert!(copy.head(&expired_key).await.is_ok());
+
+    // Retention expires a backup while the copy store is down: the copy row stays, so the
+    // delete is tried again and lands once the store is back.
+    sqlx::query("UPDATE resource_backups SET status = 'expired' WHERE id = $1")
+        .bind(expired)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // A copy store nothing listens on any more: every request is refused.
+    let down = backup_worker::storage::S3Store::new(backup_worker::storage::S3Settings {
+        bucket: "copies".into(),
+        endpoint: Some(format!(
+            "http://127.0.0.1:{}",
+            backup_worker_testkit::free_port().unwrap()
+        )),
+        region: Some("us-east-1".into()),
+        force_path_style: true,
+        static_credentials: Some((TEST_ACCESS_KEY.into(), TEST_ACCESS_KEY.into())),
+        profile: None,
+        part_size: backup_worker::storage::S3_MIN_PART_SIZE,
+        parts_in_flight: 1,
+    })
+    .await;
+    let mut d_down = d.clone();
+    d_down.copy_store = Some(Arc::new(down));
+    assert_eq!(Copies::new(d_down).delete_expired().await.unwrap(), 0);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM backup_copies WHERE backup_id = $1")
+        .bind(expired)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "a failed delete keeps its row");
+    assert!(copy.head(&expired_key).await.is_ok());
+    let copies = Copies::new(d.clone());
+    copies.delete_expired().await.unwrap();
+    assert!(matches!(
+        copy.head(&expired_key).await,
+        Err(backup_worker::storage::StorageError::NotFound { .. })
+    ));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM backup_copies WHERE backup_id = $1")
+        .bind(expired)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "the row goes once the object is gone");
+    assert!(
+        copy.head(&kept_key).await.is_ok(),
+        "a succeeded backup's copy stays"
+    );
+
+    // The reconciliation removes an old backup-shaped object no copy row accounts for, and
+    // leaves the copies of succeeded backups.
+    let orphan_key = format!(
+        "{}/{}/20260101T000000Z-{}.pgdump.gz",
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4()
+    );
+    backup_worker::storage::put_reader(
+        copy.as_ref(),
+        &orphan_key,
+        &b"left over"[..],
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    for k in [&orphan_key, &kept_key] {
+        let status = std::process::Command::new("touch")
+            .args(["-d", "3 days ago"])
+            .arg(copy_dir.path().join(k))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let removed = Copies::new(d.clone()).reconcile().await.unwrap();
+    assert_eq!(removed, 1);
+    assert!(copy.head(&orphan_key).await.is_err());
+    assert!(copy.head(&kept_key).await.is_ok());
+}

@@ -66,7 +66,17 @@ pub struct Copies {
     copy: Option<Arc<dyn ObjectStore>>,
     claimer: jobs::Claimer,
     last_recovery: std::sync::Mutex<Option<Instant>>,
+    last_reconcile: std::sync::Mutex<Option<Instant>>,
+    /// The copy store's reconciliation cursor: the last key seen (None: start over).
+    reconcile_after: std::sync::Mutex<Option<String>>,
 }
+
+/// Copy objects of backups that are no longer succeeded deleted per pass at most.
+const DELETE_BATCH: i64 = 1000;
+/// How often the copy store is walked for objects no copy row accounts for, and how many keys a
+/// pass walks at most (a cycle continues at the next one).
+const RECONCILE_EVERY: Duration = Duration::from_secs(3600);
+const RECONCILE_KEYS_PER_PASS: usize = 20_000;
 
 impl Copies {
     pub fn new(deps: Deps) -> Arc<Self> {
@@ -75,7 +85,136 @@ impl Copies {
             deps,
             claimer: jobs::Claimer::new(JobTable::Copies),
             last_recovery: std::sync::Mutex::default(),
+            last_reconcile: std::sync::Mutex::default(),
+            reconcile_after: std::sync::Mutex::default(),
         })
+    }
+
+    /// Deletes reach the copy (DESIGN §13): the copy of every backup that is no longer
+    /// succeeded (expired by retention, crypto-shredded) is deleted, and its row with it — the
+    /// row goes only once the object is gone, so a failed delete is retried, never forgotten.
+    /// Rows of copies that never happened (failed) go with their backup. Returns copies deleted.
+    pub async fn delete_expired(&self) -> Result<u64, LoopError> {
+        let Some(copy) = &self.copy else {
+            return Ok(0);
+        };
+        sqlx::query(
+            "DELETE FROM backup_copies c USING resource_backups b
+              WHERE b.id = c.backup_id AND c.destination = $1 AND c.status = 'failed'
+                AND b.status <> 'succeeded'",
+        )
+        .bind(DESTINATION)
+        .execute(self.pool())
+        .await?;
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT c.id, c.object_key FROM backup_copies c JOIN resource_backups b ON b.id = c.backup_id
+              WHERE c.destination = $1 AND c.status = 'succeeded' AND c.object_key IS NOT NULL
+                AND b.status <> 'succeeded'
+              LIMIT $2",
+        )
+        .bind(DESTINATION)
+        .bind(DELETE_BATCH)
+        .fetch_all(self.pool())
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<String> = rows.iter().map(|(_, k)| k.clone()).collect();
+        let failed = copy.delete_many(&keys).await;
+        for f in &failed {
+            tracing::warn!(object_key = %f.key, error = %f.error,
+                "deleting an expired backup's copy failed; retried next pass");
+        }
+        let gone: Vec<Uuid> = rows
+            .into_iter()
+            .filter(|(_, k)| !failed.iter().any(|f| &f.key == k))
+            .map(|(id, _)| id)
+            .collect();
+        sqlx::query("DELETE FROM backup_copies WHERE id = ANY($1)")
+            .bind(&gone)
+            .execute(self.pool())
+            .await?;
+        Ok(gone.len() as u64)
+    }
+
+    /// A bounded slice of the copy store's reconciliation: backup-shaped objects under the copy
+    /// prefix, older than [`crate::retention::orphan_object_age`], whose backup has no pending,
+    /// running or succeeded copy row (a copy whose row was lost, a read-back that failed to
+    /// delete) are removed. Returns the objects removed.
+    pub async fn reconcile(&self) -> Result<u64, LoopError> {
+        let Some(copy) = &self.copy else {
+            return Ok(0);
+        };
+        let prefix = self
+            .deps
+            .config
+            .copy
+            .as_ref()
+            .map(|c| c.url.prefix().to_owned())
+            .unwrap_or_default();
+        let age = chrono::Duration::from_std(crate::retention::orphan_object_age(
+            self.deps.config.backup_timeout,
+        ))
+        .unwrap_or(chrono::Duration::days(1));
+        let cutoff = chrono::Utc::now() - age;
+        let mut after = self
+            .reconcile_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (mut listed, mut removed) = (0usize, 0u64);
+        loop {
+            let (page, more) = copy
+                .list_page(&prefix, after.as_deref(), 1000)
+                .await
+                .map_err(|e| e.to_string())?;
+            listed += page.len();
+            after = page.last().map(|o| o.key.clone()).or(after);
+            let candidates: Vec<(String, Uuid)> = page
+                .into_iter()
+                .filter(|o| o.last_modified.is_some_and(|t| t < cutoff))
+                .filter_map(|o| {
+                    crate::retention::backup_object_id(&prefix, &o.key).map(|id| (o.key, id))
+                })
+                .collect();
+            if !candidates.is_empty() {
+                let (keys, ids): (Vec<String>, Vec<Uuid>) = candidates.into_iter().unzip();
+                let orphans: Vec<String> = sqlx::query_scalar(
+                    "SELECT o.k FROM unnest($1::text[], $2::uuid[]) AS o(k, id)
+                      WHERE NOT EXISTS (SELECT 1 FROM backup_copies c
+                                         WHERE c.backup_id = o.id AND c.destination = $3
+                                           AND c.status IN ('pending', 'running', 'succeeded'))",
+                )
+                .bind(&keys)
+                .bind(&ids)
+                .bind(DESTINATION)
+                .fetch_all(self.pool())
+                .await?;
+                if !orphans.is_empty() {
+                    let failed = copy.delete_many(&orphans).await;
+                    removed += (orphans.len() - failed.len()) as u64;
+                    for key in orphans
+                        .iter()
+                        .filter(|k| !failed.iter().any(|f| &f.key == *k))
+                    {
+                        tracing::info!(object_key = %key, "removed an orphaned copy");
+                    }
+                }
+            }
+            if !more {
+                after = None;
+                break;
+            }
+            if listed >= RECONCILE_KEYS_PER_PASS {
+                break;
+            }
+        }
+        *self
+            .reconcile_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = after;
+        self.deps.metrics.orphan_objects_removed.inc_by(removed);
+        Ok(removed)
     }
 
     fn pool(&self) -> &sqlx::PgPool {
@@ -434,6 +573,27 @@ impl Loop for Arc<Copies> {
         let enqueued = self.enqueue().await?;
         if enqueued > 0 {
             tracing::info!(enqueued, "copies enqueued");
+        }
+        let deleted = self.delete_expired().await?;
+        if deleted > 0 {
+            tracing::info!(deleted, "copies of expired backups deleted");
+        }
+        let reconcile = {
+            let mut last = self
+                .last_reconcile
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let continuing = self
+                .reconcile_after
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some();
+            jobs::due(&mut last, RECONCILE_EVERY) || continuing
+        };
+        if reconcile {
+            if let Err(e) = self.reconcile().await {
+                tracing::error!(error = %e, "reconciling the copy store failed; tried again next hour");
+            }
         }
         jobs::drive(self, ctx).await?;
         self.refresh_unprotected().await?;
