@@ -107,6 +107,8 @@ pub async fn status(pool: &PgPool) -> Result<String, CommandError> {
          UNION ALL
          SELECT 'verifications', status, count(*) FROM backup_verifications GROUP BY status
          UNION ALL
+         SELECT 'copies', status, count(*) FROM backup_copies GROUP BY status
+         UNION ALL
          SELECT 'propagations',
                 CASE WHEN applied_at IS NOT NULL THEN 'applied'
                      WHEN failed_at IS NOT NULL AND last_error LIKE 'superseded by %' THEN 'superseded'
@@ -132,6 +134,11 @@ pub async fn status(pool: &PgPool) -> Result<String, CommandError> {
                      replace(left(internal_detail, 200), E'\n', ' '), finished_at
                 FROM backup_verifications WHERE status = 'failed'
                ORDER BY finished_at DESC NULLS LAST LIMIT 10)
+             UNION ALL
+             (SELECT 'copy', backup_id, resource_id, failure_reason,
+                     replace(left(internal_detail, 200), E'\n', ' '), finished_at
+                FROM backup_copies WHERE status = 'failed'
+               ORDER BY finished_at DESC NULLS LAST LIMIT 10)
              ORDER BY 6 DESC NULLS LAST LIMIT 10",
     )
     .fetch_all(pool)
@@ -156,6 +163,20 @@ pub async fn status(pool: &PgPool) -> Result<String, CommandError> {
     let _ = writeln!(
         out,
         "verifications (last 24 h): {verified} verified, {failed} failed; {never} succeeded backups never verified"
+    );
+    let (copied, unprotected): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM backup_copies WHERE status = 'succeeded'),
+                (SELECT count(*) FROM resource_backups b
+                  WHERE b.status = 'succeeded' AND b.finished_at < now() - interval '1 hour'
+                    AND EXISTS (SELECT 1 FROM backup_copies)
+                    AND NOT EXISTS (SELECT 1 FROM backup_copies c
+                                     WHERE c.backup_id = b.id AND c.status = 'succeeded'))",
+    )
+    .fetch_one(pool)
+    .await?;
+    let _ = writeln!(
+        out,
+        "copies: {copied} held by the copy destination; {unprotected} succeeded backups over an hour old not yet copied"
     );
     out.push_str("recent failures:\n");
     if failures.is_empty() {
@@ -329,6 +350,7 @@ type BackupListRow = (
     Option<String>,
     f64,
     Option<f64>,
+    Option<String>,
 );
 
 /// Seconds as a short age: `42s`, `5m`, `3h`, `2d`.
@@ -365,7 +387,10 @@ pub async fn list_backups(pool: &PgPool, resource_id: Uuid) -> Result<String, Co
         "SELECT id, status, kind, created_at, size_bytes, verify_status, verified_at,
                 failure_reason,
                 extract(epoch FROM now() - created_at)::float8,
-                extract(epoch FROM now() - verified_at)::float8
+                extract(epoch FROM now() - verified_at)::float8,
+                (SELECT c.status || coalesce(' (' || c.failure_reason || ')', '')
+                   FROM backup_copies c WHERE c.backup_id = resource_backups.id
+                  ORDER BY c.created_at DESC LIMIT 1)
            FROM resource_backups WHERE resource_id = $1
           ORDER BY created_at DESC LIMIT 200",
     )
@@ -388,10 +413,12 @@ pub async fn list_backups(pool: &PgPool, resource_id: Uuid) -> Result<String, Co
     }
     let _ = writeln!(
         out,
-        "{:<36}  {:<9}  {:<9}  {:>5}  {:>10}  VERIFICATION",
-        "ID", "STATUS", "KIND", "AGE", "SIZE"
+        "{:<36}  {:<9}  {:<9}  {:>5}  {:>10}  {:<20}  COPY",
+        "ID", "STATUS", "KIND", "AGE", "SIZE", "VERIFICATION"
     );
-    for (id, status, kind, _, size_bytes, verify, _, reason, created_secs, verified_secs) in rows {
+    for (id, status, kind, _, size_bytes, verify, _, reason, created_secs, verified_secs, copy) in
+        rows
+    {
         let status = match (&*status, reason) {
             ("failed", Some(r)) => format!("failed ({r})"),
             ("pending", Some(r)) => format!("pending (retry after {r})"),
@@ -404,9 +431,10 @@ pub async fn list_backups(pool: &PgPool, resource_id: Uuid) -> Result<String, Co
         };
         let _ = writeln!(
             out,
-            "{id}  {status:<9}  {kind:<9}  {:>5}  {:>10}  {verification}",
+            "{id}  {status:<9}  {kind:<9}  {:>5}  {:>10}  {verification:<20}  {}",
             age(created_secs),
             size_bytes.map(size).unwrap_or_else(|| "-".into()),
+            copy.as_deref().unwrap_or("-"),
         );
     }
     Ok(out)

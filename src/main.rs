@@ -57,7 +57,7 @@ enum Command {
         /// The resource to back up (see `resources add`).
         resource_id: Uuid,
     },
-    /// List a resource's backups, newest first: id, status, kind, age, size, verification.
+    /// List a resource's backups, newest first: id, status, kind, age, size, verification, copy.
     Backups {
         /// The resource whose backups to list.
         resource_id: Uuid,

@@ -261,6 +261,40 @@ async fn the_binary_copies_with_the_copy_destinations_own_settings(pool: PgPool)
         bytes(primary.as_ref(), &key).await
     );
 
+    // The operator's view: the copy's state per backup, and the copies in `status`.
+    let cli = |args: Vec<String>| {
+        let url = database_url(&pool);
+        async move {
+            let out = tokio::process::Command::new(BIN)
+                .args(&args)
+                .env("DATABASE_URL", url)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let listing = cli(vec!["backups".into(), res.to_string()]).await;
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with(&id.to_string()))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        listing.contains("COPY") && line.trim_end().ends_with("succeeded"),
+        "{listing}"
+    );
+    let status = cli(vec!["status".into()]).await;
+    assert!(
+        status.contains("copies        succeeded      1") && status.contains("copies: 1 held"),
+        "{status}"
+    );
+
     // Bad copy settings fail at start with one line naming the variable.
     let out = tokio::process::Command::new(BIN)
         .args(["run", "--once", "--only", "copies"])
