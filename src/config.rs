@@ -42,6 +42,8 @@ pub const ENV_VARS: &[&str] = &[
     "COPY_AWS_ACCESS_KEY_ID",
     "COPY_AWS_SECRET_ACCESS_KEY",
     "COPY_AWS_PROFILE",
+    "OBJECT_LOCK_MODE",
+    "COPY_OBJECT_LOCK_MODE",
 ];
 
 pub const DEFAULT_STORAGE_URL: &str = "file://./var/backups";
@@ -100,6 +102,28 @@ pub struct Config {
     pub master_key: Option<std::sync::Arc<crate::crypto::MasterKey>>,
     /// The second destination (COPY_STORAGE_URL, DESIGN §13); `None`: backups exist once.
     pub copy: Option<CopyDestination>,
+    /// OBJECT_LOCK_MODE: primary objects are written with S3 Object Lock retention.
+    pub object_lock: Option<crate::storage::LockMode>,
+}
+
+/// OBJECT_LOCK_MODE / COPY_OBJECT_LOCK_MODE: `governance` or `compliance`, on an s3:// store only.
+fn lock_mode(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    url: &StorageUrl,
+) -> Result<Option<crate::storage::LockMode>, ConfigError> {
+    let Some(v) = get(var) else {
+        return Ok(None);
+    };
+    let mode = crate::storage::LockMode::parse(&v)
+        .ok_or_else(|| bad(var, format!("expected governance or compliance, got {v:?}")))?;
+    if !matches!(url, StorageUrl::S3 { .. }) {
+        return Err(bad(
+            var,
+            format!("S3 Object Lock needs an s3:// destination, not {url}"),
+        ));
+    }
+    Ok(Some(mode))
 }
 
 /// A copy destination: its own URL, endpoint settings and credentials — nothing taken from the
@@ -109,6 +133,8 @@ pub struct CopyDestination {
     pub url: StorageUrl,
     pub s3: S3Options,
     pub credentials: CopyCredentials,
+    /// COPY_OBJECT_LOCK_MODE.
+    pub object_lock: Option<crate::storage::LockMode>,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +161,7 @@ fn copy_destination(
             "COPY_AWS_ACCESS_KEY_ID",
             "COPY_AWS_SECRET_ACCESS_KEY",
             "COPY_AWS_PROFILE",
+            "COPY_OBJECT_LOCK_MODE",
         ] {
             if get(var).is_some() {
                 return Err(bad(
@@ -202,6 +229,7 @@ fn copy_destination(
             "an s3:// COPY_STORAGE_URL needs its own credentials (COPY_AWS_ACCESS_KEY_ID and COPY_AWS_SECRET_ACCESS_KEY, or COPY_AWS_PROFILE): the primary's are never used for the copy",
         ));
     }
+    let object_lock = lock_mode(get, "COPY_OBJECT_LOCK_MODE", &url)?;
     Ok(Some(CopyDestination {
         url,
         s3: S3Options {
@@ -210,6 +238,7 @@ fn copy_destination(
             force_path_style,
         },
         credentials,
+        object_lock,
     }))
 }
 
@@ -326,6 +355,7 @@ impl Config {
             .transpose()?;
 
         let copy = copy_destination(&get)?;
+        let object_lock = lock_mode(&get, "OBJECT_LOCK_MODE", &storage_url)?;
         if let Some(c) = &copy {
             if c.url.to_string() == storage_url.to_string() {
                 return Err(bad(
@@ -363,6 +393,7 @@ impl Config {
             verify_redis_url,
             master_key,
             copy,
+            object_lock,
         })
     }
 }

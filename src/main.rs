@@ -292,6 +292,22 @@ async fn deps(config: Config, pool_size: u32) -> Result<Deps, ExitCode> {
             Err(e) => return Err(fail(format!("COPY_STORAGE_URL: {e}"))),
         },
     };
+    check_object_lock(
+        store.as_ref(),
+        config.object_lock,
+        "OBJECT_LOCK_MODE",
+        "STORAGE_URL",
+    )
+    .await?;
+    if let (Some(copy), Some(dest)) = (&copy_store, &config.copy) {
+        check_object_lock(
+            copy.as_ref(),
+            dest.object_lock,
+            "COPY_OBJECT_LOCK_MODE",
+            "COPY_STORAGE_URL",
+        )
+        .await?;
+    }
     let pool = connect(&config, pool_size).await?;
     let provisioner: Option<Arc<dyn backup_worker::provisioner::Provisioner>> =
         match config.provisioner_addr.as_deref() {
@@ -318,6 +334,27 @@ async fn deps(config: Config, pool_size: u32) -> Result<Deps, ExitCode> {
         tools: backup_worker::process::Tools::default(),
         provisioner,
     })
+}
+
+/// With a lock mode configured, the bucket must have S3 Object Lock enabled (DESIGN §13).
+async fn check_object_lock(
+    store: &dyn backup_worker::storage::ObjectStore,
+    mode: Option<backup_worker::storage::LockMode>,
+    var: &str,
+    url_var: &str,
+) -> Result<(), ExitCode> {
+    if mode.is_none() {
+        return Ok(());
+    }
+    match store.object_lock_enabled().await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(fail(format!(
+            "invalid configuration: {var}: the bucket of {url_var} does not have S3 Object Lock enabled (enable it on the bucket, or unset {var})"
+        ))),
+        Err(e) => Err(fail(format!(
+            "invalid configuration: {var}: cannot read the Object Lock configuration of {url_var}'s bucket: {e}"
+        ))),
+    }
 }
 
 async fn run(config: Config, options: RunOptions) -> ExitCode {

@@ -406,6 +406,23 @@ pub async fn apply_retention(
         .await
 }
 
+/// Object Lock's retain-until for a backup of `team` finished at `finished_at` (DESIGN §13):
+/// finished_at + the tier's backup_retention_days + 1 day, so retention never meets a locked
+/// object it is due to delete — except one whose team moved to a longer-keeping tier.
+pub async fn retain_until(
+    pool: &PgPool,
+    plans: &Plans,
+    team_id: Uuid,
+    finished_at: DateTime<Utc>,
+) -> Result<DateTime<Utc>, sqlx::Error> {
+    let tier: Option<String> = sqlx::query_scalar("SELECT plan_tier FROM teams WHERE id = $1")
+        .bind(team_id)
+        .fetch_optional(pool)
+        .await?;
+    let (days, _) = effective_policy(plans, tier.as_deref().unwrap_or_default());
+    Ok(finished_at + chrono::Duration::days(i64::from(days.max(0)) + 1))
+}
+
 /// How old an incomplete upload must be before the sweep aborts it: a day, and never less than
 /// a backup may run (`BACKUP_TIMEOUT`, up to days) plus an hour, so a live upload is never cut.
 pub fn orphan_upload_age(backup_timeout: Duration) -> Duration {

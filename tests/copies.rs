@@ -559,3 +559,155 @@ async fn deletes_reach_the_copy_and_a_failed_one_is_retried_never_forgotten(pool
     assert!(copy.head(&orphan_key).await.is_err());
     assert!(copy.head(&kept_key).await.is_ok());
 }
+
+/// A bucket with S3 Object Lock enabled (versioned) on `s3`.
+async fn locked_bucket(s3: &S3Server, bucket: &str) -> backup_worker::storage::S3Store {
+    let store = backup_worker::storage::S3Store::new(s3.settings(bucket)).await;
+    store
+        .client()
+        .create_bucket()
+        .bucket(bucket)
+        .object_lock_enabled_for_bucket(true)
+        .send()
+        .await
+        .unwrap();
+    store
+}
+
+#[sqlx::test]
+async fn object_lock_keeps_backups_and_copies_from_the_credentials_that_wrote_them(pool: PgPool) {
+    use aws_sdk_s3::types::ObjectLockMode;
+    let pg = PgServer::start().await.unwrap();
+    let primary_s3 = S3Server::start().await.unwrap();
+    let copy_s3 = S3Server::start().await.unwrap();
+    let primary = Arc::new(locked_bucket(&primary_s3, "locked").await);
+    let copy = Arc::new(locked_bucket(&copy_s3, "copylocked").await);
+    let url = tenant(&pg).await;
+    let mut d = test_deps(
+        pool.clone(),
+        primary.clone(),
+        test_config(&[
+            ("STORAGE_URL", "s3://locked"),
+            ("OBJECT_LOCK_MODE", "governance"),
+            ("COPY_STORAGE_URL", "s3://copylocked"),
+            ("COPY_AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY),
+            ("COPY_AWS_SECRET_ACCESS_KEY", TEST_ACCESS_KEY),
+            ("COPY_OBJECT_LOCK_MODE", "compliance"),
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    d.copy_store = Some(copy.clone());
+    // hobby: 7 days, the newest 2 kept.
+    let team = insert_team(&pool, "hobby").await.unwrap();
+    let res = insert_resource(&pool, team, "postgres", &url)
+        .await
+        .unwrap();
+    let oldest = back_up(&d, res).await.unwrap();
+    Copies::new(d.clone()).pass(&pass_ctx()).await.unwrap();
+    let key: String = sqlx::query_scalar("SELECT object_key FROM resource_backups WHERE id = $1")
+        .bind(oldest)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let eight_days = chrono::Utc::now() + chrono::Duration::days(8);
+    for (store, bucket, mode) in [
+        (primary.as_ref(), "locked", ObjectLockMode::Governance),
+        (copy.as_ref(), "copylocked", ObjectLockMode::Compliance),
+    ] {
+        let head = store
+            .client()
+            .head_object()
+            .bucket(bucket)
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.object_lock_mode(), Some(&mode));
+        let until = head.object_lock_retain_until_date().unwrap().secs();
+        assert!(
+            (until - eight_days.timestamp()).abs() < 600,
+            "retain-until = finished_at + 7 days + 1 day: {until} vs {}",
+            eight_days.timestamp()
+        );
+    }
+
+    // Retention expires the oldest backup (two newer ones kept): it never fails on the locked
+    // object — the row is expired, the object's current version is gone — but its data stays
+    // until the lock lapses, and the worker's own credentials cannot delete it sooner.
+    back_up(&d, res).await.unwrap();
+    back_up(&d, res).await.unwrap();
+    sqlx::query("UPDATE resource_backups SET finished_at = now() - interval '30 days', created_at = now() - interval '30 days' WHERE id = $1")
+        .bind(oldest)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = backup_worker::retention::apply_retention(
+        &pool,
+        primary.as_ref(),
+        &d.plans,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.expired, 1, "{report:?}");
+    let status: String = sqlx::query_scalar("SELECT status FROM resource_backups WHERE id = $1")
+        .bind(oldest)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "expired");
+    assert!(primary.head(&key).await.is_err(), "not listed any more");
+    let versions = primary
+        .client()
+        .list_object_versions()
+        .bucket("locked")
+        .prefix(&key)
+        .send()
+        .await
+        .unwrap();
+    let version = versions.versions()[0].version_id().unwrap().to_owned();
+    let refused = primary
+        .client()
+        .delete_object()
+        .bucket("locked")
+        .key(&key)
+        .version_id(&version)
+        .send()
+        .await;
+    assert!(
+        refused.is_err(),
+        "a locked version cannot be deleted by the worker's credentials"
+    );
+    // The copies loop deletes the copy's current version the same way, without failing.
+    Copies::new(d.clone()).pass(&pass_ctx()).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM backup_copies WHERE backup_id = $1")
+        .bind(oldest)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+
+    // A lock mode on a bucket without Object Lock stops the start, naming the variable.
+    let plain = S3Server::start().await.unwrap();
+    plain.store("plain").await.unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["run", "--once", "--only", "backups"])
+        .env("DATABASE_URL", database_url(&pool))
+        .env("STORAGE_URL", "s3://plain")
+        .env("S3_ENDPOINT", &plain.endpoint)
+        .env("S3_FORCE_PATH_STYLE", "true")
+        .env("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", TEST_ACCESS_KEY)
+        .env("OBJECT_LOCK_MODE", "compliance")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("OBJECT_LOCK_MODE")
+            && stderr.contains("does not have S3 Object Lock enabled"),
+        "{stderr}"
+    );
+}

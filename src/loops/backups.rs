@@ -640,15 +640,41 @@ impl Backups {
             ("raw-bytes".to_owned(), streamed.raw_bytes.to_string()),
         ]);
         match upload.commit(final_meta).await {
-            Ok(_) => Attempt::Succeeded {
-                key,
-                streamed,
-                mode,
-                key_id: team_key.map(|(id, _)| id),
-            },
+            Ok(_) => {
+                if let Some(mode) = cfg.object_lock {
+                    if let Err(e) = self.lock_object(job, &key, mode).await {
+                        // Not locked as configured is not kept: the next attempt writes it again.
+                        let _ = self.deps.store.delete(&key).await;
+                        return failed(FailureReason::Upload, e);
+                    }
+                }
+                Attempt::Succeeded {
+                    key,
+                    streamed,
+                    mode,
+                    key_id: team_key.map(|(id, _)| id),
+                }
+            }
             Err(e) => failed(FailureReason::Upload, e.to_string()),
         }
         // `temp` (and with it any credential file) is removed here either way.
+    }
+
+    /// OBJECT_LOCK_MODE: the committed object locked until its retention is over (+ 1 day).
+    async fn lock_object(
+        &self,
+        job: &Job,
+        key: &str,
+        mode: crate::storage::LockMode,
+    ) -> Result<(), String> {
+        let until = retention::retain_until(self.pool(), &self.deps.plans, job.team_id, Utc::now())
+            .await
+            .map_err(|e| format!("reading the team's retention for Object Lock: {e}"))?;
+        self.deps
+            .store
+            .lock(key, mode, until)
+            .await
+            .map_err(|e| format!("setting Object Lock ({}) on {key}: {e}", mode.as_str()))
     }
 
     /// Writes the attempt's result to the row (fenced), the audit log and the metrics.

@@ -52,6 +52,8 @@ pub struct Job {
     pub object_key: String,
     pub copy_key: String,
     pub sha256: String,
+    pub team_id: Uuid,
+    pub finished_at: chrono::DateTime<chrono::Utc>,
 }
 
 enum Attempt {
@@ -303,16 +305,27 @@ impl Copies {
     /// The job for a claimed row, or `None` when its backup is no longer succeeded (expired
     /// before it was copied): the row is deleted, there is nothing to protect.
     async fn job(&self, lease: Lease) -> Result<Option<Job>, sqlx::Error> {
-        let row: Option<(Uuid, String, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT b.id, b.status, b.object_key, b.sha256
+        type Row = (
+            Uuid,
+            String,
+            Option<String>,
+            Option<String>,
+            Uuid,
+            Option<chrono::DateTime<chrono::Utc>>,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT b.id, b.status, b.object_key, b.sha256, r.team_id, b.finished_at
                FROM backup_copies c JOIN resource_backups b ON b.id = c.backup_id
+               JOIN resources r ON r.id = b.resource_id
               WHERE c.id = $1",
         )
         .bind(lease.id)
         .fetch_optional(self.pool())
         .await?;
         match row {
-            Some((backup_id, status, Some(object_key), Some(sha256))) if status == "succeeded" => {
+            Some((backup_id, status, Some(object_key), Some(sha256), team_id, finished_at))
+                if status == "succeeded" =>
+            {
                 let copy_key = copy_key(&self.deps.config, &object_key);
                 Ok(Some(Job {
                     lease,
@@ -320,6 +333,8 @@ impl Copies {
                     object_key,
                     copy_key,
                     sha256,
+                    team_id,
+                    finished_at: finished_at.unwrap_or_else(chrono::Utc::now),
                 }))
             }
             _ => {
@@ -349,7 +364,12 @@ impl Copies {
             &job.lease,
             self.deps.config.lease,
             |lost| async move {
-                let work = copy_object(this.deps.store.as_ref(), copy.as_ref(), job_ref);
+                let work = async {
+                    let bytes =
+                        copy_object(this.deps.store.as_ref(), copy.as_ref(), job_ref).await?;
+                    this.lock_copy(copy.as_ref(), job_ref).await?;
+                    Ok(bytes)
+                };
                 let attempt = match jobs::until_stopped(work, timeout, abort, &lost).await {
                     Ok(Ok(bytes)) => Attempt::Copied { bytes },
                     Ok(Err(f)) => Attempt::Failed(f),
@@ -374,6 +394,35 @@ impl Copies {
         if let Err(panicked) = ran {
             jobs::after_panic(self.pool(), &job.lease, &panicked).await;
         }
+    }
+
+    /// COPY_OBJECT_LOCK_MODE: the verified copy locked until the backup's retention is over
+    /// (+ 1 day). A copy that cannot be locked as configured is deleted and the attempt retried.
+    async fn lock_copy(&self, copy: &dyn ObjectStore, job: &Job) -> Result<(), Failure> {
+        let Some(mode) = self.deps.config.copy.as_ref().and_then(|c| c.object_lock) else {
+            return Ok(());
+        };
+        let until = crate::retention::retain_until(
+            self.pool(),
+            &self.deps.plans,
+            job.team_id,
+            job.finished_at,
+        )
+        .await
+        .map_err(|e| {
+            fail(
+                FailureReason::Upload,
+                format!("reading the team's retention: {e}"),
+            )
+        })?;
+        if let Err(e) = copy.lock(&job.copy_key, mode, until).await {
+            let _ = copy.delete(&job.copy_key).await;
+            return Err(store_failure(
+                &format!("setting Object Lock ({}) on the copy", mode.as_str()),
+                &e,
+            ));
+        }
+        Ok(())
     }
 
     async fn finish(

@@ -154,6 +154,53 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
 
     /// Discards an incomplete upload found by [`ObjectStore::list_incomplete_uploads`].
     async fn abort_incomplete_upload(&self, upload: &IncompleteUpload) -> Result<(), StorageError>;
+
+    /// Whether the store keeps objects immutable on request (S3 Object Lock enabled on the
+    /// bucket). Stores without the notion say no.
+    async fn object_lock_enabled(&self) -> Result<bool, StorageError> {
+        Ok(false)
+    }
+
+    /// Makes a committed object undeletable until `until` (S3 Object Lock retention): not even
+    /// the credentials that wrote it may delete its data before then (governance: unless
+    /// they may bypass governance retention).
+    async fn lock(
+        &self,
+        key: &str,
+        _mode: LockMode,
+        _until: DateTime<Utc>,
+    ) -> Result<(), StorageError> {
+        Err(StorageError::Request {
+            op: "lock",
+            detail: format!("{key}: this store has no Object Lock (an s3:// store needs it)"),
+        })
+    }
+}
+
+/// S3 Object Lock retention modes (OBJECT_LOCK_MODE, COPY_OBJECT_LOCK_MODE; DESIGN §13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Deletable before retain-until only with s3:BypassGovernanceRetention.
+    Governance,
+    /// Deletable by nobody, root included, before retain-until.
+    Compliance,
+}
+
+impl LockMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "governance" => Some(Self::Governance),
+            "compliance" => Some(Self::Compliance),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Governance => "governance",
+            Self::Compliance => "compliance",
+        }
+    }
 }
 
 #[async_trait]

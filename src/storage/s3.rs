@@ -395,6 +395,58 @@ impl ObjectStore for S3Store {
     async fn abort_incomplete_upload(&self, upload: &IncompleteUpload) -> Result<(), StorageError> {
         abort_multipart(&self.client, &self.bucket, &upload.key, &upload.upload_id).await
     }
+
+    async fn object_lock_enabled(&self) -> Result<bool, StorageError> {
+        match self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                == Some(&aws_sdk_s3::types::ObjectLockEnabled::Enabled)),
+            Err(e) if e.code() == Some("ObjectLockConfigurationNotFoundError") => Ok(false),
+            Err(e) => Err(StorageError::Request {
+                op: "get object lock configuration",
+                detail: DisplayErrorContext(e).to_string(),
+            }),
+        }
+    }
+
+    async fn lock(
+        &self,
+        key: &str,
+        mode: super::LockMode,
+        until: DateTime<Utc>,
+    ) -> Result<(), StorageError> {
+        use aws_sdk_s3::types::{ObjectLockRetention, ObjectLockRetentionMode};
+        validate_key(key)?;
+        let mode = match mode {
+            super::LockMode::Governance => ObjectLockRetentionMode::Governance,
+            super::LockMode::Compliance => ObjectLockRetentionMode::Compliance,
+        };
+        let retention = ObjectLockRetention::builder()
+            .mode(mode)
+            .retain_until_date(aws_sdk_s3::primitives::DateTime::from_secs(
+                until.timestamp(),
+            ))
+            .build();
+        self.client
+            .put_object_retention()
+            .bucket(&self.bucket)
+            .key(key)
+            .retention(retention)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| StorageError::Request {
+                op: "put object retention",
+                detail: DisplayErrorContext(e).to_string(),
+            })
+    }
 }
 
 async fn abort_multipart(
