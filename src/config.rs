@@ -106,6 +106,34 @@ pub struct Config {
     pub object_lock: Option<crate::storage::LockMode>,
 }
 
+/// An S3-compatible store's endpoint settings, from the three variables named.
+fn s3_options(
+    get: &impl Fn(&str) -> Option<String>,
+    endpoint_var: &'static str,
+    region_var: &'static str,
+    path_style_var: &'static str,
+) -> Result<S3Options, ConfigError> {
+    let endpoint = get(endpoint_var);
+    if let Some(e) = &endpoint {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(bad(
+                endpoint_var,
+                format!("must be an http:// or https:// URL, got {e:?}"),
+            ));
+        }
+    }
+    let force_path_style = match get(path_style_var) {
+        None => false,
+        Some(v) => parse_bool(&v)
+            .ok_or_else(|| bad(path_style_var, format!("expected true or false, got {v:?}")))?,
+    };
+    Ok(S3Options {
+        endpoint,
+        region: get(region_var),
+        force_path_style,
+    })
+}
+
 /// OBJECT_LOCK_MODE / COPY_OBJECT_LOCK_MODE: `governance` or `compliance`, on an s3:// store only.
 fn lock_mode(
     get: &impl Fn(&str) -> Option<String>,
@@ -137,7 +165,7 @@ pub struct CopyDestination {
     pub object_lock: Option<crate::storage::LockMode>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum CopyCredentials {
     /// A file:// destination needs none.
     None,
@@ -147,6 +175,21 @@ pub enum CopyCredentials {
     },
     /// A named profile of the shared AWS config and credentials files.
     Profile(String),
+}
+
+impl std::fmt::Debug for CopyCredentials {
+    // A bare key is no URL for `Secret` to redact: never printed at all.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Static { access_key_id, .. } => f
+                .debug_struct("Static")
+                .field("access_key_id", access_key_id)
+                .field("secret_access_key", &"***")
+                .finish(),
+            Self::Profile(p) => f.debug_tuple("Profile").field(p).finish(),
+        }
+    }
 }
 
 /// COPY_STORAGE_URL and its settings; every problem names its variable.
@@ -175,24 +218,12 @@ fn copy_destination(
         return Ok(None);
     };
     let url = StorageUrl::parse(&raw).map_err(|e| bad("COPY_STORAGE_URL", e))?;
-    let endpoint = get("COPY_S3_ENDPOINT");
-    if let Some(e) = &endpoint {
-        if !(e.starts_with("http://") || e.starts_with("https://")) {
-            return Err(bad(
-                "COPY_S3_ENDPOINT",
-                format!("must be an http:// or https:// URL, got {e:?}"),
-            ));
-        }
-    }
-    let force_path_style = match get("COPY_S3_FORCE_PATH_STYLE") {
-        None => false,
-        Some(v) => parse_bool(&v).ok_or_else(|| {
-            bad(
-                "COPY_S3_FORCE_PATH_STYLE",
-                format!("expected true or false, got {v:?}"),
-            )
-        })?,
-    };
+    let s3 = s3_options(
+        get,
+        "COPY_S3_ENDPOINT",
+        "COPY_S3_REGION",
+        "COPY_S3_FORCE_PATH_STYLE",
+    )?;
     let credentials = match (
         get("COPY_AWS_ACCESS_KEY_ID"),
         get("COPY_AWS_SECRET_ACCESS_KEY"),
@@ -232,11 +263,7 @@ fn copy_destination(
     let object_lock = lock_mode(get, "COPY_OBJECT_LOCK_MODE", &url)?;
     Ok(Some(CopyDestination {
         url,
-        s3: S3Options {
-            endpoint,
-            region: get("COPY_S3_REGION"),
-            force_path_style,
-        },
+        s3,
         credentials,
         object_lock,
     }))
@@ -272,24 +299,7 @@ impl Config {
         let storage_raw = get("STORAGE_URL").unwrap_or_else(|| DEFAULT_STORAGE_URL.to_owned());
         let storage_url = StorageUrl::parse(&storage_raw).map_err(|e| bad("STORAGE_URL", e))?;
 
-        let endpoint = get("S3_ENDPOINT");
-        if let Some(e) = &endpoint {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(bad(
-                    "S3_ENDPOINT",
-                    format!("must be an http:// or https:// URL, got {e:?}"),
-                ));
-            }
-        }
-        let force_path_style = match get("S3_FORCE_PATH_STYLE") {
-            None => false,
-            Some(v) => parse_bool(&v).ok_or_else(|| {
-                bad(
-                    "S3_FORCE_PATH_STYLE",
-                    format!("expected true or false, got {v:?}"),
-                )
-            })?,
-        };
+        let s3 = s3_options(&get, "S3_ENDPOINT", "S3_REGION", "S3_FORCE_PATH_STYLE")?;
 
         let provisioner_addr = get("PROVISIONER_ADDR")
             .map(|a| provisioner_endpoint(&a).map_err(|why| bad("PROVISIONER_ADDR", why)))
@@ -368,11 +378,7 @@ impl Config {
         Ok(Config {
             database_url: Secret::new(database_url),
             storage_url,
-            s3: S3Options {
-                endpoint,
-                region: get("S3_REGION"),
-                force_path_style,
-            },
+            s3,
             plans_path: get("PLANS_PATH").map(PathBuf::from),
             provisioner_addr,
             worker_id,
@@ -521,6 +527,72 @@ mod tests {
         map.entry("DATABASE_URL".into())
             .or_insert_with(|| "postgres://u:pw@localhost/db".into());
         Config::from_lookup(move |k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn a_copy_destination_has_settings_of_its_own() {
+        let keys = [
+            ("COPY_STORAGE_URL", "s3://copies/c"),
+            ("COPY_AWS_ACCESS_KEY_ID", "id"),
+            ("COPY_AWS_SECRET_ACCESS_KEY", "secret-x"),
+            ("COPY_OBJECT_LOCK_MODE", "Compliance"),
+        ];
+        let c = cfg(&keys).unwrap();
+        let copy = c.copy.unwrap();
+        assert_eq!(copy.url.prefix(), "c/");
+        assert_eq!(copy.object_lock, Some(crate::storage::LockMode::Compliance));
+        assert!(!format!("{copy:?}").contains("secret-x"), "{copy:?}");
+        assert!(c.object_lock.is_none());
+        for (pairs, var) in [
+            (vec![("COPY_AWS_PROFILE", "p")], "COPY_STORAGE_URL"),
+            (
+                vec![("COPY_STORAGE_URL", "s3://copies")],
+                "COPY_AWS_ACCESS_KEY_ID",
+            ),
+            (
+                vec![
+                    ("COPY_STORAGE_URL", "s3://copies"),
+                    ("COPY_AWS_ACCESS_KEY_ID", "id"),
+                ],
+                "COPY_AWS_SECRET_ACCESS_KEY",
+            ),
+            (
+                vec![
+                    ("COPY_STORAGE_URL", "s3://copies"),
+                    ("COPY_AWS_ACCESS_KEY_ID", "id"),
+                    ("COPY_AWS_SECRET_ACCESS_KEY", "s"),
+                    ("COPY_AWS_PROFILE", "p"),
+                ],
+                "COPY_AWS_PROFILE",
+            ),
+            (
+                vec![
+                    ("COPY_STORAGE_URL", "file:///tmp/c"),
+                    ("COPY_S3_FORCE_PATH_STYLE", "maybe"),
+                ],
+                "COPY_S3_FORCE_PATH_STYLE",
+            ),
+            (
+                vec![("COPY_STORAGE_URL", "file://./var/backups")],
+                "COPY_STORAGE_URL",
+            ),
+            (vec![("OBJECT_LOCK_MODE", "governance")], "OBJECT_LOCK_MODE"),
+            (
+                vec![
+                    ("STORAGE_URL", "s3://bucket"),
+                    ("OBJECT_LOCK_MODE", "forever"),
+                ],
+                "OBJECT_LOCK_MODE",
+            ),
+        ] {
+            let err = cfg(&pairs).unwrap_err();
+            assert_eq!(err.var, var, "{pairs:?}: {err}");
+        }
+        // A file:// copy needs no credentials.
+        assert!(cfg(&[("COPY_STORAGE_URL", "file:///srv/copies")])
+            .unwrap()
+            .copy
+            .is_some());
     }
 
     #[test]
