@@ -1,9 +1,10 @@
 //! Chaos (issue 15): four replicas of the real binary against a control database on a private
 //! Postgres server, real Postgres and Redis sources and one S3 store (moto). While they work, two
 //! replicas are SIGKILLed with their tools (whole process groups), the control Postgres restarts
-//! once and the S3 server freezes (SIGSTOP) for longer than a part upload takes. Every backup must
-//! end `succeeded` within its attempts, with exactly one correct object in the store, and nothing a
-//! live replica started may be left behind.
+//! once and the S3 server freezes (SIGSTOP) for longer than a part upload takes, and so does the
+//! copy destination (a second S3 server, issue 24). Every backup must end `succeeded` within its
+//! attempts, with exactly one correct object in the store and one correct copy on the copy store,
+//! and nothing a live replica started may be left behind on either.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_backup-worker");
 const BUCKET: &str = "chaos";
+const COPY_BUCKET: &str = "chaos-copies";
+const COPY_PREFIX: &str = "second/";
 const PREFIX: &str = "backups/";
 const LEASE_SECONDS: u64 = 5;
 const SHUTDOWN_GRACE: u64 = 3;
@@ -82,7 +85,7 @@ impl Replica {
         let log = logs.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let mut c = tokio::process::Command::new(BIN);
-        c.args(["run", "--only", "backups"])
+        c.args(["run", "--only", "backups,copies"])
             .env("WORKER_ID", name)
             .env(
                 "METRICS_ADDR",
@@ -283,9 +286,11 @@ async fn replicas_survive_kills_a_control_database_restart_and_a_frozen_store() 
         .unwrap();
     backup_worker::db::migrate(&pool).await.unwrap();
 
-    // The store.
+    // The store, and the copy destination (another S3-protocol server, DESIGN §13).
     let s3 = S3Server::start().await.unwrap();
     let store = s3.store(BUCKET).await.unwrap();
+    let copy_s3 = S3Server::start().await.unwrap();
+    let copy_store = copy_s3.store(COPY_BUCKET).await.unwrap();
 
     // Sources: Postgres databases on the shared server (~1.3 MB dumps), Redis servers with
     // incompressible data (1.5 MB, and 10 MB: two multipart parts).
@@ -374,6 +379,14 @@ async fn replicas_survive_kills_a_control_database_restart_and_a_frozen_store() 
         ("SHUTDOWN_GRACE", &SHUTDOWN_GRACE.to_string()),
         ("SHUTDOWN_ABORT_WINDOW", &SHUTDOWN_ABORT_WINDOW.to_string()),
         ("BACKUP_CONCURRENCY", "2"),
+        (
+            "COPY_STORAGE_URL",
+            &format!("s3://{COPY_BUCKET}/{COPY_PREFIX}"),
+        ),
+        ("COPY_S3_ENDPOINT", &copy_s3.endpoint),
+        ("COPY_S3_FORCE_PATH_STYLE", "true"),
+        ("COPY_AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY),
+        ("COPY_AWS_SECRET_ACCESS_KEY", TEST_ACCESS_KEY),
     ]
     .iter()
     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -409,8 +422,15 @@ async fn replicas_survive_kills_a_control_database_restart_and_a_frozen_store() 
     ));
     replicas.push(Replica::start("chaos-5", &env, &logs));
 
-    // 2. Restart the control database while jobs run.
+    // 2. The copy destination down (frozen) for a while, then the control database restarted,
+    //    while jobs run.
+    until(start, "15 final rows", &logs, final_at_least(15)).await;
+    say("freezing the copy store");
+    copy_s3.freeze(true);
     until(start, "20 final rows", &logs, final_at_least(20)).await;
+    tokio::time::sleep(FREEZE).await;
+    copy_s3.freeze(false);
+    say("copy store thawed");
     say(&format!(
         "restarting the control Postgres ({:?})",
         counts(&pool).await
@@ -461,6 +481,28 @@ async fn replicas_survive_kills_a_control_database_restart_and_a_frozen_store() 
         settle.as_secs_f64()
     );
 
+    // The copies catch up while the survivors run (the copies loop passes every 30 s).
+    let copies_done = Instant::now();
+    let copies: Vec<(Uuid, String, String)> = loop {
+        let copies: Vec<(Uuid, String, String)> = sqlx::query_as(
+            "SELECT backup_id, object_key, sha256 FROM backup_copies
+              WHERE destination = 'copy' AND status = 'succeeded'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default();
+        let incomplete = copy_store
+            .list_incomplete_uploads(COPY_PREFIX)
+            .await
+            .map(|u| u.len())
+            .unwrap_or(usize::MAX);
+        if (copies.len() == ROWS && incomplete == 0)
+            || copies_done.elapsed() > Duration::from_secs(240)
+        {
+            break copies;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     // Survivors exit 0 on SIGTERM within SHUTDOWN_GRACE + SHUTDOWN_ABORT_WINDOW + slack.
     let limit = Duration::from_secs(SHUTDOWN_GRACE + SHUTDOWN_ABORT_WINDOW + 3);
     for r in replicas.iter_mut() {
@@ -602,6 +644,69 @@ async fn replicas_survive_kills_a_control_database_restart_and_a_frozen_store() 
     assert!(
         incomplete.is_empty(),
         "incomplete uploads of SIGKILLed replicas' attempts not aborted by the lease recovery: {incomplete:?}"
+    );
+
+    // Every backup ends protected: one succeeded copy each, under the copy prefix, byte-for-byte
+    // (sha256), and nothing else on the copy store — no object without a copy, no incomplete
+    // upload (a SIGKILLed replica's is aborted by whoever recovers its copy's lease). The copies
+    // loop passes every 30 s, so this is polled with a deadline.
+    let states: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT status || coalesce(' ' || failure_reason, ''), count(*) FROM backup_copies GROUP BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(copies.len(), ROWS, "every backup protected: {states:?}");
+    say(&format!("every backup copied ({states:?})"));
+    let copy_objects: BTreeMap<String, u64> = copy_store
+        .list(COPY_PREFIX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.key, o.size))
+        .collect();
+    let by_backup: HashMap<Uuid, &Final> = rows.iter().map(|r| (r.0, r)).collect();
+    for (backup, key, sha) in &copies {
+        let row = by_backup[backup];
+        assert!(key.starts_with(COPY_PREFIX), "{key}");
+        assert_eq!(
+            copy_objects.get(key).map(|s| *s as i64),
+            row.4,
+            "the copy of {backup} at {key}"
+        );
+        assert_eq!(Some(sha), row.5.as_ref());
+        let mut reader = copy_store.get(key).await.unwrap();
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        assert_eq!(
+            &hex::encode(hasher.finalize()),
+            sha,
+            "sha256 of the copy {key}"
+        );
+    }
+    assert_eq!(
+        copy_objects.len(),
+        ROWS,
+        "nothing on the copy store but the copies: {:?}",
+        copy_objects
+            .keys()
+            .filter(|k| !copies.iter().any(|c| &c.1 == *k))
+            .collect::<Vec<_>>()
+    );
+    let copy_incomplete = copy_store
+        .list_incomplete_uploads(COPY_PREFIX)
+        .await
+        .unwrap();
+    assert!(
+        copy_incomplete.is_empty(),
+        "incomplete uploads on the copy store: {copy_incomplete:?}"
     );
 
     // Exactly one backup.succeeded audit row per backup, no backup.failed.

@@ -498,10 +498,48 @@ impl Copies {
             Ok(rows) => {
                 for r in rows {
                     tracing::warn!(copy_id = %r.id, failed = r.failed, "recovered a copy whose lease expired");
+                    // A dead attempt cleans up nothing: its upload to the copy store is aborted
+                    // here, before the row can be claimed again.
+                    if let Err(e) = self.abort_dead_upload(r.id).await {
+                        tracing::warn!(copy_id = %r.id, error = %e,
+                            "aborting a dead copy attempt's upload failed; the copy store may keep its parts");
+                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "stuck-copy recovery failed"),
         }
+    }
+
+    /// Aborts the incomplete uploads under a copy's key (a replica died mid-upload).
+    async fn abort_dead_upload(&self, copy_id: Uuid) -> Result<(), LoopError> {
+        let Some(copy) = &self.copy else {
+            return Ok(());
+        };
+        let key: Option<String> = sqlx::query_scalar(
+            "SELECT b.object_key FROM backup_copies c JOIN resource_backups b ON b.id = c.backup_id
+              WHERE c.id = $1",
+        )
+        .bind(copy_id)
+        .fetch_optional(self.pool())
+        .await?
+        .flatten();
+        let Some(key) = key else {
+            return Ok(());
+        };
+        let target = copy_key(&self.deps.config, &key);
+        for upload in copy
+            .list_incomplete_uploads(&target)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            if upload.key == target {
+                copy.abort_incomplete_upload(&upload)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(object_key = %upload.key, "aborted a dead copy attempt's upload");
+            }
+        }
+        Ok(())
     }
 }
 
