@@ -711,3 +711,82 @@ async fn object_lock_keeps_backups_and_copies_from_the_credentials_that_wrote_th
         "{stderr}"
     );
 }
+
+#[sqlx::test]
+async fn a_store_that_corrupts_never_holds_a_counted_copy_and_encrypted_backups_copy_byte_for_byte(
+    pool: PgPool,
+) {
+    use backup_worker::storage::LocalStore;
+    use backup_worker_testkit::MemoryStore;
+    let pg = PgServer::start().await.unwrap();
+    let primary_dir = tempfile::tempdir().unwrap();
+    let primary: Arc<dyn ObjectStore> = Arc::new(
+        LocalStore::new(primary_dir.path().to_path_buf())
+            .await
+            .unwrap(),
+    );
+    // Encrypted backups (ENCRYPTION_KEY_FILE, DESIGN §12): the copy is the same age object.
+    let keys = tempfile::tempdir().unwrap();
+    let master = keys.path().join("master.key");
+    {
+        use base64::Engine;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(
+            &master,
+            base64::engine::general_purpose::STANDARD.encode([7u8; 32]) + "\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&master, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let url = tenant(&pg).await;
+    let mut d = test_deps(
+        pool.clone(),
+        primary.clone(),
+        test_config(&[("ENCRYPTION_KEY_FILE", master.to_str().unwrap())]).unwrap(),
+    )
+    .unwrap();
+    let team = insert_team(&pool, "pro").await.unwrap();
+    let res = insert_resource(&pool, team, "postgres", &url)
+        .await
+        .unwrap();
+    let backup = back_up(&d, res).await.unwrap();
+    let key: String = sqlx::query_scalar("SELECT object_key FROM resource_backups WHERE id = $1")
+        .bind(backup)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(key.ends_with(".pgdump.gz.age"), "{key}");
+
+    // A copy store that flips a byte of what it stores: the copy read back differs, so it is
+    // deleted and the attempt retried — never counted as a copy.
+    let bad = MemoryStore::corrupting();
+    d.copy_store = Some(Arc::new(bad.clone()));
+    Copies::new(d.clone()).pass(&pass_ctx()).await.unwrap();
+    let (status, _, reason, detail) = copy_row(&pool, backup).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("pending", Some("upload")),
+        "{detail:?}"
+    );
+    assert!(
+        detail
+            .unwrap_or_default()
+            .contains("returned bytes with sha256"),
+        "the read-back caught it"
+    );
+    assert!(bad.bytes(&key).is_none(), "the corrupted copy was deleted");
+
+    // A healthy copy store: the encrypted object is copied byte-for-byte.
+    let good = MemoryStore::new();
+    d.copy_store = Some(Arc::new(good.clone()));
+    sqlx::query("UPDATE backup_copies SET run_after = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    Copies::new(d.clone()).pass(&pass_ctx()).await.unwrap();
+    assert_eq!(copy_row(&pool, backup).await.0, "succeeded");
+    assert_eq!(
+        good.bytes(&key).unwrap(),
+        bytes(primary.as_ref(), &key).await
+    );
+}

@@ -16,6 +16,8 @@ use backup_worker::storage::{
 struct Inner {
     objects: BTreeMap<String, (Vec<u8>, Metadata, DateTime<Utc>)>,
     uploads: BTreeMap<String, String>,
+    /// A store that corrupts: the first byte of every object it commits is flipped.
+    corrupting: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -32,6 +34,13 @@ impl MemoryStore {
         // A panic while holding the lock cannot leave the maps half-updated: every update is one
         // insert or remove, so a poisoned lock is still consistent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A store that silently corrupts what it is given (a fault to inject).
+    pub fn corrupting() -> Self {
+        let s = Self::default();
+        s.lock().corrupting = true;
+        s
     }
 
     /// The committed bytes of an object (test helper).
@@ -160,9 +169,14 @@ impl Upload for MemoryUpload {
         self.finished = true;
         let mut meta = std::mem::take(&mut self.metadata);
         meta.extend(metadata);
-        let data = std::mem::take(&mut self.data);
+        let mut data = std::mem::take(&mut self.data);
         let size = data.len() as u64;
         let mut inner = self.store.lock();
+        if inner.corrupting {
+            if let Some(b) = data.first_mut() {
+                *b ^= 0xff;
+            }
+        }
         inner.uploads.remove(&self.id);
         inner
             .objects
