@@ -727,6 +727,24 @@ pub fn due(last: &mut Option<std::time::Instant>, every: Duration) -> bool {
     true
 }
 
+/// [`due`] behind a lock, for housekeeping that several tasks of a queue may ask about.
+#[derive(Debug, Default)]
+pub struct Every(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl Every {
+    /// True (and stamped) when `every` has passed since it was last true, or never was.
+    pub fn due(&self, every: Duration) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        due(&mut last, every)
+    }
+}
+
+/// How often a queue looks for expired leases: every few seconds, never less often than a lease
+/// lasts.
+pub fn recovery_every(lease: Duration) -> Duration {
+    lease.min(Duration::from_secs(10))
+}
+
 /// How often a pass with running jobs looks for more work (and reports progress).
 const POLL: Duration = Duration::from_secs(1);
 

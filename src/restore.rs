@@ -89,17 +89,14 @@ pub async fn download_from_any(
         identity.clone(),
     )
     .await;
-    let primary_failure = match (first, copy) {
+    let (primary_failure, (copy, copy_key)) = match (first, copy) {
         (Ok(file), _) => return Ok((file, Source::Primary)),
-        (Err(f), Some(_))
+        (Err(f), Some(copy))
             if matches!(f.reason, FailureReason::Integrity | FailureReason::Upload) =>
         {
-            f
+            (f, copy)
         }
         (Err(f), _) => return Err(f),
-    };
-    let Some((copy, copy_key)) = copy else {
-        return Err(primary_failure);
     };
     tracing::warn!(object_key = %key, reason = primary_failure.reason.as_str(), detail = %primary_failure.detail,
         "the primary object does not serve; reading the copy");

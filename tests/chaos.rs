@@ -238,6 +238,20 @@ where
     }
 }
 
+/// The sha256 of an object as the store returns it.
+async fn sha256_of(store: &dyn ObjectStore, key: &str) -> String {
+    let mut reader = store.get(key).await.unwrap();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).await.unwrap();
+        if n == 0 {
+            return hex::encode(hasher.finalize());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
 /// The key prefix (`…/<stamp>-<id>.`) of an attempt that a killed replica held.
 fn attempt_key_prefix(team: Uuid, resource: Uuid, started: DateTime<Utc>, id: Uuid) -> String {
     format!(
@@ -580,21 +594,7 @@ async fn replicas_survive_kills_a_control_database_restart_and_a_frozen_store() 
             .get(*key)
             .unwrap_or_else(|| panic!("row {} points at a missing object {key}", row.0));
         assert_eq!(Some(*size as i64), row.4, "size of {key}");
-        let mut reader = store.get(key).await.unwrap();
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = reader.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        assert_eq!(
-            Some(hex::encode(hasher.finalize())),
-            row.5,
-            "sha256 of {key}"
-        );
+        assert_eq!(Some(sha256_of(&store, key).await), row.5, "sha256 of {key}");
     }
     // Nothing else: no object that no row references, no incomplete upload. Live replicas abort
     // every upload they give up and delete every object they cannot record; a SIGKILLed
@@ -675,18 +675,8 @@ async fn replicas_survive_kills_a_control_database_restart_and_a_frozen_store() 
             "the copy of {backup} at {key}"
         );
         assert_eq!(Some(sha), row.5.as_ref());
-        let mut reader = copy_store.get(key).await.unwrap();
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = reader.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
         assert_eq!(
-            &hex::encode(hasher.finalize()),
+            &sha256_of(&copy_store, key).await,
             sha,
             "sha256 of the copy {key}"
         );

@@ -67,8 +67,8 @@ pub struct Copies {
     deps: Deps,
     copy: Option<Arc<dyn ObjectStore>>,
     claimer: jobs::Claimer,
-    last_recovery: std::sync::Mutex<Option<Instant>>,
-    last_reconcile: std::sync::Mutex<Option<Instant>>,
+    last_recovery: jobs::Every,
+    last_reconcile: jobs::Every,
     /// The copy store's reconciliation cursor: the last key seen (None: start over).
     reconcile_after: std::sync::Mutex<Option<String>>,
 }
@@ -86,8 +86,8 @@ impl Copies {
             copy: deps.copy_store.clone(),
             deps,
             claimer: jobs::Claimer::new(JobTable::Copies),
-            last_recovery: std::sync::Mutex::default(),
-            last_reconcile: std::sync::Mutex::default(),
+            last_recovery: jobs::Every::default(),
+            last_reconcile: jobs::Every::default(),
             reconcile_after: std::sync::Mutex::default(),
         })
     }
@@ -665,18 +665,12 @@ impl Loop for Arc<Copies> {
         if deleted > 0 {
             tracing::info!(deleted, "copies of expired backups deleted");
         }
-        let reconcile = {
-            let mut last = self
-                .last_reconcile
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let continuing = self
-                .reconcile_after
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some();
-            jobs::due(&mut last, RECONCILE_EVERY) || continuing
-        };
+        let continuing = self
+            .reconcile_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        let reconcile = self.last_reconcile.due(RECONCILE_EVERY) || continuing;
         if reconcile {
             if let Err(e) = self.reconcile().await {
                 tracing::error!(error = %e, "reconciling the copy store failed; tried again next hour");
@@ -698,14 +692,10 @@ impl jobs::Queue for Copies {
 
     async fn housekeeping(&self, _heartbeat: &crate::health::Heartbeat) {
         self.claimer.settle(self.pool()).await;
-        let due = {
-            let mut last = self.last_recovery.lock().unwrap_or_else(|p| p.into_inner());
-            jobs::due(
-                &mut last,
-                self.deps.config.lease.min(Duration::from_secs(10)),
-            )
-        };
-        if due {
+        if self
+            .last_recovery
+            .due(jobs::recovery_every(self.deps.config.lease))
+        {
             self.recover().await;
         }
     }

@@ -84,7 +84,7 @@ struct Context {
 pub struct Restores {
     deps: Deps,
     claimer: jobs::Claimer,
-    last_recovery: std::sync::Mutex<Option<Instant>>,
+    last_recovery: jobs::Every,
 }
 
 impl Restores {
@@ -92,7 +92,7 @@ impl Restores {
         Arc::new(Self {
             deps,
             claimer: jobs::Claimer::new(JobTable::Restores),
-            last_recovery: std::sync::Mutex::default(),
+            last_recovery: jobs::Every::default(),
         })
     }
 
@@ -501,14 +501,10 @@ impl jobs::Queue for Restores {
 
     async fn housekeeping(&self, _heartbeat: &crate::health::Heartbeat) {
         self.claimer.settle(self.pool()).await;
-        let due = {
-            let mut last = self.last_recovery.lock().unwrap_or_else(|p| p.into_inner());
-            jobs::due(
-                &mut last,
-                self.deps.config.lease.min(Duration::from_secs(10)),
-            )
-        };
-        if due {
+        if self
+            .last_recovery
+            .due(jobs::recovery_every(self.deps.config.lease))
+        {
             // Expired leases back to pending (or failed after the last attempt), as for backups.
             match jobs::recover_and_audit(self.pool(), JobTable::Restores, "restore.failed").await {
                 Ok(recovered) => {

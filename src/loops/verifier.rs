@@ -112,7 +112,7 @@ pub struct Verifier {
     /// VERIFY_REDIS_URL's scratch Redis; `None`: Redis backups are cut, not RESTOREd.
     redis_scratch: Option<engines::ScratchRedis>,
     claimer: jobs::Claimer,
-    last_recovery: std::sync::Mutex<Option<Instant>>,
+    last_recovery: jobs::Every,
 }
 
 impl Verifier {
@@ -139,7 +139,7 @@ impl Verifier {
             scratch,
             redis_scratch,
             claimer: jobs::Claimer::new(JobTable::Verifications),
-            last_recovery: std::sync::Mutex::default(),
+            last_recovery: jobs::Every::default(),
         })
     }
 
@@ -930,14 +930,10 @@ impl jobs::Queue for Verifier {
 
     async fn housekeeping(&self, _heartbeat: &crate::health::Heartbeat) {
         self.claimer.settle(self.pool()).await;
-        let due = {
-            let mut last = self.last_recovery.lock().unwrap_or_else(|p| p.into_inner());
-            jobs::due(
-                &mut last,
-                self.deps.config.lease.min(Duration::from_secs(10)),
-            )
-        };
-        if due {
+        if self
+            .last_recovery
+            .due(jobs::recovery_every(self.deps.config.lease))
+        {
             self.recover().await;
         }
     }

@@ -182,8 +182,11 @@ pub(crate) fn platform(entries: &[TocEntry], role: &str) -> Platform {
             .schemas
             .iter()
             .any(|s| e.tag == format!("SCHEMA {s}") || e.tag == format!("SCHEMA {}", ident(s)));
-        // An object the dump does not create: an extension's member (or `public`).
-        let not_dumped = !e.deps.iter().any(|d| ids.contains(d));
+        // An object the dump does not create: an extension's member (or `public`) — never a
+        // system catalog's (a grant on `pg_catalog.pg_read_file` in the dump must not become
+        // the throwaway role's right to read the scratch server's files).
+        let system = e.namespace == "information_schema" || e.namespace.starts_with("pg_");
+        let not_dumped = !e.deps.iter().any(|d| ids.contains(d)) && !system;
         if on_platform_schema || not_dumped {
             p.grants.extend(
                 statements(&e.defn)
@@ -504,6 +507,10 @@ mod tests {
             entry(7, "SCHEMA", "app", "", &[]),
             entry(8, "ACL", "SCHEMA app", "GRANT USAGE ON SCHEMA app TO tenant_ro;\n", &[7]),
             entry(9, "ACL", "SCHEMA public", "REVOKE USAGE ON SCHEMA public FROM PUBLIC;\nGRANT USAGE ON SCHEMA public TO PUBLIC;\nGRANT ALL ON SCHEMA public TO \"odd TO name\";\n", &[901]),
+            TocEntry {
+                namespace: "pg_catalog".into(),
+                ..entry(10, "ACL", "FUNCTION pg_read_file(text)", "GRANT ALL ON FUNCTION pg_catalog.pg_read_file(text) TO tenant_owner;\n", &[902])
+            },
         ];
         let p = platform(&entries, "bw_verify_x");
         assert_eq!(p.schemas, ["partman", "my ext"]);
@@ -523,7 +530,7 @@ mod tests {
                 "GRANT USAGE ON SCHEMA public TO PUBLIC",
                 "GRANT ALL ON SCHEMA public TO \"bw_verify_x\"",
             ],
-            "the tenant's own schema's grants are the rewind's, not the platform's"
+            "the tenant's own schema's grants are the rewind's, not the platform's; a system catalog's are nobody's"
         );
     }
 
