@@ -22,6 +22,9 @@ pub const SKIP_REASON_BUCKETS: &[&str] = &[
     "other",
 ];
 
+/// `kind` values of `backup_worker_backup_anomalies_total` (DESIGN §15).
+pub const ANOMALY_KINDS: [&str; 2] = ["size", "content"];
+
 /// Buckets for job durations: seconds up to the 6 h default timeout.
 const DURATION_BUCKETS: &[f64] = &[
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
@@ -47,6 +50,7 @@ pub struct Metrics {
     pub copies: IntCounterVec,
     pub unprotected_backups: IntGauge,
     pub copy_reads: IntCounterVec,
+    pub backup_anomalies: IntCounterVec,
     pub propagation_applied: IntCounterVec,
     pub propagation_unexpected_skip: IntCounterVec,
     pub propagation_dead_lettered: IntCounterVec,
@@ -200,6 +204,12 @@ impl Metrics {
                 "Restores and verifications whose object was read from the copy destination because the primary's was missing, unreadable or altered.",
                 &["reader"],
             )?,
+            backup_anomalies: counter_vec(
+                &r,
+                "backup_worker_backup_anomalies_total",
+                "Succeeded backups flagged as anomalous against their resource's previous one (DESIGN §15); kind is size or content.",
+                &["resource_type", "kind"],
+            )?,
             propagation_applied: counter_vec(
                 &r,
                 "instant_propagation_applied_total",
@@ -308,6 +318,9 @@ impl Metrics {
             self.backup_duration.with_label_values(&[t]);
             self.backup_bytes.with_label_values(&[t]);
             self.backup_scheduled.with_label_values(&[t]);
+            for kind in ANOMALY_KINDS {
+                self.backup_anomalies.with_label_values(&[t, kind]);
+            }
         }
         self.copies
             .with_label_values(&[crate::loops::copies::DESTINATION, "ok"]);
