@@ -1,6 +1,7 @@
 //! One-shot commands for people: enqueue a manual backup or a restore, list a resource's
 //! backups, register a team or a resource, print queue status and a verification's result.
 
+use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -24,6 +25,8 @@ pub enum CommandError {
     BadUrl(String),
     #[error("invalid tier {0:?}: lowercase letters, digits and _ (e.g. pro, hobby, team)")]
     BadTier(String),
+    #[error("backup {0} is not flagged as an anomaly: nothing to accept")]
+    NotAnomalous(Uuid),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -167,10 +170,9 @@ pub async fn status(pool: &PgPool) -> Result<String, CommandError> {
     let (copied, unprotected): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM backup_copies WHERE status = 'succeeded'),
                 (SELECT count(*) FROM resource_backups b
-                  WHERE b.status = 'succeeded' AND b.finished_at < now() - interval '1 hour'
-                    AND EXISTS (SELECT 1 FROM backup_copies)
-                    AND NOT EXISTS (SELECT 1 FROM backup_copies c
-                                     WHERE c.backup_id = b.id AND c.status = 'succeeded'))",
+                  WHERE b.status = 'succeeded' AND b.copy_status IS DISTINCT FROM 'succeeded'
+                    AND b.finished_at < now() - interval '1 hour'
+                    AND EXISTS (SELECT 1 FROM backup_copies))",
     )
     .fetch_one(pool)
     .await?;
@@ -351,6 +353,7 @@ type BackupListRow = (
     f64,
     Option<f64>,
     Option<String>,
+    Option<String>,
 );
 
 /// Seconds as a short age: `42s`, `5m`, `3h`, `2d`.
@@ -390,7 +393,10 @@ pub async fn list_backups(pool: &PgPool, resource_id: Uuid) -> Result<String, Co
                 extract(epoch FROM now() - verified_at)::float8,
                 (SELECT c.status || coalesce(' (' || c.failure_reason || ')', '')
                    FROM backup_copies c WHERE c.backup_id = resource_backups.id
-                  ORDER BY c.created_at DESC LIMIT 1)
+                  ORDER BY c.created_at DESC LIMIT 1),
+                CASE WHEN anomaly IS NOT NULL
+                     THEN (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(anomaly) k)
+                     WHEN anomaly_accepted_at IS NOT NULL THEN 'accepted' END
            FROM resource_backups WHERE resource_id = $1
           ORDER BY created_at DESC LIMIT 200",
     )
@@ -413,12 +419,28 @@ pub async fn list_backups(pool: &PgPool, resource_id: Uuid) -> Result<String, Co
     }
     let _ = writeln!(
         out,
-        "{:<36}  {:<9}  {:<9}  {:>5}  {:>10}  {:<20}  COPY",
-        "ID", "STATUS", "KIND", "AGE", "SIZE", "VERIFICATION"
+        "{:<36}  {:<9}  {:<9}  {:>5}  {:>10}  {:<20}  {:<10}  ANOMALY",
+        "ID", "STATUS", "KIND", "AGE", "SIZE", "VERIFICATION", "COPY"
     );
-    for (id, status, kind, _, size_bytes, verify, _, reason, created_secs, verified_secs, copy) in
-        rows
+    let mut flagged = 0;
+    for (
+        id,
+        status,
+        kind,
+        _,
+        size_bytes,
+        verify,
+        _,
+        reason,
+        created_secs,
+        verified_secs,
+        copy,
+        anomaly,
+    ) in rows
     {
+        if anomaly.as_deref().is_some_and(|a| a != "accepted") {
+            flagged += 1;
+        }
         let status = match (&*status, reason) {
             ("failed", Some(r)) => format!("failed ({r})"),
             ("pending", Some(r)) => format!("pending (retry after {r})"),
@@ -431,11 +453,59 @@ pub async fn list_backups(pool: &PgPool, resource_id: Uuid) -> Result<String, Co
         };
         let _ = writeln!(
             out,
-            "{id}  {status:<9}  {kind:<9}  {:>5}  {:>10}  {verification:<20}  {}",
+            "{id}  {status:<9}  {kind:<9}  {:>5}  {:>10}  {verification:<20}  {:<10}  {}",
             age(created_secs),
             size_bytes.map(size).unwrap_or_else(|| "-".into()),
             copy.as_deref().unwrap_or("-"),
+            anomaly.as_deref().unwrap_or("-"),
+        );
+    }
+    if flagged > 0 {
+        let _ = writeln!(
+            out,
+            "{flagged} backup{} flagged as an anomaly (content collapsed against the previous \
+             backup): retention does not count {} as good backups. Check, then clear with: \
+             backup-worker backups --accept <id>",
+            if flagged == 1 { "" } else { "s" },
+            if flagged == 1 { "it" } else { "them" },
         );
     }
     Ok(out)
+}
+
+/// Clears a backup's anomaly flag (DESIGN §15) after an operator checked it: retention counts it
+/// as a good backup again and it is not flagged again. Audited `backup.anomaly_accepted` with
+/// what was flagged. Returns a line for the terminal.
+pub async fn accept_anomaly(pool: &PgPool, backup_id: Uuid) -> Result<String, CommandError> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(Uuid, Uuid, Option<Value>)> = sqlx::query_as(
+        "SELECT r.team_id, b.resource_id, b.anomaly FROM resource_backups b
+           JOIN resources r ON r.id = b.resource_id
+          WHERE b.id = $1 FOR NO KEY UPDATE OF b",
+    )
+    .bind(backup_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (team, resource, anomaly) = row.ok_or(CommandError::BackupNotFound(backup_id))?;
+    let anomaly = anomaly.ok_or(CommandError::NotAnomalous(backup_id))?;
+    sqlx::query(
+        "UPDATE resource_backups SET anomaly = NULL, anomaly_accepted_at = now() WHERE id = $1",
+    )
+    .bind(backup_id)
+    .execute(&mut *tx)
+    .await?;
+    let by = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    crate::db::audit(
+        &mut *tx,
+        "backup.anomaly_accepted",
+        Some(team),
+        Some(resource),
+        Some(backup_id),
+        serde_json::json!({ "backup_id": backup_id, "anomaly": anomaly, "accepted_by": by }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(format!(
+        "backup {backup_id}: anomaly accepted; retention counts it as a good backup again"
+    ))
 }

@@ -2,6 +2,7 @@
 //! and plan-tier propagation. See README.md for the architecture and docs/contract.md for the contract.
 
 pub mod alloc;
+pub mod anomaly;
 pub mod app;
 pub mod classify;
 pub mod commands;

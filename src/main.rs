@@ -57,10 +57,15 @@ enum Command {
         /// The resource to back up (see `resources add`).
         resource_id: Uuid,
     },
-    /// List a resource's backups, newest first: id, status, kind, age, size, verification, copy.
+    /// List a resource's backups, newest first: id, status, kind, age, size, verification, copy,
+    /// anomaly; or, with --accept, clear a backup's anomaly flag after checking it.
     Backups {
         /// The resource whose backups to list.
-        resource_id: Uuid,
+        #[arg(required_unless_present = "accept", conflicts_with = "accept")]
+        resource_id: Option<Uuid>,
+        /// Clear this backup's anomaly flag (audited): retention counts it as good again.
+        #[arg(long, value_name = "BACKUP_ID")]
+        accept: Option<Uuid>,
     },
     /// Enqueue a restore of a backup and print its id.
     Restore {
@@ -187,14 +192,27 @@ async fn main() -> ExitCode {
         },
         Command::Verify { backup_id } => verify(config, backup_id).await,
         Command::Keys(cmd) => keys(config, cmd).await,
-        Command::Backups { resource_id } => match connect(&config, 2).await {
-            Ok(pool) => match commands::list_backups(&pool, resource_id).await {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
+        Command::Backups {
+            resource_id,
+            accept,
+        } => match connect(&config, 2).await {
+            Ok(pool) => {
+                let text = match (accept, resource_id) {
+                    (Some(backup), _) => commands::accept_anomaly(&pool, backup)
+                        .await
+                        .map(|line| format!("{line}\n")),
+                    (None, Some(resource)) => commands::list_backups(&pool, resource).await,
+                    // clap requires one of the two.
+                    (None, None) => Ok(String::new()),
+                };
+                match text {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(e),
                 }
-                Err(e) => fail(e),
-            },
+            }
             Err(code) => code,
         },
         Command::Teams(TeamsCommand::Add { tier }) => match connect(&config, 2).await {

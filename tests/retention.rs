@@ -248,6 +248,53 @@ async fn backups_that_failed_verification_protect_nothing_and_keep_the_verified_
     assert_eq!(status(&pool, older).await, "expired");
 }
 
+/// DESIGN §15: a backup flagged as an anomaly is never the reason an older one expires — a mass
+/// DELETE followed by keep_last more backups must not age out the last backups from before it —
+/// and once an operator accepts it, it counts again.
+#[sqlx::test]
+async fn anomalous_backups_protect_nothing_until_accepted(pool: PgPool) {
+    let (_dir, store) = local_store().await;
+    let s = store.as_ref();
+    let plans = Plans::load(None).unwrap();
+    let now = Utc::now();
+    let t = team(&pool, "pro").await; // 30 days, keep_last 3
+    let r = resource(&pool, t, "active").await;
+    let before = backup(&pool, s, t, r, now, 40 * DAY).await;
+    let mut after = Vec::new();
+    for age in [3, 2, 1] {
+        let id = backup(&pool, s, t, r, now, age * DAY).await;
+        sqlx::query("UPDATE resource_backups SET anomaly = '{\"size\": {}}' WHERE id = $1")
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        after.push(id);
+    }
+    let report = apply_retention(&pool, s, &plans, now).await.unwrap();
+    assert_eq!(report.expired, 0, "{report:?}");
+    assert_eq!(
+        status(&pool, before).await,
+        "succeeded",
+        "the last backup from before"
+    );
+    assert!(object_exists(s, &pool, before).await);
+    for id in &after {
+        backup_worker::commands::accept_anomaly(&pool, *id)
+            .await
+            .unwrap();
+    }
+    let report = apply_retention(&pool, s, &plans, now).await.unwrap();
+    assert_eq!(report.expired, 1, "{report:?}");
+    assert_eq!(
+        status(&pool, before).await,
+        "expired",
+        "three accepted newer backups keep it no more"
+    );
+    for id in &after {
+        assert_eq!(status(&pool, *id).await, "succeeded");
+    }
+}
+
 #[sqlx::test]
 async fn a_downgrade_to_retention_zero_ages_backups_out_on_the_default_plan(pool: PgPool) {
     let (_dir, store) = local_store().await;

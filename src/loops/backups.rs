@@ -105,6 +105,8 @@ const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 const RECONCILE_EVERY: Duration = Duration::from_secs(3600);
 /// The least age of an incomplete upload the sweep aborts; the age applied is
 /// [`retention::orphan_upload_age`] (never less than `BACKUP_TIMEOUT` + 1 h).
+/// Claim order: oldest due first (`resource_backups_due_idx` holds it, so a claim reads O(1) rows).
+pub const CLAIM_ORDER: &str = "x.run_after, x.created_at, x.id";
 pub const ORPHAN_UPLOAD_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// When each housekeeping task last ran in this process (`None`: never, so it runs on the first
@@ -337,7 +339,7 @@ impl Backups {
             .claimer
             .claim_next(
                 self.pool(),
-                "x.run_after, x.created_at",
+                CLAIM_ORDER,
                 &self.deps.config.worker_id,
                 self.deps.config.lease,
             )
@@ -752,7 +754,11 @@ impl Backups {
                             "dump_mode": mode }),
                 )
                 .await?;
+                let anomalous = crate::anomaly::check_size(&mut tx, lease.id).await?;
                 tx.commit().await?;
+                if anomalous {
+                    crate::anomaly::count(m, &job.resource_type, "size");
+                }
                 m.backup_succeeded.inc();
                 m.backup_by_type
                     .with_label_values(&[type_label, "ok"])

@@ -229,12 +229,13 @@ impl Copies {
             return Ok(0);
         }
         let done = sqlx::query(
+            // `copy_status` (kept by triggers on backup_copies) is null while a backup has no
+            // copy row: an index range of the uncopied, never every succeeded backup.
             "INSERT INTO backup_copies (backup_id, resource_id, destination)
              SELECT b.id, b.resource_id, $1 FROM resource_backups b
-              WHERE b.status = 'succeeded' AND b.object_key IS NOT NULL AND b.sha256 IS NOT NULL
-                AND NOT EXISTS (SELECT 1 FROM backup_copies c
-                                 WHERE c.backup_id = b.id AND c.destination = $1)
-              ORDER BY b.finished_at DESC NULLS LAST
+              WHERE b.status = 'succeeded' AND b.copy_status IS NULL
+                AND b.object_key IS NOT NULL AND b.sha256 IS NOT NULL
+              ORDER BY b.finished_at DESC
               LIMIT $2
              ON CONFLICT (backup_id, destination) DO NOTHING",
         )
@@ -253,12 +254,9 @@ impl Copies {
         } else {
             sqlx::query_scalar(&format!(
                 "SELECT count(*) FROM resource_backups b
-                  WHERE b.status = 'succeeded' AND b.finished_at < now() - interval '{UNPROTECTED_AFTER}'
-                    AND NOT EXISTS (SELECT 1 FROM backup_copies c
-                                     WHERE c.backup_id = b.id AND c.destination = $1
-                                       AND c.status = 'succeeded')"
+                  WHERE b.status = 'succeeded' AND b.copy_status IS DISTINCT FROM 'succeeded'
+                    AND b.finished_at < now() - interval '{UNPROTECTED_AFTER}'"
             ))
-            .bind(DESTINATION)
             .fetch_one(self.pool())
             .await?
         };
@@ -266,17 +264,23 @@ impl Copies {
         Ok(n)
     }
 
+    /// The claim's candidate query: oldest due first, an index scan of `backup_copies_due_idx`
+    /// that stops at the first row it can lock.
+    pub fn candidates() -> String {
+        format!(
+            "SELECT x.id FROM backup_copies x
+              WHERE x.status = 'pending' AND x.run_after <= now() AND x.destination = '{DESTINATION}'
+              ORDER BY x.run_after, x.created_at
+              LIMIT 1
+              FOR UPDATE SKIP LOCKED"
+        )
+    }
+
     /// One statement, `FOR UPDATE SKIP LOCKED`, with a lease: the oldest due row (a copy does
     /// not wait for the resource's running backup or restore — it never touches the customer).
     pub async fn claim(&self) -> Result<Option<Job>, sqlx::Error> {
         loop {
-            let candidates = format!(
-                "SELECT x.id FROM backup_copies x
-                  WHERE x.status = 'pending' AND x.run_after <= now() AND x.destination = '{DESTINATION}'
-                  ORDER BY x.run_after, x.created_at
-                  LIMIT 1
-                  FOR UPDATE SKIP LOCKED"
-            );
+            let candidates = Self::candidates();
             let Some(claimed) = self
                 .claimer
                 .claim(

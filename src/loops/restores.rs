@@ -21,6 +21,9 @@ use crate::restore;
 use crate::secret::Secret;
 
 /// A claimed restore, its target and the backup it rewinds to.
+/// Claim order: oldest due first (`resource_restores_due_idx` holds it, so a claim reads O(1) rows).
+pub const CLAIM_ORDER: &str = "x.run_after, x.created_at, x.id";
+
 #[derive(Debug)]
 pub struct Job {
     pub lease: Lease,
@@ -107,7 +110,7 @@ impl Restores {
             .claimer
             .claim_next(
                 self.pool(),
-                "x.run_after, x.created_at",
+                CLAIM_ORDER,
                 &self.deps.config.worker_id,
                 self.deps.config.lease,
             )

@@ -27,12 +27,47 @@ use crate::engines::{self, fail, Census, Failure, ScratchServer};
 use crate::jobs::{self, FailureOutcome, JobTable, Lease, Stopped};
 use crate::restore;
 
-/// A verification that failed for the verifier's own environment (its scratch server, the
-/// object store) is tried again after this long rather than at the next pass.
-const ENVIRONMENT_RETRY: &str = "1 hour";
-/// The verifier's turn: a resource's newest backup younger than this, or a verification that
-/// fell out of VERIFY_EVERY less than this ago, is not yet counted as unverified.
-const UNVERIFIED_GRACE: &str = "1 hour";
+// A verification that failed for the verifier's own environment (its scratch server, the object
+// store) is tried again an hour later rather than at the next pass: `resource_verify_state`'s
+// `due_at` (migrations/20261206000001_fleet_scale.sql).
+/// Claim order: every team's first due resource before any team's second, never-verified first
+/// (`backup_verifications_claim` holds it, so a claim reads O(1) rows).
+pub const CLAIM_ORDER: &str = "x.team_rank, x.previous_at NULLS FIRST, x.created_at";
+/// Verifications enqueued per pass at most: more than a pass can verify, fewer than a fleet
+/// (the LIMITs of [`DUE_SQL`]).
+const ENQUEUE_BATCH: i64 = 10_000;
+/// The due resources (resource_id, backup_id, previous_at, since) from `resource_verify_marks`,
+/// longest due first; `$1` is VERIFY_EVERY in seconds. Three index ranges: due now (never
+/// verified, or failed for an older backup), failed for the verifier's environment over an hour
+/// ago (ENVIRONMENT_RETRY), passed longer than VERIFY_EVERY ago. Deleted resources are in none.
+pub const DUE_SQL: &str = "
+    (SELECT m.resource_id, m.backup_id, m.last_started_at AS previous_at,
+            '-infinity'::timestamptz AS since
+       FROM resource_verify_marks m
+      WHERE m.live AND m.due
+      ORDER BY m.resource_id LIMIT 10000)
+    UNION ALL
+    (SELECT m.resource_id, m.backup_id, m.last_started_at, m.retry_from + interval '1 hour'
+       FROM resource_verify_marks m
+      WHERE m.live AND m.retry_from IS NOT NULL AND m.retry_from <= now() - interval '1 hour'
+      ORDER BY m.retry_from, m.resource_id LIMIT 10000)
+    UNION ALL
+    (SELECT m.resource_id, m.backup_id, m.last_started_at, m.verified_since + make_interval(secs => $1)
+       FROM resource_verify_marks m
+      WHERE m.live AND m.verified_since IS NOT NULL
+        AND m.verified_since <= now() - make_interval(secs => $1)
+      ORDER BY m.verified_since, m.resource_id LIMIT 10000)";
+/// `backup_worker_unverified_backups` from the marks; `$1` is VERIFY_EVERY in seconds. A newest
+/// backup that failed verification counts at once; otherwise no pass within VERIFY_EVERY plus an
+/// hour (the verifier's turn), for a backup over an hour old.
+pub const UNVERIFIED_SQL: &str = "
+    SELECT (SELECT count(*) FROM resource_verify_marks m WHERE m.live AND m.backup_failed)
+         + (SELECT count(*) FROM resource_verify_marks m
+             WHERE m.live AND m.backup_id IS NOT NULL AND NOT m.backup_failed
+               AND m.passed_at <= now() - make_interval(secs => $1) - interval '1 hour'
+               AND m.backup_finished_at < now() - interval '1 hour')";
+/// The advisory lock one replica's enqueue holds (its transaction's).
+const ENQUEUE_LOCK: i64 = 0x7665_7269_6679; // "verify"
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -147,84 +182,64 @@ impl Verifier {
         &self.deps.pool
     }
 
-    /// Enqueues the newest succeeded backup of every due resource; idempotent across replicas
-    /// (one open verification per resource, enforced by a unique index). A resource is due when
-    /// its newest verification passed more than VERIFY_EVERY ago, or failed for a newer backup
-    /// than its newest, or failed for the environment over an hour ago — or it has none. A
-    /// resource whose newest backup failed verification waits for the fresh backup that failure
-    /// enqueued. Each team's resources are ranked so claims take every team's first before any
-    /// team's second.
+    /// Enqueues the newest succeeded backup of every due resource (at most [`ENQUEUE_BATCH`] per
+    /// pass, longest due first); idempotent across replicas (one open verification per resource,
+    /// enforced by a unique index; one replica enqueues at a time). A resource is due when its
+    /// newest verification passed more than VERIFY_EVERY ago, or failed for a newer backup than
+    /// its newest, or failed for the environment over an hour ago — or it has none. A resource
+    /// whose newest backup failed verification waits for the fresh backup that failure enqueued.
+    /// Due resources are read from `resource_verify_marks` (kept by triggers): index ranges of
+    /// the due, never a probe of every resource. Each team's resources are ranked so claims take
+    /// every team's first before any team's second.
     pub async fn enqueue(&self) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool().begin().await?;
+        // Another replica is enqueueing: its rows are ours to claim.
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(ENQUEUE_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !locked {
+            return Ok(0);
+        }
         // Rows whose backup expired (or was deleted) while they waited are gone stale.
         sqlx::query(
             "DELETE FROM backup_verifications v USING resource_backups b
               WHERE v.status = 'pending' AND b.id = v.backup_id AND b.status <> 'succeeded'",
         )
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
         let done = sqlx::query(&format!(
-            "WITH due AS (
-                SELECT r.id AS resource_id, r.team_id, n.id AS backup_id, v.started_at AS previous_at
-                  FROM resources r
-                  CROSS JOIN LATERAL (
-                        SELECT b.id, b.verify_status FROM resource_backups b
-                         WHERE b.resource_id = r.id AND b.status = 'succeeded'
-                         ORDER BY b.finished_at DESC NULLS LAST LIMIT 1) n
-                  LEFT JOIN LATERAL (
-                        SELECT x.status, x.started_at, x.finished_at, x.backup_id
-                          FROM backup_verifications x
-                         WHERE x.resource_id = r.id
-                         ORDER BY x.started_at DESC LIMIT 1) v ON true
-                 WHERE r.status <> 'deleted'
-                   AND r.resource_type = ANY($1::text[])
-                   AND n.verify_status IS DISTINCT FROM 'failed'
-                   AND (v.status IS NULL
-                        OR (v.status = 'verified'
-                            AND v.started_at <= now() - make_interval(secs => $2))
-                        OR (v.status = 'failed'
-                            AND (v.backup_id <> n.id
-                                 OR v.finished_at <= now() - interval '{ENVIRONMENT_RETRY}')))
+            "WITH due AS ({DUE_SQL}),
+             batch AS (
+                SELECT d.*, r.team_id FROM due d JOIN resources r ON r.id = d.resource_id
+                 WHERE r.resource_type = ANY($2::text[])
+                 ORDER BY d.since, d.resource_id LIMIT {ENQUEUE_BATCH}
              )
              INSERT INTO backup_verifications (backup_id, resource_id, team_rank, previous_at)
              SELECT backup_id, resource_id,
                     row_number() OVER (PARTITION BY team_id
                                        ORDER BY previous_at NULLS FIRST, resource_id),
                     previous_at
-               FROM due
+               FROM batch
              ON CONFLICT (resource_id) WHERE status IN ('pending', 'running') DO NOTHING"
         ))
-        .bind(SUPPORTED_RESOURCE_TYPES)
         .bind(self.deps.config.verify_every.as_secs_f64())
-        .execute(self.pool())
+        .bind(SUPPORTED_RESOURCE_TYPES)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
     /// `backup_worker_unverified_backups`: resources whose newest succeeded backup failed
     /// verification, or that have had no passing verification within VERIFY_EVERY (plus an hour:
-    /// the verifier's turn; a backup taken within the last hour is not counted either).
+    /// the verifier's turn; a backup taken within the last hour is not counted either). Read from
+    /// the marks: index ranges of the failed and the overdue, not every resource.
     pub async fn refresh_unverified(&self) -> Result<i64, sqlx::Error> {
-        let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*)
-               FROM resources r
-               CROSS JOIN LATERAL (
-                     SELECT b.verify_status, b.finished_at FROM resource_backups b
-                      WHERE b.resource_id = r.id AND b.status = 'succeeded'
-                      ORDER BY b.finished_at DESC NULLS LAST LIMIT 1) n
-              WHERE r.status <> 'deleted'
-                AND r.resource_type = ANY($1::text[])
-                AND (n.verify_status = 'failed'
-                     OR (n.finished_at < now() - interval '{UNVERIFIED_GRACE}'
-                         AND NOT EXISTS (
-                               SELECT 1 FROM backup_verifications v
-                                WHERE v.resource_id = r.id AND v.status = 'verified'
-                                  AND v.started_at > now() - make_interval(secs => $2)
-                                                    - interval '{UNVERIFIED_GRACE}')))"
-        ))
-        .bind(SUPPORTED_RESOURCE_TYPES)
-        .bind(self.deps.config.verify_every.as_secs_f64())
-        .fetch_one(self.pool())
-        .await?;
+        let n: i64 = sqlx::query_scalar(UNVERIFIED_SQL)
+            .bind(self.deps.config.verify_every.as_secs_f64())
+            .fetch_one(self.pool())
+            .await?;
         self.deps.metrics.unverified_backups.set(n);
         Ok(n)
     }
@@ -237,7 +252,7 @@ impl Verifier {
                 .claimer
                 .claim_next(
                     self.pool(),
-                    "x.team_rank, x.previous_at NULLS FIRST, x.created_at",
+                    CLAIM_ORDER,
                     &self.deps.config.worker_id,
                     self.deps.config.lease,
                 )
@@ -547,6 +562,7 @@ impl Verifier {
         match attempt {
             Attempt::Verified(detail) => {
                 let mut tx = self.pool().begin().await?;
+                lock_backup(&mut tx, job.backup_id).await?;
                 let done = sqlx::query(
                     "UPDATE backup_verifications
                         SET status = 'verified', finished_at = now(), lease_expires_at = NULL,
@@ -571,7 +587,12 @@ impl Verifier {
                 .bind(job.backup_id)
                 .execute(&mut *tx)
                 .await?;
+                let anomalous =
+                    crate::anomaly::check_content(&mut tx, job.backup_id, detail).await?;
                 tx.commit().await?;
+                if anomalous {
+                    crate::anomaly::count(m, &job.resource_type, "content");
+                }
                 m.backup_verified
                     .with_label_values(&[type_label, "ok"])
                     .inc();
@@ -583,6 +604,7 @@ impl Verifier {
                 let internal = crate::secret::redact_credentials(&f.failure.detail);
                 let internal: String = internal.chars().take(8192).collect();
                 let mut tx = self.pool().begin().await?;
+                lock_backup(&mut tx, job.backup_id).await?;
                 let outcome = jobs::record_failure(&mut tx, lease, reason, &internal).await?;
                 if outcome != FailureOutcome::Stale {
                     let mut detail = detail.clone();
@@ -846,6 +868,20 @@ fn is_postgres(resource_type: &str) -> bool {
         ResourceType::parse(resource_type),
         Some(ResourceType::Postgres | ResourceType::Vector)
     )
+}
+
+/// Locks the verified backup's row before the verification's: the order retention and the
+/// backups loop take (backup row, then the resource's verify mark through the triggers), so a
+/// verification finishing while retention expires its backup waits instead of deadlocking.
+async fn lock_backup(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    backup: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1 FROM resource_backups WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(backup)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 fn round(secs: f64) -> f64 {
