@@ -334,12 +334,202 @@ async fn list_page_contract(store: &dyn ObjectStore) {
 }
 
 #[tokio::test]
-async fn stores_list_a_page_at_a_time() {
+async fn s3_lists_a_page_at_a_time() {
     let server = S3Server::start().await.unwrap();
     list_page_contract(&server.store("backups").await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn local_and_memory_list_a_page_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     list_page_contract(&LocalStore::new(dir.path().to_path_buf()).await.unwrap()).await;
     list_page_contract(&MemoryStore::new()).await;
+}
+
+/// Keys whose directories a naive walk puts out of order: `lo/a-c` < `lo/a.d/e` < `lo/a/b` <
+/// `lo/ab` in byte order, though directory `a` is named before `a-c` and `ab`.
+const ORDER_KEYS: &[&str] = &[
+    "lo/a/b",
+    "lo/a-c",
+    "lo/a.d/e",
+    "lo/ab",
+    "lo/a/c/d",
+    "lo/a/b0",
+    "lo/a/b-x/y",
+    "lo/a/b.z",
+    "lo/a/a/z/z",
+    "lo/a0",
+    "lo/b",
+    "lo/z/\u{e9}",
+    "lo/z/e",
+    "lo/z/~",
+    "lo/deep/1/2/3/4/k",
+    "lo/deep/1/2/3/4-k",
+    "lo/deep/1/2/3k",
+    "lo-x",
+    "lp/q",
+];
+
+/// Every page of `list_page(prefix, start_after, size)` until the last, concatenated; each page
+/// holds 1..=size keys (only a first and last page may be empty).
+async fn all_pages(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    start_after: Option<&str>,
+    size: usize,
+) -> Vec<String> {
+    let mut after = start_after.map(str::to_owned);
+    let mut keys = Vec::new();
+    loop {
+        let (page, more) = store
+            .list_page(prefix, after.as_deref(), size)
+            .await
+            .unwrap();
+        assert!(page.len() <= size, "{prefix:?} {after:?} {size}: {page:?}");
+        assert!(
+            !more || !page.is_empty(),
+            "{prefix:?} {after:?}: empty, more"
+        );
+        keys.extend(page.into_iter().map(|o| o.key));
+        if !more {
+            return keys;
+        }
+        after = keys.last().cloned();
+        assert!(keys.len() <= ORDER_KEYS.len(), "{keys:?}");
+    }
+}
+
+/// `list_page` in the key strings' byte order, whatever the directories (on a local store):
+/// pages concatenate to the sorted keys after any `start_after`, under any prefix.
+async fn list_order_contract(store: &dyn ObjectStore) {
+    for k in ORDER_KEYS {
+        put_reader(store, k, &b"x"[..], Metadata::new())
+            .await
+            .unwrap();
+    }
+    // An upload in flight is not listed (a partial file, on a local store).
+    let mut pending = store
+        .begin_upload("lo/a/b1", Metadata::new())
+        .await
+        .unwrap();
+    pending.write(b"half").await.unwrap();
+    let mut sorted: Vec<String> = ORDER_KEYS.iter().map(|k| k.to_string()).collect();
+    sorted.sort();
+    let under = |prefix: &str| -> Vec<String> {
+        sorted
+            .iter()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect()
+    };
+    let mut listed: Vec<String> = store
+        .list("lo/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, under("lo/"));
+
+    // start_after at every key, every prefix of one (between keys, and directory names), and
+    // around the ends.
+    let mut starts: Vec<String> = ["", "lo", "lo/", "lo/\u{10ffff}", "lo0", "a", "zzz"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for k in &sorted {
+        starts.extend(k.char_indices().map(|(i, _)| k[..i].to_owned()));
+        starts.push(k.clone());
+        starts.push(format!("{k}\u{1}"));
+    }
+    starts.sort();
+    starts.dedup();
+    for size in [1, 2, 3, 1000] {
+        assert_eq!(
+            all_pages(store, "lo/", None, size).await,
+            under("lo/"),
+            "{size}"
+        );
+        for start in &starts {
+            let want: Vec<String> = under("lo/").into_iter().filter(|k| k > start).collect();
+            assert_eq!(
+                all_pages(store, "lo/", Some(start), size).await,
+                want,
+                "after {start:?}, pages of {size}"
+            );
+        }
+    }
+    for prefix in [
+        "",
+        "l",
+        "lo",
+        "lo/a",
+        "lo/a/",
+        "lo/a/b",
+        "lo/a.",
+        "lo/deep/1/2/3",
+        "lo/z/",
+        "lo/no",
+    ] {
+        for size in [1, 2, 1000] {
+            assert_eq!(all_pages(store, prefix, None, size).await, under(prefix));
+            for start in &sorted {
+                let want: Vec<String> = under(prefix).into_iter().filter(|k| k > start).collect();
+                assert_eq!(
+                    all_pages(store, prefix, Some(start), size).await,
+                    want,
+                    "{prefix:?} after {start:?}, pages of {size}"
+                );
+            }
+        }
+    }
+    pending.abort().await.unwrap();
+}
+
+#[tokio::test]
+async fn s3_lists_pages_in_key_order() {
+    let server = S3Server::start().await.unwrap();
+    list_order_contract(&server.store("backups").await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn local_and_memory_list_pages_in_key_order() {
+    let dir = tempfile::tempdir().unwrap();
+    list_order_contract(&LocalStore::new(dir.path().to_path_buf()).await.unwrap()).await;
+    list_order_contract(&MemoryStore::new()).await;
+}
+
+/// Objects and whole directories removed between two pages (the previous page's last key among
+/// them) are not listed, and the listing does not fail.
+#[tokio::test]
+async fn local_listing_continues_past_what_was_deleted_between_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path().to_path_buf()).await.unwrap();
+    for k in ["t/a/1", "t/a/2", "t/b/1", "t/b/2", "t/c/1", "t/c/2", "t/d"] {
+        put_reader(&store, k, &b"x"[..], Metadata::new())
+            .await
+            .unwrap();
+    }
+    let keys = |page: Vec<backup_worker::storage::ObjectInfo>| -> Vec<String> {
+        page.into_iter().map(|o| o.key).collect()
+    };
+    let (page, more) = store.list_page("t/", None, 2).await.unwrap();
+    assert_eq!(
+        (keys(page), more),
+        (vec!["t/a/1".into(), "t/a/2".into()], true)
+    );
+    store.delete("t/a/2").await.unwrap();
+    std::fs::remove_dir_all(dir.path().join("t/a")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("t/b")).unwrap();
+    store.delete("t/c/2").await.unwrap();
+    let (page, more) = store.list_page("t/", Some("t/a/2"), 2).await.unwrap();
+    assert_eq!(
+        (keys(page), more),
+        (vec!["t/c/1".into(), "t/d".into()], false)
+    );
+    let all = keys(store.list("").await.unwrap());
+    assert_eq!(all, ["t/c/1", "t/d"]);
 }
 
 #[tokio::test]

@@ -120,38 +120,243 @@ impl LocalStore {
         Ok(self.root.join(key))
     }
 
-    /// Every regular file under the root, as (key, path, metadata).
-    async fn walk(&self) -> Result<Vec<(String, PathBuf, std::fs::Metadata)>, StorageError> {
-        let mut out = Vec::new();
-        let mut stack = vec![self.root.clone()];
-        while let Some(dir) = stack.pop() {
-            let mut entries = match fs::read_dir(&dir).await {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err("list", &dir)(e)),
-            };
-            while let Some(entry) = entries.next_entry().await.map_err(io_err("list", &dir))? {
-                let path = entry.path();
-                let meta = entry.metadata().await.map_err(io_err("stat", &path))?;
-                if meta.is_dir() {
-                    stack.push(path);
-                } else if meta.is_file() {
-                    let key = path
-                        .strip_prefix(&self.root)
-                        .unwrap_or(&path)
-                        .to_string_lossy()
-                        .replace(std::path::MAIN_SEPARATOR, "/");
-                    out.push((key, path, meta));
-                }
+    /// [`ObjectStore::list_page`], with what it cost. `max_keys` is clamped to 1..=1000 as S3
+    /// does, so a page that says more follow is never empty.
+    async fn page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: usize,
+    ) -> Result<(Vec<ObjectInfo>, bool, WalkCost), StorageError> {
+        let max = max_keys.clamp(1, 1000);
+        let mut walk = Walk::new(&self.root, prefix, start_after, Select::Objects);
+        let mut page = Vec::new();
+        let mut more = false;
+        while let Some((key, meta)) = walk.next().await? {
+            if page.len() == max {
+                // One more key exists (and was seen to exist): the page is truncated.
+                more = true;
+                break;
+            }
+            page.push(object_info(key, &meta));
+        }
+        Ok((page, more, walk.cost))
+    }
+}
+
+/// Whether an I/O error means the entry is gone (deleted, renamed away, or a parent directory
+/// replaced): a listing skips it, as if it had been listed a moment later.
+fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
+}
+
+/// An entry of a directory being listed.
+struct Entry {
+    /// Where it sorts among its siblings: its name, plus "/" for a directory, because every key
+    /// under directory `a` starts with `a/` (so `a-c` < `a/b` < `ab`, as S3 orders them).
+    sort_key: String,
+    path: PathBuf,
+    is_dir: bool,
+}
+
+/// A directory whose entries are being visited.
+struct Frame {
+    /// Its key prefix: "" for the root, else "a/b/".
+    dir_key: String,
+    /// The entries not visited yet, in key order.
+    entries: std::vec::IntoIter<Entry>,
+}
+
+/// Which files a [`Walk`] yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Select {
+    /// Committed objects whose key starts with the prefix: no sidecars, no partial files.
+    Objects,
+    /// Partial files in directories the prefix reaches (the caller matches their target keys).
+    Partials,
+}
+
+/// What a walk has cost so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct WalkCost {
+    dirs_read: usize,
+    files_stated: usize,
+}
+
+/// The files under the root in key order (S3's: the key strings' byte order), one at a time.
+/// It descends only into directories that can hold a key under `prefix` after `start_after`,
+/// reads each once, and stats only the files it yields, so a page costs the page plus the
+/// directories on the way to it, not the tree. Entries that vanish meanwhile (a partial file
+/// renamed on commit, a concurrent delete, a directory removed) are skipped.
+struct Walk<'a> {
+    prefix: &'a str,
+    start_after: Option<&'a str>,
+    select: Select,
+    root: &'a Path,
+    /// The directories being visited, the deepest last; empty at the end.
+    stack: Vec<Frame>,
+    started: bool,
+    cost: WalkCost,
+}
+
+impl<'a> Walk<'a> {
+    fn new(root: &'a Path, prefix: &'a str, start_after: Option<&'a str>, select: Select) -> Self {
+        Self {
+            prefix,
+            start_after,
+            select,
+            root,
+            stack: Vec::new(),
+            started: false,
+            cost: WalkCost::default(),
+        }
+    }
+
+    /// The next file, as (key, metadata), or `None` at the end.
+    async fn next(&mut self) -> Result<Option<(String, std::fs::Metadata)>, StorageError> {
+        if !self.started {
+            self.started = true;
+            if let Some(frame) = self.read(String::new(), self.root).await? {
+                self.stack.push(frame);
             }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        loop {
+            let Some(frame) = self.stack.last_mut() else {
+                return Ok(None);
+            };
+            let Some(entry) = frame.entries.next() else {
+                self.stack.pop();
+                continue;
+            };
+            let key = format!("{}{}", frame.dir_key, entry.sort_key);
+            if entry.is_dir {
+                if let Some(child) = self.read(key, &entry.path).await? {
+                    self.stack.push(child);
+                }
+                continue;
+            }
+            self.cost.files_stated += 1;
+            if let Some(meta) = stat_file(&entry.path).await? {
+                return Ok(Some((key, meta)));
+            }
+        }
+    }
+
+    /// Whether directory `dir_key` ("a/b/") can hold a file this walk yields.
+    fn may_hold(&self, dir_key: &str) -> bool {
+        let reaches_prefix = dir_key.starts_with(self.prefix) || self.prefix.starts_with(dir_key);
+        // Every key under it starts with dir_key: all sort after start_after unless start_after
+        // sorts after dir_key without being under it.
+        let after_start = self
+            .start_after
+            .is_none_or(|s| s <= dir_key || s.starts_with(dir_key));
+        reaches_prefix && after_start
+    }
+
+    /// Whether the file `key` is one this walk yields.
+    fn wants(&self, key: &str) -> bool {
+        match self.select {
+            Select::Objects => {
+                key.starts_with(self.prefix)
+                    && self.start_after.is_none_or(|s| key > s)
+                    && !key.ends_with(META_SUFFIX)
+                    && !is_partial(key)
+            }
+            Select::Partials => is_partial(key),
+        }
+    }
+
+    /// Reads directory `dir_key` at `path`: the entries the walk wants, in key order. `None` if
+    /// the directory is gone.
+    async fn read(&mut self, dir_key: String, path: &Path) -> Result<Option<Frame>, StorageError> {
+        self.cost.dirs_read += 1;
+        let Some(mut entries) = read_dir_entries(path).await? else {
+            return Ok(None);
+        };
+        entries.retain(|e| {
+            let key = format!("{dir_key}{}", e.sort_key);
+            if e.is_dir {
+                self.may_hold(&key)
+            } else {
+                self.wants(&key)
+            }
+        });
+        entries.sort_unstable_by(|a, b| a.sort_key.cmp(&b.sort_key));
+        Ok(Some(Frame {
+            dir_key,
+            entries: entries.into_iter(),
+        }))
+    }
+}
+
+/// The directories and regular files in `dir` (symlinks and the like are not objects), unsorted;
+/// `None` if `dir` is gone.
+async fn read_dir_entries(dir: &Path) -> Result<Option<Vec<Entry>>, StorageError> {
+    let mut read = match fs::read_dir(dir).await {
+        Ok(r) => r,
+        Err(e) if is_gone(&e) => {
+            tracing::debug!(path = %dir.display(), "directory gone while listing");
+            return Ok(None);
+        }
+        Err(e) => return Err(io_err("list", dir)(e)),
+    };
+    let mut out = Vec::new();
+    loop {
+        let entry = match read.next_entry().await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => break,
+            // Removed while being read: it holds nothing more.
+            Err(e) if is_gone(&e) => break,
+            Err(e) => return Err(io_err("list", dir)(e)),
+        };
+        // The type comes with the directory entry on most filesystems (no stat).
+        let file_type = match entry.file_type().await {
+            Ok(t) => t,
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => return Err(io_err("stat", &entry.path())(e)),
+        };
+        let mut sort_key = entry.file_name().to_string_lossy().into_owned();
+        if file_type.is_dir() {
+            sort_key.push('/');
+        } else if !file_type.is_file() {
+            continue;
+        }
+        out.push(Entry {
+            sort_key,
+            path: entry.path(),
+            is_dir: file_type.is_dir(),
+        });
+    }
+    Ok(Some(out))
+}
+
+/// A listed file's metadata (not following symlinks, as the directory listing does); `None` if it
+/// is gone or is no longer a regular file.
+async fn stat_file(path: &Path) -> Result<Option<std::fs::Metadata>, StorageError> {
+    match fs::symlink_metadata(path).await {
+        Ok(meta) if meta.is_file() => Ok(Some(meta)),
+        Ok(_) => Ok(None),
+        Err(e) if is_gone(&e) => {
+            tracing::debug!(path = %path.display(), "file gone while listing");
+            Ok(None)
+        }
+        Err(e) => Err(io_err("stat", path)(e)),
     }
 }
 
 fn mtime(meta: &std::fs::Metadata) -> Option<DateTime<Utc>> {
     meta.modified().ok().map(DateTime::<Utc>::from)
+}
+
+fn object_info(key: String, meta: &std::fs::Metadata) -> ObjectInfo {
+    ObjectInfo {
+        key,
+        size: meta.len(),
+        last_modified: mtime(meta),
+    }
 }
 
 fn is_partial(key: &str) -> bool {
@@ -239,19 +444,12 @@ impl ObjectStore for LocalStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
-        Ok(self
-            .walk()
-            .await?
-            .into_iter()
-            .filter(|(key, _, _)| {
-                key.starts_with(prefix) && !key.ends_with(META_SUFFIX) && !is_partial(key)
-            })
-            .map(|(key, _, meta)| ObjectInfo {
-                key,
-                size: meta.len(),
-                last_modified: mtime(&meta),
-            })
-            .collect())
+        let mut walk = Walk::new(&self.root, prefix, None, Select::Objects);
+        let mut out = Vec::new();
+        while let Some((key, meta)) = walk.next().await? {
+            out.push(object_info(key, &meta));
+        }
+        Ok(out)
     }
 
     async fn list_page(
@@ -260,34 +458,47 @@ impl ObjectStore for LocalStore {
         start_after: Option<&str>,
         max_keys: usize,
     ) -> Result<(Vec<ObjectInfo>, bool), StorageError> {
-        super::page_of_list(self, prefix, start_after, max_keys).await
+        let (page, more, cost) = self.page(prefix, start_after, max_keys).await?;
+        tracing::debug!(
+            prefix,
+            keys = page.len(),
+            more,
+            dirs_read = cost.dirs_read,
+            files_stated = cost.files_stated,
+            "listed a page of the local store"
+        );
+        Ok((page, more))
     }
 
     async fn list_incomplete_uploads(
         &self,
         prefix: &str,
     ) -> Result<Vec<IncompleteUpload>, StorageError> {
-        Ok(self
-            .walk()
-            .await?
-            .into_iter()
-            .filter(|(key, _, _)| is_partial(key))
-            .filter_map(|(key, _, meta)| {
-                // ".name.partial-<id>" in dir → key "dir/name", upload id "<id>".
-                let (dir, file) = key.rsplit_once('/').unwrap_or(("", key.as_str()));
-                let (name, id) = file.strip_prefix('.')?.rsplit_once(PARTIAL_MARKER)?;
-                let target = if dir.is_empty() {
-                    name.to_owned()
-                } else {
-                    format!("{dir}/{name}")
-                };
-                target.starts_with(prefix).then(|| IncompleteUpload {
+        let mut walk = Walk::new(&self.root, prefix, None, Select::Partials);
+        let mut out = Vec::new();
+        while let Some((key, meta)) = walk.next().await? {
+            // ".name.partial-<id>" in dir → key "dir/name", upload id "<id>".
+            let (dir, file) = key.rsplit_once('/').unwrap_or(("", key.as_str()));
+            let Some((name, id)) = file
+                .strip_prefix('.')
+                .and_then(|f| f.rsplit_once(PARTIAL_MARKER))
+            else {
+                continue;
+            };
+            let target = if dir.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{dir}/{name}")
+            };
+            if target.starts_with(prefix) {
+                out.push(IncompleteUpload {
                     key: target,
                     upload_id: id.to_owned(),
                     initiated: mtime(&meta),
-                })
-            })
-            .collect())
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn abort_incomplete_upload(&self, upload: &IncompleteUpload) -> Result<(), StorageError> {
@@ -392,5 +603,149 @@ impl Drop for LocalUpload {
             // Dropped uncommitted (task cancelled): leave no partial file behind.
             let _ = std::fs::remove_file(&self.partial);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Creates the file `key` (and its directories) under `root`.
+    fn touch(root: &Path, key: &str) {
+        let path = root.join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b"x").unwrap();
+    }
+
+    async fn next_key(walk: &mut Walk<'_>) -> Option<String> {
+        walk.next().await.unwrap().map(|(key, _)| key)
+    }
+
+    #[tokio::test]
+    async fn entries_that_vanish_mid_walk_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for k in ["a/1", "a/2", "b/1", "b/2", "c/x/1", "d", "e", "f/1"] {
+            touch(root, k);
+        }
+        let mut walk = Walk::new(root, "", None, Select::Objects);
+        assert_eq!(next_key(&mut walk).await.as_deref(), Some("a/1"));
+        // The root and `a` have been read; none of these has been stat-ed or read yet.
+        std::fs::remove_file(root.join("a/2")).unwrap();
+        std::fs::remove_dir_all(root.join("b")).unwrap();
+        std::fs::remove_file(root.join("d")).unwrap();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::remove_dir_all(root.join("f")).unwrap();
+        std::fs::write(root.join("f"), b"now a file").unwrap();
+        let mut rest = Vec::new();
+        while let Some(key) = next_key(&mut walk).await {
+            rest.push(key);
+        }
+        assert_eq!(rest, ["c/x/1", "e"]);
+        // root, a, b (gone), c, c/x, f (not a directory); a/1, a/2 (gone), c/x/1, d (a directory
+        // now), e.
+        assert_eq!(
+            walk.cost,
+            WalkCost {
+                dirs_read: 6,
+                files_stated: 5
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_path_is_gone_and_other_errors_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let missing = dir.path().join("missing");
+        assert!(stat_file(&missing).await.unwrap().is_none());
+        assert!(stat_file(&file.join("under-a-file"))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(
+            stat_file(dir.path()).await.unwrap().is_none(),
+            "a directory"
+        );
+        assert!(read_dir_entries(&missing).await.unwrap().is_none());
+        assert!(read_dir_entries(&file).await.unwrap().is_none());
+        // Any other failure is not taken for a vanished entry.
+        let too_long = dir.path().join("n".repeat(300));
+        assert!(matches!(
+            stat_file(&too_long).await,
+            Err(StorageError::Io { op: "stat", .. })
+        ));
+        assert!(matches!(
+            read_dir_entries(&too_long).await,
+            Err(StorageError::Io { op: "list", .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_page_reads_only_the_directories_on_its_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf()).await.unwrap();
+        for t in 0..100 {
+            for r in 0..100 {
+                touch(dir.path(), &format!("t{t:03}/r{r:03}"));
+            }
+        }
+        // Sidecars and a partial file beside the page's objects are skipped by name, unstat-ed.
+        for r in 0..100 {
+            touch(dir.path(), &format!("t098/r{r:03}.meta.json"));
+        }
+        touch(dir.path(), &format!("t098/.r055{PARTIAL_MARKER}x"));
+        let keys = |page: &[ObjectInfo]| page.iter().map(|o| o.key.clone()).collect::<Vec<_>>();
+        let range = |t: u32, rs: std::ops::Range<u32>| {
+            rs.map(|r| format!("t{t:03}/r{r:03}")).collect::<Vec<_>>()
+        };
+
+        let (page, more, cost) = store.page("", Some("t098/r050"), 10).await.unwrap();
+        assert_eq!(keys(&page), range(98, 51..61));
+        assert!(more);
+        // The root and t098; the page's 10 files and the one that shows more follow.
+        let one_dir = WalkCost {
+            dirs_read: 2,
+            files_stated: 11,
+        };
+        assert_eq!(cost, one_dir);
+
+        let (page, more, cost) = store.page("", Some("t098/r095"), 10).await.unwrap();
+        let mut want = range(98, 96..100);
+        want.extend(range(99, 0..6));
+        assert_eq!(keys(&page), want);
+        assert!(more);
+        assert_eq!(
+            cost,
+            WalkCost {
+                dirs_read: 3,
+                files_stated: 11
+            }
+        );
+
+        let (page, more, cost) = store.page("", Some("t099/r095"), 10).await.unwrap();
+        assert_eq!(keys(&page), range(99, 96..100));
+        assert!(!more);
+        assert_eq!(
+            cost,
+            WalkCost {
+                dirs_read: 2,
+                files_stated: 4
+            }
+        );
+
+        let (page, _, cost) = store.page("", None, 10).await.unwrap();
+        assert_eq!(keys(&page), range(0, 0..10));
+        assert_eq!(cost, one_dir);
+        let (page, _, cost) = store.page("t05", None, 10).await.unwrap();
+        assert_eq!(keys(&page), range(50, 0..10));
+        assert_eq!(cost, one_dir);
+
+        // As on S3, a page holds at least one key and at most 1000.
+        let (page, more, _) = store.page("", None, 0).await.unwrap();
+        assert_eq!((keys(&page), more), (range(0, 0..1), true));
+        let (page, more, _) = store.page("", None, 5000).await.unwrap();
+        assert_eq!((page.len(), more), (1000, true));
     }
 }

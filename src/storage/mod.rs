@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use local::LocalStore;
 
-/// `list_page` for stores that list everything at once (small, local).
+/// `list_page` for stores that list everything at once (the in-memory test store).
 pub async fn page_of_list(
     store: &dyn ObjectStore,
     prefix: &str,
