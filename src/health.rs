@@ -70,6 +70,10 @@ impl Health {
                 last_error: None,
             },
         );
+        // The loop's series exist from start, at zero (dashboards sum over them; a counter
+        // without a child would be missing from /metrics until the first restart).
+        self.metrics.loop_restarts.with_label_values(&[name]);
+        self.metrics.loop_busy.with_label_values(&[name]).set(0);
         let hb = Heartbeat {
             name,
             health: Some(self.clone()),
@@ -198,5 +202,22 @@ mod tests {
         b.failed("boom");
         assert_eq!(health.report().1["b"].restarts, 1);
         assert_eq!(health.report().1["b"].state, LoopState::BackingOff);
+    }
+
+    #[test]
+    fn a_registered_loops_series_are_exported_at_zero() {
+        let metrics = Metrics::new().unwrap();
+        let health = Health::new(metrics.clone());
+        let _hb = health.register("scheduler", Duration::from_secs(60));
+        let text = metrics.render();
+        for line in [
+            "backup_worker_loop_restarts_total{loop=\"scheduler\"} 0",
+            "backup_worker_loop_busy{loop=\"scheduler\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
+        assert!(
+            text.contains("backup_worker_loop_last_progress_timestamp_seconds{loop=\"scheduler\"}")
+        );
     }
 }

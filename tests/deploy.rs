@@ -77,15 +77,54 @@ fn the_plans_config_map_is_the_repository_plans_yaml() {
     assert_eq!(shipped, backup_worker::plans::EMBEDDED_PLANS);
 }
 
+/// Resources exist, and generators' files exist inside their kustomization's directory (kustomize
+/// refuses files outside it by default).
 #[test]
 fn kustomizations_reference_existing_files() {
-    for dir in ["deploy/base", "deploy/overlays/example"] {
+    for dir in ["deploy/base", "deploy/overlays/example", "deploy/grafana"] {
         let k = yaml(&format!("{dir}/kustomization.yaml"));
-        for r in k["resources"].as_sequence().unwrap() {
+        for r in k["resources"].as_sequence().into_iter().flatten() {
             let p = Path::new(ROOT).join(dir).join(r.as_str().unwrap());
             assert!(p.exists(), "{}", p.display());
         }
+        for g in k["configMapGenerator"].as_sequence().into_iter().flatten() {
+            for f in g["files"].as_sequence().unwrap() {
+                // `key=path` or `path`
+                let f = f.as_str().unwrap();
+                let file = f.split_once('=').map_or(f, |(_, path)| path);
+                assert!(
+                    Path::new(file)
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_))),
+                    "{dir}: {file} is outside the kustomization's directory"
+                );
+                let p = Path::new(ROOT).join(dir).join(file);
+                assert!(p.is_file(), "{}", p.display());
+            }
+        }
     }
+}
+
+/// The Grafana dashboard reaches Grafana's sidecar: a ConfigMap of deploy/grafana/backup-worker.json
+/// labelled grafana_dashboard: "1", under a fixed name, included by the base.
+#[test]
+fn the_dashboard_ships_as_a_config_map_for_grafanas_sidecar() {
+    let k = yaml("deploy/grafana/kustomization.yaml");
+    let generators = k["configMapGenerator"].as_sequence().unwrap();
+    assert_eq!(generators.len(), 1);
+    let g = &generators[0];
+    assert_eq!(g["files"].as_sequence().unwrap(), &["backup-worker.json"]);
+    assert_eq!(g["options"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(g["options"]["disableNameSuffixHash"], true);
+    let base = yaml("deploy/base/kustomization.yaml");
+    assert!(
+        base["resources"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|r| r == "../grafana"),
+        "deploy/base does not include deploy/grafana"
+    );
 }
 
 /// Env names in the Deployment (and the example overlay's patches) are ones the daemon reads,
