@@ -172,6 +172,8 @@ CREATE TRIGGER resource_verify_marks_backup_upd
 -- change that could move it back (started_at earlier, a pass withdrawn) recomputes.
 CREATE FUNCTION resource_verify_marks_verification() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    changed bigint;
 BEGIN
     IF TG_OP = 'UPDATE' AND (NEW.started_at < OLD.started_at
                              OR NEW.resource_id <> OLD.resource_id
@@ -192,8 +194,9 @@ BEGIN
            passed_at = greatest(m.passed_at, EXCLUDED.passed_at)
      WHERE m.last_id IS NULL OR m.last_id = EXCLUDED.last_id
         OR EXCLUDED.last_started_at >= m.last_started_at;
-    -- Not the newest: only a pass can still move passed_at.
-    IF NEW.status = 'verified' THEN
+    -- Not the newest (the upsert changed nothing): only a pass can still move passed_at.
+    GET DIAGNOSTICS changed = ROW_COUNT;
+    IF changed = 0 AND NEW.status = 'verified' THEN
         UPDATE resource_verify_marks SET passed_at = NEW.started_at
          WHERE resource_id = NEW.resource_id AND passed_at < NEW.started_at;
     END IF;
