@@ -145,12 +145,11 @@ BEGIN
         UPDATE resource_verify_marks
            SET backup_failed = coalesce(NEW.verify_status = 'failed', false)
          WHERE resource_id = NEW.resource_id AND backup_id = NEW.id;
-    ELSIF EXISTS (SELECT 1 FROM resource_verify_marks
-                   WHERE resource_id = NEW.resource_id AND backup_id = NEW.id) THEN
-        -- The marked newest backup expired, failed or moved in time: the next one takes its place.
-        PERFORM resource_verify_marks_refresh(ARRAY[NEW.resource_id]);
-    ELSIF NEW.status = 'succeeded' THEN
-        -- Another backup moved in time: it may now be the newest.
+    ELSIF NEW.status = 'succeeded'
+          OR EXISTS (SELECT 1 FROM resource_verify_marks
+                      WHERE resource_id = NEW.resource_id AND backup_id = NEW.id) THEN
+        -- A succeeded backup moved in time (it may now be the newest), or the marked newest
+        -- expired or failed (the next one takes its place).
         PERFORM resource_verify_marks_refresh(ARRAY[NEW.resource_id]);
     END IF;
     RETURN NULL;

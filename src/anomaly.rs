@@ -17,7 +17,6 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::db::audit;
-use crate::metrics::Metrics;
 
 /// Below this previous raw size a shrink is not an anomaly (an empty Postgres database dumps to
 /// ~870 bytes, a small Redis to ~200: halving a few kilobytes says nothing).
@@ -70,7 +69,7 @@ pub fn content(previous: Uuid, before: &Value, after: &Value) -> Option<Value> {
 
 /// Flags `backup` with a finding of `kind` (`size` or `content`), in `tx`: merged into its
 /// `anomaly`, audited `backup.anomaly`. Nothing when the backup's anomaly was accepted or it is no
-/// longer succeeded. True when flagged (count the metric after commit with [`count`]).
+/// longer succeeded. True when flagged (the caller counts the metric after commit).
 pub async fn flag(
     tx: &mut Transaction<'_, Postgres>,
     backup: Uuid,
@@ -109,13 +108,6 @@ pub async fn flag(
     tracing::warn!(backup_id = %backup, resource_id = %resource, kind, finding = %finding,
         "backup flagged as an anomaly");
     Ok(true)
-}
-
-/// `backup_worker_backup_anomalies_total{resource_type, kind}` += 1.
-pub fn count(metrics: &Metrics, resource_type: &str, kind: &str) {
-    let t = crate::domain::ResourceType::parse(resource_type)
-        .map_or("unsupported", crate::domain::ResourceType::as_str);
-    metrics.backup_anomalies.with_label_values(&[t, kind]).inc();
 }
 
 /// The size check for `backup` (just succeeded, in `tx`): against the resource's previous

@@ -757,7 +757,9 @@ impl Backups {
                 let anomalous = crate::anomaly::check_size(&mut tx, lease.id).await?;
                 tx.commit().await?;
                 if anomalous {
-                    crate::anomaly::count(m, &job.resource_type, "size");
+                    m.backup_anomalies
+                        .with_label_values(&[type_label, "size"])
+                        .inc();
                 }
                 m.backup_succeeded.inc();
                 m.backup_by_type

@@ -591,7 +591,9 @@ impl Verifier {
                     crate::anomaly::check_content(&mut tx, job.backup_id, detail).await?;
                 tx.commit().await?;
                 if anomalous {
-                    crate::anomaly::count(m, &job.resource_type, "content");
+                    m.backup_anomalies
+                        .with_label_values(&[type_label, "content"])
+                        .inc();
                 }
                 m.backup_verified
                     .with_label_values(&[type_label, "ok"])
