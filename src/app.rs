@@ -52,7 +52,7 @@ pub enum RunError {
 }
 
 /// The loop implementations, one per selected name.
-pub fn build_loops(deps: &Deps, names: &[LoopName]) -> Vec<Arc<dyn Loop>> {
+pub fn build_loops(deps: &Deps, names: &[LoopName], once: bool) -> Vec<Arc<dyn Loop>> {
     let mut names = names.to_vec();
     names.sort();
     names.dedup();
@@ -70,6 +70,7 @@ pub fn build_loops(deps: &Deps, names: &[LoopName]) -> Vec<Arc<dyn Loop>> {
                 LoopName::Restores => Arc::new(Restores::new(deps.clone())),
                 LoopName::Verifier => Arc::new(Verifier::new(deps.clone())),
                 LoopName::Copies => Arc::new(crate::loops::copies::Copies::new(deps.clone())),
+                LoopName::Wal => Arc::new(crate::loops::wal::Wal::new(deps.clone(), once)),
                 LoopName::Propagations => Arc::new(Propagations::with_options(
                     deps.pool.clone(),
                     deps.plans.clone(),
@@ -92,7 +93,7 @@ pub async fn run(
     listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let loops = build_loops(&deps, &options.only);
+    let loops = build_loops(&deps, &options.only, options.once);
     run_loops(deps, loops, options.once, listener, shutdown).await
 }
 

@@ -91,6 +91,30 @@ pub async fn enqueue_restore(
     Ok(id)
 }
 
+/// A restore of `resource_id` to the instant `target` (DESIGN §14); the worker chooses the base
+/// backup. Refused here only when the resource does not exist: the restorable window is the
+/// worker's to judge when the row runs (it fails `config` naming the window).
+pub async fn enqueue_restore_to_time(
+    pool: &PgPool,
+    resource_id: Uuid,
+    target: chrono::DateTime<chrono::Utc>,
+) -> Result<Uuid, CommandError> {
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM resources WHERE id = $1)")
+        .bind(resource_id)
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Err(CommandError::ResourceNotFound(resource_id));
+    }
+    Ok(sqlx::query_scalar(
+        "INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2) RETURNING id",
+    )
+    .bind(resource_id)
+    .bind(target)
+    .fetch_one(pool)
+    .await?)
+}
+
 type FailureRow = (
     String,
     Uuid,
@@ -387,7 +411,8 @@ pub async fn list_backups(pool: &PgPool, resource_id: Uuid) -> Result<String, Co
             .await?;
     let (ty, status, team) = resource.ok_or(CommandError::ResourceNotFound(resource_id))?;
     let rows: Vec<BackupListRow> = sqlx::query_as(
-        "SELECT id, status, kind, created_at, size_bytes, verify_status, verified_at,
+        "SELECT id, status, CASE WHEN format = 'base' THEN kind || '/base' ELSE kind END,
+                created_at, size_bytes, verify_status, verified_at,
                 failure_reason,
                 extract(epoch FROM now() - created_at)::float8,
                 extract(epoch FROM now() - verified_at)::float8,
@@ -410,6 +435,14 @@ pub async fn list_backups(pool: &PgPool, resource_id: Uuid) -> Result<String, Co
         rows.len(),
         if rows.len() == 1 { "" } else { "s" }
     );
+    let pitr = crate::pitr::History::load(pool, resource_id).await?;
+    if !pitr.bases.is_empty() || pitr.segment_bytes.is_some() {
+        let _ = writeln!(
+            out,
+            "point-in-time recovery: {} (restore with: backup-worker restore --to-time <RFC 3339> {resource_id})",
+            crate::pitr::describe(&pitr.windows())
+        );
+    }
     if rows.is_empty() {
         let _ = writeln!(
             out,

@@ -44,7 +44,12 @@ pub const ENV_VARS: &[&str] = &[
     "COPY_AWS_PROFILE",
     "OBJECT_LOCK_MODE",
     "COPY_OBJECT_LOCK_MODE",
+    "WAL_STREAMS_PER_REPLICA",
+    "PG_BIN_DIR",
 ];
+
+/// Where the Postgres server binaries of each major live (DESIGN §14); `{major}` is replaced.
+pub const DEFAULT_PG_BIN_DIR: &str = "/usr/lib/postgresql/{major}/bin";
 
 pub const DEFAULT_STORAGE_URL: &str = "file://./var/backups";
 
@@ -104,6 +109,17 @@ pub struct Config {
     pub copy: Option<CopyDestination>,
     /// OBJECT_LOCK_MODE: primary objects are written with S3 Object Lock retention.
     pub object_lock: Option<crate::storage::LockMode>,
+    /// WAL streams one replica holds at most (DESIGN §14).
+    pub wal_streams_per_replica: usize,
+    /// PG_BIN_DIR: a directory pattern with `{major}` for the private servers of PITR restores.
+    pub pg_bin_dir: String,
+}
+
+impl Config {
+    /// The directory of the Postgres server binaries of `major`.
+    pub fn pg_bin_dir(&self, major: u32) -> PathBuf {
+        PathBuf::from(self.pg_bin_dir.replace("{major}", &major.to_string()))
+    }
 }
 
 /// An S3-compatible store's endpoint settings, from the three variables named.
@@ -375,6 +391,13 @@ impl Config {
             }
         }
 
+        let pg_bin_dir = get("PG_BIN_DIR").unwrap_or_else(|| DEFAULT_PG_BIN_DIR.to_owned());
+        if !pg_bin_dir.contains("{major}") {
+            return Err(bad(
+                "PG_BIN_DIR",
+                format!("must contain {{major}} (e.g. {DEFAULT_PG_BIN_DIR}), got {pg_bin_dir:?}"),
+            ));
+        }
         Ok(Config {
             database_url: Secret::new(database_url),
             storage_url,
@@ -400,6 +423,9 @@ impl Config {
             master_key,
             copy,
             object_lock,
+            wal_streams_per_replica: int_in(&get, "WAL_STREAMS_PER_REPLICA", 50, 0, 10_000)?
+                as usize,
+            pg_bin_dir,
         })
     }
 }

@@ -21,6 +21,7 @@ pub mod loops;
 pub mod metrics;
 pub mod pass;
 pub mod pipeline;
+pub mod pitr;
 pub mod plans;
 pub mod process;
 pub mod provisioner;

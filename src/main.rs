@@ -69,11 +69,16 @@ enum Command {
     },
     /// Enqueue a restore of a backup and print its id.
     Restore {
-        /// The backup to restore (see `backups <resource_id>`).
+        /// The backup to restore (see `backups <resource_id>`); with --to-time, the resource.
+        #[arg(value_name = "BACKUP_ID | RESOURCE_ID")]
         backup_id: Uuid,
         /// Restore into another resource of the same team and type (a clone).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "to_time")]
         into: Option<Uuid>,
+        /// Rewind the resource to this instant (RFC 3339, e.g. 2026-12-04T10:58:00Z) from its
+        /// base backups and WAL (point-in-time recovery).
+        #[arg(long, value_parser = parse_instant)]
+        to_time: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// Print queue depths, verification figures and recent failures.
     Status,
@@ -186,8 +191,15 @@ async fn main() -> ExitCode {
             Ok(pool) => print_result(commands::enqueue_backup(&pool, resource_id).await),
             Err(code) => code,
         },
-        Command::Restore { backup_id, into } => match connect(&config, 2).await {
-            Ok(pool) => print_result(commands::enqueue_restore(&pool, backup_id, into).await),
+        Command::Restore {
+            backup_id,
+            into,
+            to_time,
+        } => match connect(&config, 2).await {
+            Ok(pool) => print_result(match to_time {
+                Some(t) => commands::enqueue_restore_to_time(&pool, backup_id, t).await,
+                None => commands::enqueue_restore(&pool, backup_id, into).await,
+            }),
             Err(code) => code,
         },
         Command::Verify { backup_id } => verify(config, backup_id).await,
@@ -549,4 +561,11 @@ async fn wait_for_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
     }
     shutdown.cancel();
+}
+
+/// An RFC 3339 instant for `restore --to-time`.
+fn parse_instant(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("expected an RFC 3339 time such as 2026-12-04T10:58:00Z: {e}"))
 }

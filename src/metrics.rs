@@ -25,6 +25,9 @@ pub const SKIP_REASON_BUCKETS: &[&str] = &[
 /// `kind` values of `backup_worker_backup_anomalies_total` (DESIGN §15).
 pub const ANOMALY_KINDS: [&str; 2] = ["size", "content"];
 
+/// `state` values of `backup_worker_wal_streams` (the `wal_streams.status` values, DESIGN §14).
+pub const WAL_STREAM_STATES: [&str; 3] = ["streaming", "stopped", "failed"];
+
 /// Buckets for job durations: seconds up to the 6 h default timeout.
 const DURATION_BUCKETS: &[f64] = &[
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
@@ -51,6 +54,10 @@ pub struct Metrics {
     pub unprotected_backups: IntGauge,
     pub copy_reads: IntCounterVec,
     pub backup_anomalies: IntCounterVec,
+    pub wal_streams: IntGaugeVec,
+    pub pitr_rpo_breached: IntGauge,
+    pub wal_bytes: IntCounter,
+    pub pitr_gaps: IntCounter,
     pub propagation_applied: IntCounterVec,
     pub propagation_unexpected_skip: IntCounterVec,
     pub propagation_dead_lettered: IntCounterVec,
@@ -210,6 +217,30 @@ impl Metrics {
                 "Succeeded backups flagged as anomalous against their resource's previous one (DESIGN §15); kind is size or content.",
                 &["resource_type", "kind"],
             )?,
+            wal_streams: gauge_vec(
+                &r,
+                "backup_worker_wal_streams",
+                "WAL streams of PITR resources by state (DESIGN §14): streaming (a replica holds it and pg_receivewal runs), stopped (nobody holds it), failed (it cannot run; retried with backoff). Fleet-wide, refreshed by the wal loop.",
+                &["state"],
+            )?,
+            pitr_rpo_breached: {
+                let g = IntGauge::new(
+                    "backup_worker_pitr_rpo_breached",
+                    "PITR resources whose newest stored WAL is older than their pitr_rpo_seconds + 60 s (refreshed by the wal loop).",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            wal_bytes: counter(
+                &r,
+                "backup_worker_wal_bytes_total",
+                "Bytes of WAL stored (raw, before compression), partial segments counted by what they added.",
+            )?,
+            pitr_gaps: counter(
+                &r,
+                "backup_worker_pitr_gaps_total",
+                "WAL gaps detected: WAL the tenant's server dropped before it was stored (an invalidated slot).",
+            )?,
             propagation_applied: counter_vec(
                 &r,
                 "instant_propagation_applied_total",
@@ -334,6 +365,9 @@ impl Metrics {
         }
         for reader in ["restore", "verify"] {
             self.copy_reads.with_label_values(&[reader]);
+        }
+        for state in WAL_STREAM_STATES {
+            self.wal_streams.with_label_values(&[state]);
         }
         for k in KNOWN_PROPAGATION_KINDS.iter().chain([&UNKNOWN_KIND]) {
             self.propagation_applied.with_label_values(&[k]);

@@ -13,6 +13,10 @@ pub const EMBEDDED_PLANS: &str = include_str!("../plans.yaml");
 /// `rpo_minutes - 10`, so anything at or under 10 minutes would enqueue on every tick.
 pub const MIN_RPO_MINUTES: u32 = 15;
 pub const MAX_RPO_MINUTES: u32 = 7 * 24 * 60;
+/// A partial WAL segment is uploaded every `pitr_rpo_seconds`: under 10 s it would re-upload a
+/// busy 16 MiB segment several times a minute; over a day it is not a point-in-time RPO.
+pub const MIN_PITR_RPO_SECONDS: u32 = 10;
+pub const MAX_PITR_RPO_SECONDS: u32 = 86_400;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlansError {
@@ -57,6 +61,10 @@ pub struct Plan {
     pub rpo_minutes: u32,
     pub backup_retention_days: u32,
     pub backup_keep_last: u32,
+    /// Point-in-time recovery (DESIGN §14): the WAL of a Postgres/vector resource is stored at
+    /// least this often; 0 (the default) is no PITR.
+    #[serde(default)]
+    pub pitr_rpo_seconds: u32,
     pub limits: Limits,
 }
 
@@ -64,6 +72,12 @@ impl Plan {
     /// Either zero vetoes automated backups.
     pub fn backs_up(&self) -> bool {
         self.rpo_minutes > 0 && self.backup_retention_days > 0
+    }
+
+    /// WAL is streamed only for plans that keep backups at all (the base backups follow the
+    /// tier's retention).
+    pub fn pitr(&self) -> bool {
+        self.pitr_rpo_seconds > 0 && self.backup_retention_days > 0
     }
 }
 
@@ -173,6 +187,7 @@ pub struct PlanArrays {
     pub rpo_minutes: Vec<i32>,
     pub retention_days: Vec<i32>,
     pub keep_last: Vec<i32>,
+    pub pitr_rpo_seconds: Vec<i32>,
     pub default: Plan,
 }
 
@@ -192,6 +207,7 @@ impl Plans {
             rpo_minutes: Vec::with_capacity(map.len()),
             retention_days: Vec::with_capacity(map.len()),
             keep_last: Vec::with_capacity(map.len()),
+            pitr_rpo_seconds: Vec::with_capacity(map.len()),
             default: self.default.clone(),
         };
         for (name, plan) in map {
@@ -199,6 +215,7 @@ impl Plans {
             a.rpo_minutes.push(plan.rpo_minutes as i32);
             a.retention_days.push(plan.backup_retention_days as i32);
             a.keep_last.push(plan.backup_keep_last as i32);
+            a.pitr_rpo_seconds.push(plan.pitr_rpo_seconds as i32);
         }
         a
     }
@@ -222,6 +239,16 @@ fn validate_plan(plan: &Plan, at: &str) -> Result<(), (String, String)> {
         return Err((
             format!("{at}.backup_keep_last"),
             format!("must be from 0 to 1000, got {}", plan.backup_keep_last),
+        ));
+    }
+    let pitr = plan.pitr_rpo_seconds;
+    if pitr != 0 && !(MIN_PITR_RPO_SECONDS..=MAX_PITR_RPO_SECONDS).contains(&pitr) {
+        return Err((
+            format!("{at}.pitr_rpo_seconds"),
+            format!(
+                "must be 0 (no point-in-time recovery) or from {MIN_PITR_RPO_SECONDS} to \
+                 {MAX_PITR_RPO_SECONDS}, got {pitr}"
+            ),
         ));
     }
     for (name, value) in [

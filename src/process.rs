@@ -242,6 +242,15 @@ pub fn spawn(
         // (SIGTERM to the pod) do not reach it behind our back.
         .process_group(0)
         .kill_on_drop(true);
+    // A worker killed with -9 runs no drop: its tools die with it rather than hold a replication
+    // slot, a lock or a pipe for the next holder of their row.
+    // SAFETY: pre_exec runs between fork and exec; prctl is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(std::io::Error::from)
+        });
+    }
     let mut child = command.spawn().map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             SpawnError::Missing {

@@ -60,7 +60,7 @@ fn every_alert_has_a_unit_test_and_a_runbook_section() {
             n += 1;
         }
     }
-    assert_eq!(n, 15);
+    assert_eq!(n, 19);
 }
 
 #[test]

@@ -34,6 +34,9 @@ pub struct Job {
     pub resource_type: String,
     pub resource_status: String,
     pub connection_url: Secret,
+    /// `logical` or `base` (DESIGN §14).
+    pub format: String,
+    pub replication_url: Option<Secret>,
 }
 
 /// How one attempt ended, before it is written down.
@@ -45,6 +48,8 @@ enum Attempt {
         mode: Option<&'static str>,
         /// The team key the object is encrypted to (DESIGN §12), when encryption is on.
         key_id: Option<Uuid>,
+        /// A base backup's chain start (DESIGN §14).
+        base: Option<crate::engines::postgres::base::BaseInfo>,
     },
     Failed {
         reason: FailureReason,
@@ -347,13 +352,22 @@ impl Backups {
         else {
             return Ok(None);
         };
-        let resource: Result<(Uuid, String, String, String), sqlx::Error> = sqlx::query_as(
-            "SELECT team_id, resource_type, status, connection_url FROM resources WHERE id = $1",
+        #[allow(clippy::type_complexity)]
+        let resource: Result<
+            (Uuid, String, String, String, Option<String>, String),
+            sqlx::Error,
+        > = sqlx::query_as(
+            "SELECT r.team_id, r.resource_type, r.status, r.connection_url, r.replication_url,
+                        b.format
+                   FROM resources r JOIN resource_backups b ON b.resource_id = r.id
+                  WHERE r.id = $1 AND b.id = $2",
         )
         .bind(claimed.resource_id)
+        .bind(claimed.lease.id)
         .fetch_one(self.pool())
         .await;
-        let (team_id, resource_type, resource_status, url) = match resource {
+        let (team_id, resource_type, resource_status, url, replication_url, format) = match resource
+        {
             Ok(r) => r,
             Err(e) => {
                 self.claimer
@@ -369,6 +383,8 @@ impl Backups {
             resource_type,
             resource_status,
             connection_url: Secret::new(url),
+            format,
+            replication_url: replication_url.map(Secret::new),
         }))
     }
 
@@ -476,11 +492,37 @@ impl Backups {
                 )
             }
         };
-        let dump =
+        let base_info: crate::engines::postgres::base::BaseInfoSlot = Default::default();
+        let dump = if job.format == "base" {
+            // A base backup (DESIGN §14) reads the tenant's cluster through its replication role.
+            let url = match (&job.replication_url, resource_type) {
+                (Some(u), ResourceType::Postgres | ResourceType::Vector) => u,
+                (None, _) => {
+                    return failed(
+                        FailureReason::Config,
+                        "a base backup needs the resource's replication_url",
+                    )
+                }
+                _ => {
+                    return failed(
+                        FailureReason::Config,
+                        format!(
+                            "base backups are for postgres and vector, not {}",
+                            resource_type.as_str()
+                        ),
+                    )
+                }
+            };
+            match crate::engines::postgres::base::dump_command(url, temp.path()) {
+                Ok(d) => d,
+                Err(p) => return failed(FailureReason::Config, p.0),
+            }
+        } else {
             match engines::prepare_dump(resource_type, &job.connection_url, temp.path()).await {
                 Ok(d) => d,
                 Err(f) => return failed(f.reason, f.detail),
-            };
+            }
+        };
         // With a master key, the object is encrypted to the team's own key (made on first use).
         let team_key = match &cfg.master_key {
             None => None,
@@ -554,7 +596,13 @@ impl Backups {
             }
         };
 
-        let check = engines::stream_check(resource_type);
+        let check: Box<dyn crate::pipeline::StreamCheck> = if job.format == "base" {
+            Box::new(crate::engines::postgres::base::TarCheck::new(
+                base_info.clone(),
+            ))
+        } else {
+            engines::stream_check(resource_type)
+        };
         let streamed = tokio::select! {
             r = gzip_to_upload(stream, check, upload.as_mut(), Deflate::for_gzip_level(cfg.gzip_level), encrypt) => Ok(r),
             _ = &mut deadline => Err(Stop::Timeout),
@@ -655,6 +703,7 @@ impl Backups {
                     streamed,
                     mode,
                     key_id: team_key.map(|(id, _)| id),
+                    base: base_info.lock().unwrap_or_else(|p| p.into_inner()).take(),
                 }
             }
             Err(e) => failed(FailureReason::Upload, e.to_string()),
@@ -696,6 +745,7 @@ impl Backups {
                 streamed,
                 mode,
                 key_id,
+                base,
             } => {
                 let mut tx = self.pool().begin().await?;
                 let done = sqlx::query(
@@ -703,6 +753,7 @@ impl Backups {
                         SET status = 'succeeded', finished_at = now(), lease_expires_at = NULL,
                             object_key = $4, size_bytes = $5, raw_bytes = $6, sha256 = $7,
                             dump_mode = $8, key_id = $9,
+                            start_lsn = $10::text::pg_lsn, timeline = $11, pg_major = $12,
                             failure_reason = NULL, error_summary = NULL, internal_detail = NULL
                       WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3
                         -- a team key destroyed while this backup ran: it must not count as good
@@ -718,6 +769,9 @@ impl Backups {
                 .bind(&streamed.sha256)
                 .bind(*mode)
                 .bind(*key_id)
+                .bind(base.as_ref().map(|b| crate::engines::postgres::wal::lsn_text(b.start_lsn)))
+                .bind(base.as_ref().map(|b| b.timeline as i32))
+                .bind(base.as_ref().map(|b| b.pg_major as i32))
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 0 {
@@ -751,10 +805,12 @@ impl Backups {
                     Some(lease.id),
                     json!({ "resource_type": job.resource_type, "object_key": key,
                             "size_bytes": streamed.stored_bytes, "sha256": streamed.sha256,
-                            "dump_mode": mode }),
+                            "dump_mode": mode, "format": job.format }),
                 )
                 .await?;
-                let anomalous = crate::anomaly::check_size(&mut tx, lease.id).await?;
+                // A base backup is a cluster, not the database: never compared with the dumps.
+                let anomalous =
+                    base.is_none() && crate::anomaly::check_size(&mut tx, lease.id).await?;
                 tx.commit().await?;
                 if anomalous {
                     m.backup_anomalies
@@ -777,7 +833,10 @@ impl Backups {
                     seconds = elapsed.as_secs_f64(), object_key = %key, "backup succeeded");
             }
             Attempt::Failed { reason, detail } => {
-                let secrets = [job.connection_url.expose()];
+                let mut secrets = vec![job.connection_url.expose()];
+                if let Some(u) = &job.replication_url {
+                    secrets.push(u.expose());
+                }
                 let detail = crate::secret::redact_known(detail, &secrets);
                 let detail: String = detail.chars().take(8192).collect();
                 let mut tx = self.pool().begin().await?;

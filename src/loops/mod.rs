@@ -1,4 +1,4 @@
-//! The six loops (DESIGN §1). Each is one room: it implements [`Loop`], and the supervisor drives
+//! The seven loops (DESIGN §1). Each is one room: it implements [`Loop`], and the supervisor drives
 //! it — passes on an interval in the daemon, a single pass with `--once`.
 
 use std::fmt;
@@ -15,10 +15,14 @@ pub mod propagations;
 pub mod restores;
 pub mod scheduler;
 pub mod verifier;
+pub mod wal;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LoopName {
     Scheduler,
+    // Before the backups: a `--once` run creates a new stream's slot before its first base
+    // backup starts, so the slot holds the WAL the base backup's chain begins with.
+    Wal,
     Backups,
     Restores,
     Verifier,
@@ -28,8 +32,9 @@ pub enum LoopName {
 
 impl LoopName {
     /// Also the order of a `--once` run: the scheduler's rows are claimed in the same run.
-    pub const ALL: [LoopName; 6] = [
+    pub const ALL: [LoopName; 7] = [
         LoopName::Scheduler,
+        LoopName::Wal,
         LoopName::Backups,
         LoopName::Copies,
         LoopName::Restores,
@@ -45,6 +50,7 @@ impl LoopName {
             LoopName::Verifier => "verifier",
             LoopName::Propagations => "propagations",
             LoopName::Copies => "copies",
+            LoopName::Wal => "wal",
         }
     }
 }
@@ -62,7 +68,7 @@ impl FromStr for LoopName {
             .into_iter()
             .find(|l| l.as_str() == s.trim())
             .ok_or_else(|| {
-                format!("unknown loop {s:?}: expected scheduler, backups, copies, restores, verifier or propagations")
+                format!("unknown loop {s:?}: expected scheduler, wal, backups, copies, restores, verifier or propagations")
             })
     }
 }

@@ -44,6 +44,8 @@ pub struct Job {
     pub size_bytes: Option<i64>,
     /// The team key the backup is encrypted to (DESIGN §12).
     pub key_id: Option<Uuid>,
+    /// A restore to an instant (DESIGN §14): the worker chooses the base backup.
+    pub target_time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 enum Attempt {
@@ -69,19 +71,20 @@ impl From<Failure> for Halt {
 
 #[derive(sqlx::FromRow)]
 struct Context {
-    backup_id: Uuid,
+    backup_id: Option<Uuid>,
     team_id: Uuid,
     resource_type: String,
     resource_status: String,
     connection_url: String,
-    backup_status: String,
-    backup_team_id: Uuid,
-    backup_resource_type: String,
-    backup_connection_url: String,
+    backup_status: Option<String>,
+    backup_team_id: Option<Uuid>,
+    backup_resource_type: Option<String>,
+    backup_connection_url: Option<String>,
     object_key: Option<String>,
     sha256: Option<String>,
     size_bytes: Option<i64>,
     key_id: Option<Uuid>,
+    target_time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 pub struct Restores {
@@ -122,11 +125,11 @@ impl Restores {
             "SELECT rr.backup_id, tr.team_id, tr.resource_type, tr.status AS resource_status,
                     tr.connection_url, b.status AS backup_status, br.team_id AS backup_team_id,
                     br.resource_type AS backup_resource_type, br.connection_url AS backup_connection_url,
-                    b.object_key, b.sha256, b.size_bytes, b.key_id
+                    b.object_key, b.sha256, b.size_bytes, b.key_id, rr.target_time
                FROM resource_restores rr
                JOIN resources tr ON tr.id = rr.resource_id
-               JOIN resource_backups b ON b.id = rr.backup_id
-               JOIN resources br ON br.id = b.resource_id
+               LEFT JOIN resource_backups b ON b.id = rr.backup_id
+               LEFT JOIN resources br ON br.id = b.resource_id
               WHERE rr.id = $1",
         )
         .bind(claimed.lease.id)
@@ -144,15 +147,16 @@ impl Restores {
         Ok(Some(Job {
             lease: claimed.lease,
             resource_id: claimed.resource_id,
-            backup_id: c.backup_id,
+            backup_id: c.backup_id.unwrap_or_default(),
             team_id: c.team_id,
             resource_type: c.resource_type,
             resource_status: c.resource_status,
-            connection_url: Secret::new(c.connection_url),
-            backup_status: c.backup_status,
-            backup_team_id: c.backup_team_id,
-            backup_resource_type: c.backup_resource_type,
-            backup_connection_url: Secret::new(c.backup_connection_url),
+            connection_url: Secret::new(c.connection_url.clone()),
+            backup_status: c.backup_status.unwrap_or_else(|| "none".into()),
+            backup_team_id: c.backup_team_id.unwrap_or(c.team_id),
+            backup_resource_type: c.backup_resource_type.unwrap_or_default(),
+            backup_connection_url: Secret::new(c.backup_connection_url.unwrap_or(c.connection_url)),
+            target_time: c.target_time,
             object_key: c.object_key,
             sha256: c.sha256,
             size_bytes: c.size_bytes,
@@ -219,6 +223,9 @@ impl Restores {
                 detail,
             })
         };
+        if let Some(target) = job.target_time {
+            return self.attempt_to_time(job, target, lost).await;
+        }
         // Another team's backup is never reachable, whatever the row says.
         if job.backup_team_id != job.team_id {
             return Err(config(format!(
@@ -311,6 +318,164 @@ impl Restores {
         }
         Ok((
             engines::restore(resource_type, &target, &backup).await?,
+            source,
+        ))
+    }
+
+    /// A restore to an instant (DESIGN §14): the newest base backup whose WAL chain reaches the
+    /// target, replayed in a private server of its major to the target, dumped, and rewound into
+    /// the resource with the §6 rewind. The chosen base backup is recorded in `backup_id`.
+    async fn attempt_to_time(
+        &self,
+        job: &Job,
+        target: chrono::DateTime<chrono::Utc>,
+        lost: &CancellationToken,
+    ) -> Result<(RestoreReport, restore::Source), Halt> {
+        let config = |detail: String| Halt::Failed(engines::fail(FailureReason::Config, detail));
+        let Some(resource_type @ (ResourceType::Postgres | ResourceType::Vector)) =
+            ResourceType::parse(&job.resource_type)
+        else {
+            return Err(config(format!(
+                "restores to a point in time are for postgres and vector, not {}",
+                job.resource_type
+            )));
+        };
+        if job.resource_status == "deleted" {
+            return Err(config("target resource is deleted".into()));
+        }
+        if job.backup_id != Uuid::nil() && job.backup_team_id != job.team_id {
+            return Err(config(format!(
+                "backup {} belongs to another team",
+                job.backup_id
+            )));
+        }
+        if engines::is_control_database(
+            resource_type,
+            &job.connection_url,
+            &self.deps.config.database_url,
+        )
+        .await
+        {
+            return Err(config(
+                "the target resource is backup-worker's own control database (DATABASE_URL)".into(),
+            ));
+        }
+        let history = crate::pitr::History::load(self.pool(), job.resource_id)
+            .await
+            .map_err(|e| {
+                engines::fail(
+                    FailureReason::Unreachable,
+                    format!("reading the WAL history: {e}"),
+                )
+            })?;
+        let (base, window) = history.plan(target)?;
+        sqlx::query(
+            "UPDATE resource_restores SET backup_id = $4
+              WHERE id = $1 AND status = 'running' AND leased_by = $2 AND attempts = $3",
+        )
+        .bind(job.lease.id)
+        .bind(&job.lease.worker)
+        .bind(job.lease.attempts)
+        .bind(base.id)
+        .execute(self.pool())
+        .await
+        .map_err(|e| {
+            engines::fail(
+                FailureReason::Unreachable,
+                format!("recording the chosen base backup: {e}"),
+            )
+        })?;
+        let identity = restore::backup_identity(
+            self.pool(),
+            self.deps.config.master_key.as_deref(),
+            base.key_id,
+        )
+        .await?;
+        let temp = crate::process::private_tempdir().map_err(|e| {
+            engines::fail(
+                FailureReason::Dump,
+                format!("cannot create a temporary directory: {e}"),
+            )
+        })?;
+        let slot: crate::engines::postgres::base::BaseInfoSlot = Default::default();
+        let (base_file, source) = restore::download_from_any(
+            self.deps.store.as_ref(),
+            None,
+            &base.object_key,
+            &base.sha256,
+            base.size_bytes.and_then(|n| u64::try_from(n).ok()),
+            || Box::new(crate::engines::postgres::base::TarCheck::new(slot.clone())),
+            temp.path(),
+            identity,
+        )
+        .await?;
+        let user = crate::engines::postgres::parse(&job.connection_url)
+            .ok()
+            .and_then(|c| {
+                c.env
+                    .iter()
+                    .find(|(k, _)| k == "PGUSER")
+                    .map(|(_, v)| v.clone())
+            })
+            .unwrap_or_else(|| "postgres".into());
+        let database = crate::engines::postgres::parse(&job.connection_url)
+            .map_err(|p| engines::fail(FailureReason::Config, p.0))?
+            .env
+            .iter()
+            .find(|(k, _)| k == "PGDATABASE")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let wal = std::sync::Arc::new(crate::pitr::StoreWal::new(
+            self.deps.store.clone(),
+            &history,
+            self.pool().clone(),
+            self.deps.config.master_key.clone(),
+        ));
+        let server = crate::engines::postgres::replay::PrivateServer::start(
+            crate::engines::postgres::replay::Replay {
+                bin_dir: self.deps.config.pg_bin_dir(base.pg_major as u32),
+                base: &base_file,
+                target_time: Some(target),
+                wal: wal.clone(),
+                user,
+            },
+        )
+        .await?;
+        if server.reached_end
+            && wal.served_max.load(std::sync::atomic::Ordering::Relaxed) < window.end_segno as u64
+        {
+            server.stop().await;
+            return Err(Halt::Failed(engines::fail(
+                FailureReason::Integrity,
+                format!(
+                    "the replay ended before segment {} of the chain: the target {} is not reached",
+                    window.end_segno,
+                    crate::pitr::text(target)
+                ),
+            )));
+        }
+        let dumped = server.dump(&self.deps.tools, &database, temp.path()).await;
+        server.stop().await;
+        let dump = dumped?;
+        let target_spec = RestoreTarget {
+            tools: &self.deps.tools,
+            url: &job.connection_url,
+            source_url: &job.connection_url,
+            temp: temp.path(),
+        };
+        let marked = jobs::record(
+            &job.lease,
+            self.deps.config.lease,
+            lost,
+            "marking the restore's rewind as begun",
+            || jobs::mark_applying(self.pool(), &job.lease),
+        )
+        .await;
+        if marked != Ok(true) {
+            return Err(Halt::LeaseLost);
+        }
+        Ok((
+            engines::restore(resource_type, &target_spec, &dump).await?,
             source,
         ))
     }
@@ -508,6 +673,8 @@ impl jobs::Queue for Restores {
             .last_recovery
             .due(jobs::recovery_every(self.deps.config.lease))
         {
+            // Private replay servers' directories left by a worker killed with -9 (DESIGN §14).
+            crate::engines::postgres::replay::sweep();
             // Expired leases back to pending (or failed after the last attempt), as for backups.
             match jobs::recover_and_audit(self.pool(), JobTable::Restores, "restore.failed").await {
                 Ok(recovered) => {

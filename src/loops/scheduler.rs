@@ -61,6 +61,8 @@ pub struct TickReport {
     pub unknown_tiers: Vec<String>,
     /// Rows the SQL produced that the plan check in Rust refused (and removed): a bug guard.
     pub vetoed: u64,
+    /// Base backups enqueued for PITR resources (DESIGN §14).
+    pub base_backups: u64,
 }
 
 impl TickReport {
@@ -146,12 +148,13 @@ fn tick_sql(table: &PlanArrays) -> String {
                    -- nothing already queued or running for it
                    AND NOT EXISTS (
                         SELECT 1 FROM resource_backups b
-                         WHERE b.resource_id = c.resource_id AND b.status IN ('pending', 'running'))
+                         WHERE b.resource_id = c.resource_id AND b.format = 'logical'
+                           AND b.status IN ('pending', 'running'))
             ),
             inserted AS (
                 INSERT INTO resource_backups (resource_id, kind, status, run_after, created_at)
                 SELECT resource_id, 'scheduled', 'pending', {CLOCK}, {CLOCK} FROM due
-                ON CONFLICT (resource_id) WHERE status = 'pending' AND kind = 'scheduled' DO NOTHING
+                ON CONFLICT (resource_id, format) WHERE status = 'pending' AND kind = 'scheduled' DO NOTHING
                 RETURNING id, resource_id
             )
             SELECT i.id, r.resource_type, t.plan_tier
@@ -226,6 +229,8 @@ impl Scheduler {
                 .await?;
             report.vetoed = vetoed.len() as u64;
         }
+
+        report.base_backups = crate::pitr::enqueue_base_backups(&mut tx, &self.plans).await?;
 
         report.unknown_tiers = sqlx::query_scalar(
             "SELECT DISTINCT t.plan_tier FROM teams t
@@ -321,9 +326,9 @@ impl Loop for Scheduler {
         let report = self.tick_now().await?;
         if report.skipped_locked {
             tracing::debug!("another replica is ticking; skipped");
-        } else if report.total() > 0 || report.vetoed > 0 {
+        } else if report.total() > 0 || report.vetoed > 0 || report.base_backups > 0 {
             tracing::info!(enqueued = report.total(), by_type = ?report.enqueued,
-                vetoed = report.vetoed, "scheduled backups enqueued");
+                base_backups = report.base_backups, vetoed = report.vetoed, "scheduled backups enqueued");
         }
         self.refresh_rpo_breached_now().await?;
         Ok(())

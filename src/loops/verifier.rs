@@ -715,7 +715,7 @@ impl Verifier {
              SELECT $1, 'scheduled'
               WHERE NOT EXISTS (SELECT 1 FROM resource_backups
                                  WHERE resource_id = $1 AND status IN ('pending', 'running'))
-             ON CONFLICT (resource_id) WHERE status = 'pending' AND kind = 'scheduled' DO NOTHING
+             ON CONFLICT (resource_id, format) WHERE status = 'pending' AND kind = 'scheduled' DO NOTHING
              RETURNING id",
         )
         .bind(job.resource_id)

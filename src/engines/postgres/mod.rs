@@ -9,8 +9,11 @@
 //! needed extension that is missing and that the role cannot create fails `config` before
 //! anything is touched.
 
+pub(crate) mod base;
+pub(crate) mod replay;
 mod rewind;
 mod scratch;
+pub(crate) mod wal;
 
 pub use scratch::{
     parse_scratch_name, scratch_name, test_restore, ScratchServer, TestRestore, SCRATCH_PREFIX,
@@ -95,6 +98,16 @@ pub(crate) struct PgConnection {
 }
 
 pub(crate) fn parse(url: &Secret) -> Result<PgConnection, ConfigProblem> {
+    parse_with(url, true)
+}
+
+/// A replication connection (pg_receivewal, pg_basebackup, DESIGN §14): physical replication
+/// names no database, so the URL need not either.
+pub(crate) fn parse_replication(url: &Secret) -> Result<PgConnection, ConfigProblem> {
+    parse_with(url, false)
+}
+
+fn parse_with(url: &Secret, require_database: bool) -> Result<PgConnection, ConfigProblem> {
     let parts = split_url(url.expose())?;
     if parts.scheme != "postgres" && parts.scheme != "postgresql" {
         return Err(problem(
@@ -141,10 +154,12 @@ pub(crate) fn parse(url: &Secret) -> Result<PgConnection, ConfigProblem> {
     if let Some(u) = user {
         set(&mut env, "PGUSER", u);
     }
-    if database.is_empty() {
+    if database.is_empty() && require_database {
         return Err(problem("postgres connection URL names no database"));
     }
-    set(&mut env, "PGDATABASE", database);
+    if !database.is_empty() {
+        set(&mut env, "PGDATABASE", database);
+    }
     // Fail fast on an unreachable server instead of hanging until the backup timeout.
     if !env.iter().any(|(k, _)| k == "PGCONNECT_TIMEOUT") {
         set(&mut env, "PGCONNECT_TIMEOUT", "15".into());
