@@ -143,7 +143,7 @@ async fn policies(pool: &PgPool, plans: &Plans) -> Result<Policies, sqlx::Error>
 /// Eligibility of succeeded row `b` of resource `r` under policy `p` at `$now` (bound as the
 /// statement's parameter named here): past its tier's retention; for a resource that is not
 /// deleted, at least max(keep_last, 1) newer succeeded rows that have not failed verification
-/// (keep_last and the newest backup, DESIGN §5) — a backup that failed verification, or is
+/// (keep_last and the newest backup, DESIGN §5; counted per format, §14) — a backup that failed verification, or is
 /// flagged as an anomaly and not accepted (§15), counts for nothing, so it protects no older one
 /// and is not kept as the newest; not read by a
 /// pending/running restore or a running verification.
@@ -154,6 +154,8 @@ fn eligible(now: &str) -> String {
               OR EXISTS (
                 SELECT 1 FROM resource_backups n
                  WHERE n.resource_id = b.resource_id AND n.status = 'succeeded'
+                   -- per format: a day's base backup never stands in for the hour's dumps
+                   AND n.format = b.format
                    AND n.verify_status IS DISTINCT FROM 'failed' AND n.anomaly IS NULL
                    AND n.finished_at >= b.finished_at
                    AND (n.finished_at, n.id) > (b.finished_at, b.id)

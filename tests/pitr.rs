@@ -175,3 +175,115 @@ async fn a_restore_to_an_instant_brings_back_exactly_its_rows(
     assert_eq!(leftovers, 0, "the private server's directory is removed");
     Ok(())
 }
+
+/// A replica of the real binary streaming the resource's WAL.
+fn replica(pool: &PgPool, store: &std::path::Path, worker: &str) -> Result<tokio::process::Child, TestError> {
+    Ok(tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"))
+        .args(["run", "--only", "wal"])
+        .env("DATABASE_URL", backup_worker_testkit::database_url(pool))
+        .env("STORAGE_URL", format!("file://{}", store.display()))
+        .env("WORKER_ID", worker)
+        .env("LEASE_SECONDS", "3")
+        .env("METRICS_ADDR", format!("127.0.0.1:{}", backup_worker_testkit::free_port()?))
+        .env("LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+/// Complete segments stored for the resource, in order.
+async fn complete_segments(pool: &PgPool, resource: Uuid) -> Result<Vec<i64>, TestError> {
+    Ok(sqlx::query_scalar(
+        "SELECT segno FROM wal_segments WHERE resource_id = $1 AND segno IS NOT NULL AND NOT partial
+          ORDER BY segno",
+    )
+    .bind(resource)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Writes a row and switches to a new segment (the superuser's `pg_switch_wal`); the segment
+/// number of the one just completed.
+async fn write_and_switch(server: &PgServer, url: &str, id: i32) -> Result<i64, TestError> {
+    insert(url, id, id).await?;
+    let mut admin = sqlx::PgConnection::connect(&server.url("postgres")).await?;
+    let lsn: String = sqlx::query_scalar("SELECT pg_switch_wal()::text").fetch_one(&mut admin).await?;
+    let seg: i64 = sqlx::query_scalar("SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'")
+        .fetch_one(&mut admin)
+        .await?;
+    let (hi, lo) = lsn.split_once('/').ok_or("lsn")?;
+    let lsn = (i64::from_str_radix(hi, 16)? << 32) | i64::from_str_radix(lo, 16)?;
+    Ok(lsn / seg)
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_stream_killed_with_kill_9_is_resumed_by_another_replica_without_losing_a_segment(
+    pool: PgPool,
+) -> Result<(), TestError> {
+    use backup_worker_testkit::wait_until;
+    use std::time::Duration;
+    let tenant = PgServer::start().await?;
+    let (url, repl) = pitr_tenant(&tenant).await?;
+    let resource = pitr_resource(&pool, "growth", &url, &repl).await?;
+    let store = tempfile::tempdir()?;
+    let holder = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT leased_by FROM wal_streams WHERE resource_id = $1 AND lease_expires_at > now()",
+        )
+        .bind(resource)
+        .fetch_optional(&pool)
+        .await
+        .ok()
+        .flatten()
+        .flatten()
+    };
+    let mut a = replica(&pool, store.path(), "replica-a")?;
+    wait_until(Duration::from_secs(60), "replica-a to hold the stream", || {
+        let p = pool.clone();
+        async move { holder(p).await.as_deref() == Some("replica-a") }
+    })
+    .await?;
+    // The slot exists once the stream runs: WAL written from here on is held for us.
+    wait_until(Duration::from_secs(60), "the slot to be active", || {
+        let url = url.clone();
+        async move {
+            let Ok(mut c) = sqlx::PgConnection::connect(&url).await else { return false };
+            sqlx::query_scalar::<_, bool>("SELECT coalesce(bool_or(active), false) FROM pg_replication_slots")
+                .fetch_one(&mut c)
+                .await
+                .unwrap_or(false)
+        }
+    })
+    .await?;
+    let mut last = 0;
+    for i in 1..=3 {
+        last = write_and_switch(&tenant, &url, i).await?;
+    }
+    wait_until(Duration::from_secs(60), "replica-a to store the completed segments", || {
+        let p = pool.clone();
+        async move { complete_segments(&p, resource).await.map(|s| s.last() == Some(&last)).unwrap_or(false) }
+    })
+    .await?;
+    a.start_kill()?;
+    a.wait().await?;
+    // Nobody streams: the permanent slot holds what is written now.
+    for i in 4..=6 {
+        last = write_and_switch(&tenant, &url, i).await?;
+    }
+    let mut b = replica(&pool, store.path(), "replica-b")?;
+    wait_until(Duration::from_secs(90), "replica-b to take over and store every segment", || {
+        let p = pool.clone();
+        async move { complete_segments(&p, resource).await.map(|s| s.last() >= Some(&last)).unwrap_or(false) }
+    })
+    .await?;
+    assert_eq!(holder(pool.clone()).await.as_deref(), Some("replica-b"));
+    b.start_kill()?;
+    b.wait().await?;
+    let segs = complete_segments(&pool, resource).await?;
+    let first = segs[0];
+    assert_eq!(segs, (first..=segs[segs.len() - 1]).collect::<Vec<_>>(), "no segment lost in the takeover");
+    let gaps: i64 = sqlx::query_scalar("SELECT count(*) FROM wal_gaps").fetch_one(&pool).await?;
+    assert_eq!(gaps, 0);
+    Ok(())
+}
