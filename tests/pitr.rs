@@ -158,6 +158,21 @@ async fn a_restore_to_an_instant_brings_back_exactly_its_rows(
             .fetch_one(&pool)
             .await?;
     assert!(chosen.is_some(), "the base backup chosen is recorded");
+
+    // The verifier replays the base backup with its WAL to the end of the chain (after the DELETE:
+    // rows 51–150) and counts its rows.
+    let base_id: Uuid = sqlx::query_scalar(
+        "SELECT id FROM resource_backups WHERE resource_id = $1 AND format = 'base'",
+    )
+    .bind(resource)
+    .fetch_one(&pool)
+    .await?;
+    let report = backup_worker::loops::verifier::Verifier::new(deps.clone())
+        .verify_now(base_id)
+        .await?;
+    assert_eq!(report.status, "verified", "{report:?}");
+    assert_eq!(report.detail["level"], "replay", "{report:?}");
+    assert_eq!(report.detail["tables"]["public.orders"], 100, "{report:?}");
     let leftovers = std::fs::read_dir(std::env::temp_dir())?
         .flatten()
         .filter(|e| {
@@ -177,19 +192,28 @@ async fn a_restore_to_an_instant_brings_back_exactly_its_rows(
 }
 
 /// A replica of the real binary streaming the resource's WAL.
-fn replica(pool: &PgPool, store: &std::path::Path, worker: &str) -> Result<tokio::process::Child, TestError> {
-    Ok(tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"))
-        .args(["run", "--only", "wal"])
-        .env("DATABASE_URL", backup_worker_testkit::database_url(pool))
-        .env("STORAGE_URL", format!("file://{}", store.display()))
-        .env("WORKER_ID", worker)
-        .env("LEASE_SECONDS", "3")
-        .env("METRICS_ADDR", format!("127.0.0.1:{}", backup_worker_testkit::free_port()?))
-        .env("LOG_FORMAT", "json")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?)
+fn replica(
+    pool: &PgPool,
+    store: &std::path::Path,
+    worker: &str,
+) -> Result<tokio::process::Child, TestError> {
+    Ok(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"))
+            .args(["run", "--only", "wal"])
+            .env("DATABASE_URL", backup_worker_testkit::database_url(pool))
+            .env("STORAGE_URL", format!("file://{}", store.display()))
+            .env("WORKER_ID", worker)
+            .env("LEASE_SECONDS", "3")
+            .env(
+                "METRICS_ADDR",
+                format!("127.0.0.1:{}", backup_worker_testkit::free_port()?),
+            )
+            .env("LOG_FORMAT", "json")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?,
+    )
 }
 
 /// Complete segments stored for the resource, in order.
@@ -208,10 +232,14 @@ async fn complete_segments(pool: &PgPool, resource: Uuid) -> Result<Vec<i64>, Te
 async fn write_and_switch(server: &PgServer, url: &str, id: i32) -> Result<i64, TestError> {
     insert(url, id, id).await?;
     let mut admin = sqlx::PgConnection::connect(&server.url("postgres")).await?;
-    let lsn: String = sqlx::query_scalar("SELECT pg_switch_wal()::text").fetch_one(&mut admin).await?;
-    let seg: i64 = sqlx::query_scalar("SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'")
+    let lsn: String = sqlx::query_scalar("SELECT pg_switch_wal()::text")
         .fetch_one(&mut admin)
         .await?;
+    let seg: i64 = sqlx::query_scalar(
+        "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'",
+    )
+    .fetch_one(&mut admin)
+    .await?;
     let (hi, lo) = lsn.split_once('/').ok_or("lsn")?;
     let lsn = (i64::from_str_radix(hi, 16)? << 32) | i64::from_str_radix(lo, 16)?;
     Ok(lsn / seg)
@@ -239,20 +267,28 @@ async fn a_stream_killed_with_kill_9_is_resumed_by_another_replica_without_losin
         .flatten()
     };
     let mut a = replica(&pool, store.path(), "replica-a")?;
-    wait_until(Duration::from_secs(60), "replica-a to hold the stream", || {
-        let p = pool.clone();
-        async move { holder(p).await.as_deref() == Some("replica-a") }
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "replica-a to hold the stream",
+        || {
+            let p = pool.clone();
+            async move { holder(p).await.as_deref() == Some("replica-a") }
+        },
+    )
     .await?;
     // The slot exists once the stream runs: WAL written from here on is held for us.
     wait_until(Duration::from_secs(60), "the slot to be active", || {
         let url = url.clone();
         async move {
-            let Ok(mut c) = sqlx::PgConnection::connect(&url).await else { return false };
-            sqlx::query_scalar::<_, bool>("SELECT coalesce(bool_or(active), false) FROM pg_replication_slots")
-                .fetch_one(&mut c)
-                .await
-                .unwrap_or(false)
+            let Ok(mut c) = sqlx::PgConnection::connect(&url).await else {
+                return false;
+            };
+            sqlx::query_scalar::<_, bool>(
+                "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots",
+            )
+            .fetch_one(&mut c)
+            .await
+            .unwrap_or(false)
         }
     })
     .await?;
@@ -260,10 +296,19 @@ async fn a_stream_killed_with_kill_9_is_resumed_by_another_replica_without_losin
     for i in 1..=3 {
         last = write_and_switch(&tenant, &url, i).await?;
     }
-    wait_until(Duration::from_secs(60), "replica-a to store the completed segments", || {
-        let p = pool.clone();
-        async move { complete_segments(&p, resource).await.map(|s| s.last() == Some(&last)).unwrap_or(false) }
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "replica-a to store the completed segments",
+        || {
+            let p = pool.clone();
+            async move {
+                complete_segments(&p, resource)
+                    .await
+                    .map(|s| s.last() == Some(&last))
+                    .unwrap_or(false)
+            }
+        },
+    )
     .await?;
     a.start_kill()?;
     a.wait().await?;
@@ -272,18 +317,161 @@ async fn a_stream_killed_with_kill_9_is_resumed_by_another_replica_without_losin
         last = write_and_switch(&tenant, &url, i).await?;
     }
     let mut b = replica(&pool, store.path(), "replica-b")?;
-    wait_until(Duration::from_secs(90), "replica-b to take over and store every segment", || {
-        let p = pool.clone();
-        async move { complete_segments(&p, resource).await.map(|s| s.last() >= Some(&last)).unwrap_or(false) }
-    })
+    wait_until(
+        Duration::from_secs(90),
+        "replica-b to take over and store every segment",
+        || {
+            let p = pool.clone();
+            async move {
+                complete_segments(&p, resource)
+                    .await
+                    .map(|s| s.last() >= Some(&last))
+                    .unwrap_or(false)
+            }
+        },
+    )
     .await?;
     assert_eq!(holder(pool.clone()).await.as_deref(), Some("replica-b"));
     b.start_kill()?;
     b.wait().await?;
     let segs = complete_segments(&pool, resource).await?;
     let first = segs[0];
-    assert_eq!(segs, (first..=segs[segs.len() - 1]).collect::<Vec<_>>(), "no segment lost in the takeover");
-    let gaps: i64 = sqlx::query_scalar("SELECT count(*) FROM wal_gaps").fetch_one(&pool).await?;
+    assert_eq!(
+        segs,
+        (first..=segs[segs.len() - 1]).collect::<Vec<_>>(),
+        "no segment lost in the takeover"
+    );
+    let gaps: i64 = sqlx::query_scalar("SELECT count(*) FROM wal_gaps")
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(gaps, 0);
+    Ok(())
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn the_private_server_is_gone_after_its_worker_is_killed_mid_replay(
+    pool: PgPool,
+) -> Result<(), TestError> {
+    use backup_worker_testkit::wait_until;
+    use std::time::Duration;
+    let tenant = PgServer::start().await?;
+    let (url, repl) = pitr_tenant(&tenant).await?;
+    let resource = pitr_resource(&pool, "growth", &url, &repl).await?;
+    let store = tempfile::tempdir()?;
+    let store_url = format!("file://{}", store.path().display());
+    let deps = {
+        let s: std::sync::Arc<dyn backup_worker::storage::ObjectStore> = std::sync::Arc::new(
+            backup_worker::storage::LocalStore::new(store.path().to_path_buf()).await?,
+        );
+        backup_worker_testkit::test_deps(
+            pool.clone(),
+            s,
+            backup_worker_testkit::test_config(&[("STORAGE_URL", &store_url)])?,
+        )?
+    };
+    let wal = Wal::new(deps.clone(), true);
+    wal.pass(&pass_ctx()).await?;
+    Scheduler::new(
+        pool.clone(),
+        deps.plans.clone(),
+        deps.metrics.clone(),
+        Duration::from_secs(60),
+    )
+    .tick_now()
+    .await?;
+    Backups::new(deps.clone()).pass(&pass_ctx()).await?;
+    // Many segments to replay: the replay lasts long enough to be caught.
+    for i in 1..=12 {
+        write_and_switch(&tenant, &url, i).await?;
+    }
+    let t: chrono::DateTime<chrono::Utc> = {
+        let mut c = sqlx::PgConnection::connect(&url).await?;
+        sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut c)
+            .await?
+    };
+    insert(&url, 1000, 1000).await?;
+    wal.pass(&pass_ctx()).await?;
+    sqlx::query("INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2)")
+        .bind(resource)
+        .bind(t)
+        .execute(&pool)
+        .await?;
+
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"))
+        .args(["run", "--only", "restores"])
+        .env("DATABASE_URL", backup_worker_testkit::database_url(&pool))
+        .env("STORAGE_URL", &store_url)
+        .env("WORKER_ID", "doomed")
+        .env(
+            "METRICS_ADDR",
+            format!("127.0.0.1:{}", backup_worker_testkit::free_port()?),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let worker_pid = worker.id().ok_or("no pid")?.to_string();
+    let mine = move || -> Option<std::path::PathBuf> {
+        std::fs::read_dir(std::env::temp_dir())
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let p = e.path();
+                (e.file_name()
+                    .to_string_lossy()
+                    .starts_with("backup-worker-pitr-")
+                    && std::fs::read_to_string(p.join("owner")).ok()?.trim() == worker_pid)
+                    .then_some(p)
+            })
+    };
+    let found = std::sync::Arc::new(std::sync::Mutex::new(None::<(std::path::PathBuf, i32)>));
+    wait_until(
+        Duration::from_secs(60),
+        "the private server to start replaying",
+        || {
+            let found = found.clone();
+            let mine = mine.clone();
+            async move {
+                let Some(dir) = mine() else { return false };
+                let Some(pid) = std::fs::read_to_string(dir.join("data/postmaster.pid"))
+                    .ok()
+                    .and_then(|s| s.lines().next()?.trim().parse::<i32>().ok())
+                else {
+                    return false;
+                };
+                *found.lock().unwrap() = Some((dir, pid));
+                true
+            }
+        },
+    )
+    .await?;
+    let (dir, postmaster) = found.lock().unwrap().clone().ok_or("not found")?;
+    worker.start_kill()?;
+    worker.wait().await?;
+    wait_until(
+        Duration::from_secs(30),
+        "the private postmaster to die with its worker",
+        || {
+            let alive = std::path::Path::new(&format!("/proc/{postmaster}")).exists()
+                && !std::fs::read_to_string(format!("/proc/{postmaster}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z ");
+            async move { !alive }
+        },
+    )
+    .await?;
+    // Any later worker's restores loop sweeps the dead worker's directory.
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"))
+        .args(["run", "--only", "restores", "--once"])
+        .env("DATABASE_URL", backup_worker_testkit::database_url(&pool))
+        .env("STORAGE_URL", &store_url)
+        .env("WORKER_ID", "sweeper")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await?;
+    assert!(status.success());
+    assert!(!dir.exists(), "{} was not removed", dir.display());
     Ok(())
 }

@@ -95,6 +95,8 @@ pub struct Job {
     pub key_id: Option<Uuid>,
     /// The resource's connection, as its restore would use it (MongoDB: the database).
     pub connection_url: crate::secret::Secret,
+    /// `logical` or `base` (DESIGN §14: a base backup is verified by replaying its WAL chain).
+    pub format: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -107,6 +109,7 @@ struct Context {
     size_bytes: Option<i64>,
     key_id: Option<Uuid>,
     connection_url: String,
+    format: String,
 }
 
 /// How a verification failed: its class, and whether the backup is to blame (it does not
@@ -295,7 +298,7 @@ impl Verifier {
     ) -> Result<Option<Job>, sqlx::Error> {
         let c: Option<Context> = sqlx::query_as(
             "SELECT r.team_id, r.resource_type, b.status AS backup_status, b.object_key, b.sha256,
-                    b.size_bytes, b.key_id, r.connection_url
+                    b.size_bytes, b.key_id, r.connection_url, b.format
                FROM resource_backups b JOIN resources r ON r.id = b.resource_id
               WHERE b.id = $1",
         )
@@ -328,6 +331,7 @@ impl Verifier {
             size_bytes: c.size_bytes,
             key_id: c.key_id,
             connection_url: crate::secret::Secret::new(c.connection_url),
+            format: c.format,
         }))
     }
 
@@ -449,6 +453,11 @@ impl Verifier {
         )
         .await
         .map_err(environment)?;
+        if job.format == "base" {
+            return self
+                .replay_base(job, key, sha, identity, temp.path(), detail, started)
+                .await;
+        }
         // A primary object that does not serve is read from the copy, as a restore would.
         let copy_key = crate::loops::copies::copy_key(&self.deps.config, key);
         let (backup, source) = restore::download_from_any(
@@ -546,6 +555,99 @@ impl Verifier {
             detail["restore_seconds"] = json!(round(restore_started.elapsed().as_secs_f64()));
             census_detail(&census, detail);
         }
+        Ok(())
+    }
+
+    /// A base backup (DESIGN §14): downloaded and its tar checked, then replayed with its WAL to
+    /// the end of its chain in a private server of its major, and its database's rows counted.
+    #[allow(clippy::too_many_arguments)]
+    async fn replay_base(
+        &self,
+        job: &Job,
+        key: &str,
+        sha: &str,
+        identity: Option<age::x25519::Identity>,
+        temp: &std::path::Path,
+        detail: &mut Value,
+        started: Instant,
+    ) -> Result<(), Failed> {
+        let failed = |failure: Failure, step: &'static str| Failed {
+            backup_at_fault: failure.reason == FailureReason::Integrity,
+            failure,
+            step,
+        };
+        let slot: crate::engines::postgres::base::BaseInfoSlot = Default::default();
+        let (backup, _) = restore::download_from_any(
+            self.deps.store.as_ref(),
+            None,
+            key,
+            sha,
+            job.size_bytes.and_then(|n| u64::try_from(n).ok()),
+            || Box::new(crate::engines::postgres::base::TarCheck::new(slot.clone())),
+            temp,
+            identity,
+        )
+        .await
+        .map_err(|f| failed(f, "download"))?;
+        detail["download_seconds"] = json!(round(started.elapsed().as_secs_f64()));
+        let info = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(info) = info else {
+            return Err(failed(
+                fail(
+                    FailureReason::Integrity,
+                    "the base backup's label was not read",
+                ),
+                "download",
+            ));
+        };
+        let history = crate::pitr::History::load(self.pool(), job.resource_id)
+            .await
+            .map_err(|e| {
+                failed(
+                    fail(
+                        FailureReason::Unreachable,
+                        format!("reading the WAL history: {e}"),
+                    ),
+                    "restore",
+                )
+            })?;
+        let conn = crate::engines::postgres::parse(&job.connection_url)
+            .map_err(|p| failed(fail(FailureReason::Config, p.0), "restore"))?;
+        let env = |k: &str| {
+            conn.env
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+        };
+        let user = env("PGUSER").unwrap_or_else(|| "postgres".into());
+        let database = env("PGDATABASE").unwrap_or_default();
+        let wal = Arc::new(crate::pitr::StoreWal::new(
+            self.deps.store.clone(),
+            &history,
+            self.pool().clone(),
+            self.deps.config.master_key.clone(),
+        ));
+        let replay_started = Instant::now();
+        let server = crate::engines::postgres::replay::PrivateServer::start(
+            crate::engines::postgres::replay::Replay {
+                bin_dir: self.deps.config.pg_bin_dir(info.pg_major),
+                base: &backup,
+                target_time: None,
+                wal: wal.clone(),
+                user,
+            },
+        )
+        .await
+        .map_err(|f| failed(f, "restore"))?;
+        let counted = server.count_rows(&database).await;
+        server.stop().await;
+        let tables = counted.map_err(|f| failed(f, "restore"))?;
+        detail["level"] = json!("replay");
+        detail["pg_major"] = json!(info.pg_major);
+        detail["replayed_to_segment"] =
+            json!(wal.served_max.load(std::sync::atomic::Ordering::Relaxed));
+        detail["restore_seconds"] = json!(round(replay_started.elapsed().as_secs_f64()));
+        census_detail(&Census::Tables(tables), detail);
         Ok(())
     }
 

@@ -340,7 +340,8 @@ impl PrivateServer {
             .socket(&self.socket_dir)
             .port(PORT)
             .username(&self.user)
-            .database("postgres")
+            // template1 exists in every cluster (a tenant may have dropped `postgres`).
+            .database("template1")
             .disable_statement_logging();
         loop {
             if let Some(status) = child
@@ -384,6 +385,82 @@ impl PrivateServer {
             ("PGUSER".into(), self.user.clone()),
             ("PGDATABASE".into(), database.to_owned()),
         ]
+    }
+
+    /// Rows per `schema.table` of `database`, counted as the cluster's bootstrap superuser (oid
+    /// 10, whatever its name: row security never hides a row from it).
+    pub async fn count_rows(
+        &self,
+        database: &str,
+    ) -> Result<std::collections::BTreeMap<String, i64>, Failure> {
+        let connect = |user: String, db: String| {
+            let socket = self.socket_dir.clone();
+            async move {
+                PgConnectOptions::new()
+                    .socket(&socket)
+                    .port(PORT)
+                    .username(&user)
+                    .database(&db)
+                    .disable_statement_logging()
+                    .connect()
+                    .await
+                    .map_err(|e| {
+                        fail(
+                            FailureReason::Dump,
+                            format!("connecting to the private server: {e}"),
+                        )
+                    })
+            }
+        };
+        let mut probe = connect(self.user.clone(), "template1".into()).await?;
+        let superuser: String =
+            sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE oid = 10")
+                .fetch_one(&mut probe)
+                .await
+                .map_err(|e| {
+                    fail(
+                        FailureReason::Dump,
+                        format!("reading the replayed cluster's roles: {e}"),
+                    )
+                })?;
+        let _ = probe.close().await;
+        let mut c = connect(superuser, database.to_owned()).await?;
+        let tables: Vec<(String, String)> = sqlx::query_as(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+              ORDER BY 1, 2",
+        )
+        .fetch_all(&mut c)
+        .await
+        .map_err(|e| {
+            fail(
+                FailureReason::Dump,
+                format!("listing the replayed database's tables: {e}"),
+            )
+        })?;
+        let mut counts = std::collections::BTreeMap::new();
+        for (schema, table) in tables {
+            let sql = format!(
+                "SELECT count(*) FROM {}.{}",
+                super::rewind::ident(&schema),
+                super::rewind::ident(&table)
+            );
+            let n: i64 = sqlx::query_scalar(&sql)
+                .fetch_one(&mut c)
+                .await
+                .map_err(|e| {
+                    fail(
+                        FailureReason::Integrity,
+                        format!("counting {schema}.{table}: {e}"),
+                    )
+                })?;
+            counts.insert(format!("{schema}.{table}"), n);
+        }
+        let _ = c.close().await;
+        Ok(counts)
     }
 
     /// Stops the server (immediate shutdown: nothing of it is kept) and removes its directory.
