@@ -475,3 +475,285 @@ async fn the_private_server_is_gone_after_its_worker_is_killed_mid_replay(
     assert!(!dir.exists(), "{} was not removed", dir.display());
     Ok(())
 }
+
+/// A wal loop of its own over `plans` (tier `fast`: pitr_rpo_seconds 10).
+fn fast_plans() -> Result<backup_worker::plans::Plans, TestError> {
+    Ok(backup_worker::plans::Plans::from_yaml(
+        concat!(
+            "tiers:\n",
+            "  fast: { rpo_minutes: 60, backup_retention_days: 7, backup_keep_last: 2, pitr_rpo_seconds: 10,\n",
+            "          limits: { connections: 10, memory_mb: 256, storage_mb: 1024 } }\n",
+            "default: { rpo_minutes: 1440, backup_retention_days: 7, backup_keep_last: 2,\n",
+            "           limits: { connections: 10, memory_mb: 256, storage_mb: 1024 } }\n",
+        ),
+        "test",
+    )?)
+}
+
+async fn current_lsn(url: &str) -> Result<String, TestError> {
+    let mut c = sqlx::PgConnection::connect(url).await?;
+    Ok(sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&mut c)
+        .await?)
+}
+
+/// Whether a stored segment of the resource reaches `lsn` (a partial's end included).
+async fn stored_through(pool: &PgPool, resource: Uuid, lsn: &str) -> bool {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT coalesce(max(end_lsn) >= $2::text::pg_lsn, false) FROM wal_segments WHERE resource_id = $1",
+    )
+    .bind(resource)
+    .bind(lsn)
+    .fetch_one(pool)
+    .await
+    .unwrap_or(false)
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_quiet_database_meets_its_rpo_through_partial_segments(
+    pool: PgPool,
+) -> Result<(), TestError> {
+    use backup_worker_testkit::wait_until;
+    use std::time::Duration;
+    let tenant = PgServer::start().await?;
+    let (url, repl) = pitr_tenant(&tenant).await?;
+    let resource = pitr_resource(&pool, "fast", &url, &repl).await?;
+    let (_store, mut deps) = local_deps(&pool).await?;
+    deps.plans = std::sync::Arc::new(fast_plans()?);
+    let wal = Wal::new(deps.clone(), false);
+    let ctx = pass_ctx();
+    wal.pass(&ctx).await?;
+    assert_eq!(wal.held(), 1);
+    wait_until(
+        Duration::from_secs(30),
+        "the stream to store its first partial",
+        || {
+            let p = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM wal_segments WHERE resource_id = $1 AND partial",
+                )
+                .bind(resource)
+                .fetch_one(&p)
+                .await
+                .unwrap_or(0)
+                    > 0
+            }
+        },
+    )
+    .await?;
+    // One small write on a quiet database: no segment completes, the partial carries it.
+    insert(&url, 1, 1).await?;
+    let lsn = current_lsn(&url).await?;
+    let written = std::time::Instant::now();
+    wait_until(
+        Duration::from_secs(40),
+        "the write's WAL to be stored",
+        || {
+            let (p, lsn) = (pool.clone(), lsn.clone());
+            async move { stored_through(&p, resource, &lsn).await }
+        },
+    )
+    .await?;
+    assert!(
+        written.elapsed() < Duration::from_secs(10 + 5 + 5),
+        "within pitr_rpo_seconds and a tick or two"
+    );
+    let complete: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM wal_segments WHERE resource_id = $1 AND segno IS NOT NULL AND NOT partial",
+    )
+    .bind(resource)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(
+        complete, 0,
+        "nothing completed a segment: the partial met the RPO"
+    );
+    wal.refresh_gauges().await?;
+    assert_eq!(deps.metrics.pitr_rpo_breached.get(), 0);
+    assert_eq!(
+        deps.metrics
+            .wal_streams
+            .with_label_values(&["streaming"])
+            .get(),
+        1
+    );
+    assert!(deps.metrics.wal_bytes.get() > 0);
+    // Shutdown: the stream stores what it has and releases its row.
+    ctx.shutdown.cancel();
+    wal.pass(&ctx).await?;
+    let (status, holder): (String, Option<String>) =
+        sqlx::query_as("SELECT status, leased_by FROM wal_streams WHERE resource_id = $1")
+            .bind(resource)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!((status.as_str(), holder), ("stopped", None));
+    Ok(())
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_promoted_tenant_keeps_streaming_on_its_new_timeline(
+    pool: PgPool,
+) -> Result<(), TestError> {
+    let mut tenant = PgServer::start().await?;
+    let (url, repl) = pitr_tenant(&tenant).await?;
+    let resource = pitr_resource(&pool, "growth", &url, &repl).await?;
+    let (_store, deps) = local_deps(&pool).await?;
+    let wal = Wal::new(deps.clone(), true);
+    wal.pass(&pass_ctx()).await?;
+    Scheduler::new(
+        pool.clone(),
+        deps.plans.clone(),
+        deps.metrics.clone(),
+        std::time::Duration::from_secs(60),
+    )
+    .tick_now()
+    .await?;
+    Backups::new(deps.clone()).pass(&pass_ctx()).await?;
+    insert(&url, 1, 10).await?;
+    wal.pass(&pass_ctx()).await?;
+
+    tenant.promote_to_new_timeline().await?;
+    insert(&url, 11, 20).await?;
+    let t: chrono::DateTime<chrono::Utc> = {
+        let mut c = sqlx::PgConnection::connect(&url).await?;
+        sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut c)
+            .await?
+    };
+    insert(&url, 21, 30).await?;
+    wal.pass(&pass_ctx()).await?;
+    let timelines: Vec<(i32, Option<i64>)> = sqlx::query_as(
+        "SELECT timeline, segno FROM wal_segments WHERE resource_id = $1 ORDER BY timeline, segno NULLS FIRST",
+    )
+    .bind(resource)
+    .fetch_all(&pool)
+    .await?;
+    assert!(
+        timelines.contains(&(2, None)),
+        "the new timeline's history file is stored: {timelines:?}"
+    );
+    assert!(
+        timelines.iter().any(|(tl, s)| *tl == 2 && s.is_some()),
+        "WAL of timeline 2 is stored: {timelines:?}"
+    );
+    let tl: Option<i32> =
+        sqlx::query_scalar("SELECT timeline FROM wal_streams WHERE resource_id = $1")
+            .bind(resource)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(tl, Some(2));
+
+    // A restore across the switch: the base backup of timeline 1, WAL of both.
+    let restore: Uuid = sqlx::query_scalar(
+        "INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2) RETURNING id",
+    )
+    .bind(resource)
+    .bind(t)
+    .fetch_one(&pool)
+    .await?;
+    Restores::new(deps.clone()).pass(&pass_ctx()).await?;
+    let row = job_row(&pool, "resource_restores", restore).await?;
+    assert_eq!(row.status, "succeeded", "{row:?}");
+    assert_eq!(ids(&url).await?, (1..=20).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_slot_the_server_invalidated_is_a_gap_recorded_and_refused(
+    pool: PgPool,
+) -> Result<(), TestError> {
+    let tenant = PgServer::start().await?;
+    let (url, repl) = pitr_tenant(&tenant).await?;
+    let resource = pitr_resource(&pool, "growth", &url, &repl).await?;
+    let (_store, deps) = local_deps(&pool).await?;
+    let wal = Wal::new(deps.clone(), true);
+    let scheduler = Scheduler::new(
+        pool.clone(),
+        deps.plans.clone(),
+        deps.metrics.clone(),
+        std::time::Duration::from_secs(60),
+    );
+    wal.pass(&pass_ctx()).await?;
+    scheduler.tick_now().await?;
+    Backups::new(deps.clone()).pass(&pass_ctx()).await?;
+    insert(&url, 1, 10).await?;
+    let before_gap: chrono::DateTime<chrono::Utc> = {
+        let mut c = sqlx::PgConnection::connect(&url).await?;
+        sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut c)
+            .await?
+    };
+    wal.pass(&pass_ctx()).await?;
+
+    // Nobody streams; the server may keep 1 MB for slots: switching segments and a checkpoint
+    // invalidate ours.
+    {
+        let mut admin = sqlx::PgConnection::connect(&tenant.url("postgres")).await?;
+        admin
+            .execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+            .await?;
+        admin.execute("SELECT pg_reload_conf()").await?;
+    }
+    for i in 11..=15 {
+        write_and_switch(&tenant, &url, i).await?;
+    }
+    {
+        let mut admin = sqlx::PgConnection::connect(&tenant.url("postgres")).await?;
+        admin.execute("CHECKPOINT").await?;
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT wal_status FROM pg_replication_slots")
+                .fetch_one(&mut admin)
+                .await?;
+        assert_eq!(
+            status.as_deref(),
+            Some("lost"),
+            "the server invalidated the slot"
+        );
+    }
+    let in_gap: chrono::DateTime<chrono::Utc> = chrono::Utc::now();
+    wal.pass(&pass_ctx()).await?;
+    assert_eq!(deps.metrics.pitr_gaps.get(), 1);
+    let gaps: i64 = sqlx::query_scalar("SELECT count(*) FROM wal_gaps WHERE resource_id = $1")
+        .bind(resource)
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(gaps, 1);
+    let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE kind = 'wal.gap'")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(audited, 1);
+
+    // The next pass streams through a fresh slot, and a base backup is wanted at once.
+    wal.pass(&pass_ctx()).await?;
+    let report = scheduler.tick_now().await?;
+    assert_eq!(report.base_backups, 1, "a fresh base backup after the gap");
+
+    // A target inside the gap is refused before anything is touched, naming what is restorable.
+    let restore: Uuid = sqlx::query_scalar(
+        "INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2) RETURNING id",
+    )
+    .bind(resource)
+    .bind(in_gap)
+    .fetch_one(&pool)
+    .await?;
+    Restores::new(deps.clone()).pass(&pass_ctx()).await?;
+    let row = job_row(&pool, "resource_restores", restore).await?;
+    assert_eq!(row.status, "failed");
+    assert_eq!(row.failure_reason.as_deref(), Some("config"));
+    let detail = row.internal_detail.unwrap_or_default();
+    assert!(
+        detail.contains("no restorable point") && detail.contains("restorable: "),
+        "{detail}"
+    );
+    assert_eq!(ids(&url).await?, (1..=15).collect::<Vec<_>>(), "untouched");
+    // Before the gap stays restorable.
+    let history = backup_worker::pitr::History::load(&pool, resource).await?;
+    assert!(
+        history.plan(before_gap).is_ok(),
+        "{before_gap} {:?}",
+        history.windows()
+    );
+    assert!(history.plan(in_gap).is_err());
+    Ok(())
+}

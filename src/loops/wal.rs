@@ -522,20 +522,19 @@ impl Stream {
         if let Err(e) = self.seed(dir).await {
             return Ended::Transient(format!("seeding the WAL directory: {e}"));
         }
-        let end = if self.wal.once {
-            match sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
-                .fetch_one(&mut tenant)
-                .await
-            {
-                Ok(t) => walfmt::parse_lsn(&t),
-                Err(e) => return Ended::Transient(e.to_string()),
+        // `--once`: to the server's position now, and that instant is what it confirms.
+        let end_probe = if self.wal.once {
+            match probe(&mut tenant).await {
+                Ok(p) => Some(p),
+                Err(e) => return Ended::Transient(e),
             }
         } else {
             None
         };
-        if let Some(end) = end {
-            if self.stored_end >= end && self.stored_end > 0 {
-                let _ = self.confirm_current(&mut tenant).await;
+        let end = end_probe.map(|(lsn, _)| lsn);
+        if let Some(p) = end_probe {
+            if self.stored_end >= p.0 && self.stored_end > 0 {
+                let _ = self.confirm(p).await;
                 return Ended::Done;
             }
         }
@@ -559,7 +558,7 @@ impl Stream {
                 _ = tokio::time::sleep(TICK) => false,
                 _ = self.wal.stop.cancelled() => {
                     if let Some(t) = tool.take() { t.kill().await; }
-                    let _ = self.scan(dir, true).await;
+                    let _ = self.scan(dir, true, &mut tenant).await;
                     return Ended::Cancelled;
                 }
                 _ = abort.cancelled() => {
@@ -567,7 +566,7 @@ impl Stream {
                     return Ended::Cancelled;
                 }
             };
-            if let Err(e) = self.scan(dir, exited_now).await {
+            if let Err(e) = self.scan(dir, exited_now, &mut tenant).await {
                 tracing::warn!(resource_id = %self.c.resource_id, error = %e, "storing WAL failed; retried");
             }
             if last_renew.elapsed() >= renew_every || exited_now {
@@ -599,7 +598,14 @@ impl Stream {
                 };
                 let finished = t.wait().await;
                 if finished.status.success() {
-                    let _ = self.confirm_current(&mut tenant).await;
+                    match end_probe {
+                        Some(p) => {
+                            let _ = self.confirm(p).await;
+                        }
+                        None => {
+                            let _ = self.confirm_current(&mut tenant).await;
+                        }
+                    }
                     return if self.wal.once {
                         Ended::Done
                     } else {
@@ -665,7 +671,12 @@ impl Stream {
     /// partial segment when `pitr_rpo_seconds` passed since its last store and it grew (or
     /// `flush`: the tool stopped). Keeps the newest complete segment on disk (the tool resumes
     /// after it), removes older ones.
-    async fn scan(&mut self, dir: &Path, flush: bool) -> Result<(), String> {
+    async fn scan(
+        &mut self,
+        dir: &Path,
+        flush: bool,
+        tenant: &mut sqlx::PgConnection,
+    ) -> Result<(), String> {
         let mut files: Vec<(WalFile, PathBuf, String)> = std::fs::read_dir(dir)
             .map_err(|e| e.to_string())?
             .flatten()
@@ -707,9 +718,19 @@ impl Stream {
                         || self.wal.once;
                     let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                     if due && mtime != self.partial_mtime {
+                        // The server's position before the file is read: once the stored
+                        // partial reaches it, the WAL of every commit before that instant is
+                        // stored, however busy the database is since.
+                        let before = probe(tenant).await.ok();
+                        if before.is_some() && !flush {
+                            tokio::time::sleep(PROBE_SETTLE).await;
+                        }
                         self.store(path, name, timeline, Some(segno), true).await?;
                         self.last_partial = Some(Instant::now());
                         self.partial_mtime = mtime;
+                        if let Some(p) = before {
+                            self.confirm(p).await?;
+                        }
                     }
                 }
             }
@@ -906,22 +927,26 @@ impl Stream {
     /// The RPO's clock: when everything the server has written is stored, `last_stored_at` is
     /// now (a quiet database stays current without uploads).
     async fn confirm_current(&self, tenant: &mut sqlx::PgConnection) -> Result<(), String> {
-        let server: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-            .fetch_one(&mut *tenant)
-            .await
-            .map_err(|e| e.to_string())?;
-        let server = walfmt::parse_lsn(&server).unwrap_or(u64::MAX);
-        if self.stored_end >= server {
-            sqlx::query(
-                "UPDATE wal_streams SET last_stored_at = now(), updated_at = now()
-                  WHERE resource_id = $1 AND leased_by = $2",
-            )
-            .bind(self.c.resource_id)
-            .bind(&self.wal.deps.config.worker_id)
-            .execute(self.pool())
-            .await
-            .map_err(|e| e.to_string())?;
+        let p = probe(tenant).await?;
+        self.confirm(p).await
+    }
+
+    /// `last_stored_at` moves to the probe's instant when the stored WAL reaches its position.
+    async fn confirm(&self, (lsn, at): Probe) -> Result<(), String> {
+        if self.stored_end < lsn {
+            return Ok(());
         }
+        sqlx::query(
+            "UPDATE wal_streams
+                SET last_stored_at = greatest(coalesce(last_stored_at, $3), $3), updated_at = now()
+              WHERE resource_id = $1 AND leased_by = $2",
+        )
+        .bind(self.c.resource_id)
+        .bind(&self.wal.deps.config.worker_id)
+        .bind(at)
+        .execute(self.pool())
+        .await
+        .map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -1036,6 +1061,22 @@ impl Stream {
                     .await;
         }
     }
+}
+
+/// The tenant server's WAL position and its clock at that moment.
+type Probe = (u64, chrono::DateTime<chrono::Utc>);
+
+/// How long a partial's store waits after the probe: WAL the server wrote before it is then on
+/// our disk (streaming lags by milliseconds).
+const PROBE_SETTLE: Duration = Duration::from_millis(200);
+
+async fn probe(tenant: &mut sqlx::PgConnection) -> Result<Probe, String> {
+    let (lsn, at): (String, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT pg_current_wal_lsn()::text, clock_timestamp()")
+            .fetch_one(&mut *tenant)
+            .await
+            .map_err(|e| e.to_string())?;
+    Ok((walfmt::parse_lsn(&lsn).unwrap_or(u64::MAX), at))
 }
 
 /// WAL has no framing of its own the stream could be checked against.

@@ -810,6 +810,27 @@ impl PgServer {
         self.wait_ready().await
     }
 
+    /// A failover in place: the server restarts as a standby (`standby.signal`, no primary) and is
+    /// promoted, so it continues on a new timeline with its data, slots and port.
+    pub async fn promote_to_new_timeline(&mut self) -> Result<(), TestError> {
+        use sqlx::Connection;
+        std::fs::write(self._dir.path().join("data").join("standby.signal"), b"")?;
+        let _ = std::process::Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(self._dir.path().join("data").join("standby.signal"))
+            .status();
+        // Hot standby accepts connections once consistent: restart() returns then.
+        self.restart(Duration::from_millis(100)).await?;
+        let mut c = sqlx::PgConnection::connect(&self.url("postgres")).await?;
+        let promoted: bool = sqlx::query_scalar("SELECT pg_promote(true, 60)")
+            .fetch_one(&mut c)
+            .await?;
+        if !promoted {
+            return Err("pg_promote did not promote within 60 s".into());
+        }
+        Ok(())
+    }
+
     /// Superuser URL for `database`.
     pub fn url(&self, database: &str) -> String {
         format!(
