@@ -46,6 +46,8 @@ CREATE TABLE wal_streams (
     internal_detail  text,
     -- the stream wants a base backup taken after this time (its slot was created, a gap opened)
     base_wanted_at   timestamptz NOT NULL DEFAULT now(),
+    -- the resource left PITR and its slot was dropped on the tenant's server
+    slot_dropped_at  timestamptz,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now()
 );

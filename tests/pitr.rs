@@ -757,3 +757,56 @@ async fn a_slot_the_server_invalidated_is_a_gap_recorded_and_refused(
     assert!(history.plan(in_gap).is_err());
     Ok(())
 }
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_resource_leaving_pitr_gets_its_slot_dropped(pool: PgPool) -> Result<(), TestError> {
+    let tenant = PgServer::start().await?;
+    let (url, repl) = pitr_tenant(&tenant).await?;
+    let resource = pitr_resource(&pool, "growth", &url, &repl).await?;
+    let (_store, deps) = local_deps(&pool).await?;
+    let wal = Wal::new(deps.clone(), true);
+    wal.pass(&pass_ctx()).await?;
+    let slots = |url: String| async move {
+        let mut c = sqlx::PgConnection::connect(&url).await?;
+        Ok::<i64, TestError>(
+            sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots")
+                .fetch_one(&mut c)
+                .await?,
+        )
+    };
+    assert_eq!(slots(url.clone()).await?, 1);
+    // A downgrade to a plan without PITR: the slot would hold the tenant's WAL forever.
+    sqlx::query("UPDATE teams SET plan_tier = 'hobby' WHERE id = (SELECT team_id FROM resources WHERE id = $1)")
+        .bind(resource)
+        .execute(&pool)
+        .await?;
+    wal.pass(&pass_ctx()).await?;
+    assert_eq!(
+        slots(url.clone()).await?,
+        0,
+        "the slot is dropped on the tenant's server"
+    );
+    let dropped: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT slot_dropped_at FROM wal_streams WHERE resource_id = $1")
+            .bind(resource)
+            .fetch_one(&pool)
+            .await?;
+    assert!(dropped.is_some());
+    wal.refresh_gauges().await?;
+    assert_eq!(
+        deps.metrics
+            .wal_streams
+            .with_label_values(&["stopped"])
+            .get(),
+        0,
+        "not a stream that is down"
+    );
+    // Back on a PITR plan: a fresh slot, and a base backup wanted at once.
+    sqlx::query("UPDATE teams SET plan_tier = 'team' WHERE id = (SELECT team_id FROM resources WHERE id = $1)")
+        .bind(resource)
+        .execute(&pool)
+        .await?;
+    wal.pass(&pass_ctx()).await?;
+    assert_eq!(slots(url.clone()).await?, 1);
+    Ok(())
+}

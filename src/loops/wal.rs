@@ -12,7 +12,7 @@
 //! after the newest stored complete segment — `pg_receivewal` then asks the slot for the next
 //! one, which the permanent slot still holds. WAL the server already dropped is a gap.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -70,7 +70,8 @@ pub struct Wal {
     deps: Deps,
     once: bool,
     streams: Mutex<JoinSet<()>>,
-    held: Arc<Mutex<BTreeSet<Uuid>>>,
+    /// The streams this replica holds, each with its own stop.
+    held: Arc<Mutex<HashMap<Uuid, CancellationToken>>>,
     /// Cancelled when the loop's pass sees shutdown: streams store what they have and release.
     stop: CancellationToken,
     last_gauges: Mutex<Option<Instant>>,
@@ -183,13 +184,25 @@ impl Wal {
 
     /// Fleet-wide gauges: streams by state, PITR resources past their RPO (+ 60 s).
     pub async fn refresh_gauges(&self) -> Result<(), sqlx::Error> {
-        let states: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT CASE WHEN status = 'streaming' AND (leased_by IS NULL OR lease_expires_at < now())
-                         THEN 'stopped' ELSE status END, count(*)
-               FROM wal_streams GROUP BY 1",
-        )
-        .fetch_all(self.pool())
-        .await?;
+        let sql = format!(
+            "WITH {} SELECT CASE WHEN w.status = 'streaming'
+                                  AND (w.leased_by IS NULL OR w.lease_expires_at < now())
+                             THEN 'stopped' ELSE w.status END, count(*)
+               FROM wal_streams w JOIN eligible e ON e.resource_id = w.resource_id GROUP BY 1",
+            crate::pitr::ELIGIBLE_CTE
+        );
+        let states: Vec<(String, i64)> = self
+            .plan_binds(sqlx::query(&sql))
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    sqlx::Row::try_get(r, 0).ok()?,
+                    sqlx::Row::try_get(r, 1).ok()?,
+                ))
+            })
+            .collect();
         for state in crate::metrics::WAL_STREAM_STATES {
             let n = states
                 .iter()
@@ -253,6 +266,107 @@ impl Wal {
         Ok(done.rows_affected())
     }
 
+    /// Held streams whose resource left PITR (its plan, status, type or replication_url) stop
+    /// and release their rows; [`Self::drop_retired_slots`] then drops their slots.
+    async fn stop_ineligible(&self) -> Result<(), sqlx::Error> {
+        let held: Vec<Uuid> = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "WITH {} SELECT id FROM unnest($6::uuid[]) AS h(id)
+              WHERE id NOT IN (SELECT resource_id FROM eligible)",
+            crate::pitr::ELIGIBLE_CTE
+        );
+        let gone: Vec<Uuid> = self
+            .plan_binds(sqlx::query(&sql))
+            .bind(&held)
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .filter_map(|r| sqlx::Row::try_get(r, 0).ok())
+            .collect();
+        let map = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for id in gone {
+            if let Some(stop) = map.get(&id) {
+                tracing::info!(resource_id = %id, "the resource left PITR: stopping its WAL stream");
+                stop.cancel();
+            }
+        }
+        Ok(())
+    }
+
+    /// The slot of a resource that left PITR is dropped (a permanent slot nobody reads makes the
+    /// tenant's server keep its WAL until its disk fills). Its stored WAL stays until retention.
+    pub async fn drop_retired_slots(&self) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "WITH {} SELECT w.resource_id, w.slot_name, r.replication_url
+               FROM wal_streams w JOIN resources r ON r.id = w.resource_id
+              WHERE w.slot_dropped_at IS NULL
+                AND (w.leased_by IS NULL OR w.lease_expires_at < now())
+                AND w.resource_id NOT IN (SELECT resource_id FROM eligible)
+              LIMIT 50",
+            crate::pitr::ELIGIBLE_CTE
+        );
+        let rows = self
+            .plan_binds(sqlx::query(&sql))
+            .fetch_all(self.pool())
+            .await?;
+        let mut dropped = 0;
+        for r in rows {
+            let (id, slot, url): (Uuid, String, Option<String>) = (
+                sqlx::Row::try_get(&r, 0)?,
+                sqlx::Row::try_get(&r, 1)?,
+                sqlx::Row::try_get(&r, 2)?,
+            );
+            let Some(url) = url.map(Secret::new) else {
+                sqlx::query(
+                    "UPDATE wal_streams SET internal_detail = 'the resource has no replication_url:                      its slot cannot be dropped by the worker (see the runbook)', updated_at = now()
+                      WHERE resource_id = $1",
+                )
+                .bind(id)
+                .execute(self.pool())
+                .await?;
+                continue;
+            };
+            let Ok(temp) = crate::process::private_tempdir() else {
+                continue;
+            };
+            let Ok(cmd) = walfmt::drop_slot_command(&url, &slot, temp.path()) else {
+                continue;
+            };
+            let outcome =
+                crate::process::run_one::<tokio::io::Empty>(&self.deps.tools, &cmd, None, 0).await;
+            let ok = match &outcome {
+                Ok((f, _)) => {
+                    f.status.success() || classify_stream(&f.stderr) == StreamFailure::NoSlot
+                }
+                Err(_) => false,
+            };
+            if ok {
+                sqlx::query(
+                    "UPDATE wal_streams SET slot_dropped_at = now(), status = 'stopped', updated_at = now()
+                      WHERE resource_id = $1",
+                )
+                .bind(id)
+                .execute(self.pool())
+                .await?;
+                tracing::info!(resource_id = %id, slot = %slot, "dropped the slot of a resource that left PITR");
+                dropped += 1;
+            } else if let Ok((f, _)) = outcome {
+                let detail = crate::secret::redact_known(&f.describe(), &[url.expose()]);
+                tracing::warn!(resource_id = %id, slot = %slot, detail = %detail, "dropping a retired slot failed; retried");
+            }
+        }
+        Ok(dropped)
+    }
+
     fn reap(&self) {
         let mut set = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(done) = set.try_join_next() {
@@ -291,11 +405,13 @@ impl Loop for Arc<Wal> {
             .config
             .wal_streams_per_replica
             .saturating_sub(self.held());
+        self.stop_ineligible().await?;
         for claimed in self.claim(room).await? {
+            let stop = self.stop.child_token();
             self.held
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(claimed.resource_id);
+                .insert(claimed.resource_id, stop.clone());
             let this = Arc::clone(self);
             let abort = ctx.abort.clone();
             self.streams
@@ -303,7 +419,7 @@ impl Loop for Arc<Wal> {
                 .unwrap_or_else(|p| p.into_inner())
                 .spawn(async move {
                     let id = claimed.resource_id;
-                    let stream = Stream::new(this.clone(), claimed);
+                    let stream = Stream::new(this.clone(), claimed, stop);
                     stream.run(abort).await;
                     this.held
                         .lock()
@@ -312,6 +428,9 @@ impl Loop for Arc<Wal> {
                 });
         }
         if self.due(&self.last_retention, RETENTION_EVERY) {
+            if let Err(e) = self.drop_retired_slots().await {
+                tracing::warn!(error = %e, "dropping the slots of resources that left PITR failed");
+            }
             match self.expire_wal().await {
                 Ok(n) if n > 0 => tracing::info!(
                     segments = n,
@@ -348,6 +467,8 @@ impl Loop for Arc<Wal> {
 struct Stream {
     wal: Arc<Wal>,
     c: Claimed,
+    /// Shutdown, or the resource left PITR.
+    stop: CancellationToken,
     segment_bytes: u64,
     /// Names already stored (the seed among them) with the raw bytes stored of partials.
     stored: HashMap<String, u64>,
@@ -360,10 +481,11 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(wal: Arc<Wal>, c: Claimed) -> Self {
+    fn new(wal: Arc<Wal>, c: Claimed, stop: CancellationToken) -> Self {
         Self {
             wal,
             c,
+            stop,
             segment_bytes: 16 * 1024 * 1024,
             stored: HashMap::new(),
             last_partial: None,
@@ -443,7 +565,7 @@ impl Stream {
                     let _ = self.note_error(&detail).await;
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = self.wal.stop.cancelled() => { self.release("stopped", None, Duration::ZERO).await; return; }
+                        _ = self.stop.cancelled() => { self.release("stopped", None, Duration::ZERO).await; return; }
                         _ = abort.cancelled() => { self.release("stopped", None, Duration::ZERO).await; return; }
                     }
                 }
@@ -514,7 +636,7 @@ impl Stream {
         if created {
             tracing::info!(resource_id = %self.c.resource_id, slot = %self.c.slot, "replication slot created");
             let _ =
-                sqlx::query("UPDATE wal_streams SET base_wanted_at = now() WHERE resource_id = $1")
+                sqlx::query("UPDATE wal_streams SET base_wanted_at = now(), slot_dropped_at = NULL WHERE resource_id = $1")
                     .bind(self.c.resource_id)
                     .execute(self.pool())
                     .await;
@@ -556,7 +678,7 @@ impl Stream {
             let exited_now = tokio::select! {
                 _ = &mut exited => true,
                 _ = tokio::time::sleep(TICK) => false,
-                _ = self.wal.stop.cancelled() => {
+                _ = self.stop.cancelled() => {
                     if let Some(t) = tool.take() { t.kill().await; }
                     let _ = self.scan(dir, true, &mut tenant).await;
                     return Ended::Cancelled;
