@@ -171,6 +171,67 @@ async fn a_restore_to_an_instant_brings_back_exactly_its_rows(
         .verify_now(base_id)
         .await?;
     assert_eq!(report.status, "verified", "{report:?}");
+
+    // The command line: the window, and a restore to an instant enqueued by hand.
+    let cli = |args: Vec<String>| {
+        let db = backup_worker_testkit::database_url(&pool);
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"))
+                .args(&args)
+                .env("DATABASE_URL", db)
+                .output()
+                .await
+        }
+    };
+    let out = cli(vec!["backups".into(), resource.to_string()]).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("point-in-time recovery: restorable: "),
+        "{text}"
+    );
+    assert!(text.contains("scheduled/base"), "{text}");
+    let out = cli(vec![
+        "restore".into(),
+        "--to-time".into(),
+        "2026-12-04T10:58:00Z".into(),
+        resource.to_string(),
+    ])
+    .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id: Uuid = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    let at: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT target_time FROM resource_restores WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(
+        at.map(|t| t.to_rfc3339()),
+        Some("2026-12-04T10:58:00+00:00".into())
+    );
+    // Long before the first base backup: refused, naming the window, nothing touched.
+    Restores::new(deps.clone()).pass(&pass_ctx()).await?;
+    let row = job_row(&pool, "resource_restores", id).await?;
+    assert_eq!(row.failure_reason.as_deref(), Some("config"), "{row:?}");
+    assert!(row
+        .internal_detail
+        .unwrap_or_default()
+        .contains("restorable: "));
+    let out = cli(vec![
+        "restore".into(),
+        "--to-time".into(),
+        "yesterday".into(),
+        resource.to_string(),
+    ])
+    .await?;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a time that does not parse is a usage error"
+    );
     assert_eq!(report.detail["level"], "replay", "{report:?}");
     assert_eq!(report.detail["tables"]["public.orders"], 100, "{report:?}");
     let leftovers = std::fs::read_dir(std::env::temp_dir())?

@@ -524,9 +524,11 @@ impl Restores {
                     }
                     return Ok(());
                 }
+                let backup_id = chosen_backup(&mut tx, job).await?;
                 let detail = json!({
                     "resource_type": job.resource_type,
-                    "backup_id": job.backup_id,
+                    "backup_id": backup_id,
+                    "target_time": job.target_time,
                     "skipped_grants": report.skipped_grants,
                     "owner_changed": report.owner_changed,
                     "source": source.as_str(),
@@ -564,9 +566,11 @@ impl Restores {
                 let mut tx = self.pool().begin().await?;
                 let outcome = jobs::record_failure(&mut tx, lease, reason, &detail).await?;
                 if outcome == FailureOutcome::Failed {
+                    let backup_id = chosen_backup(&mut tx, job).await?;
                     let mut audit_detail = json!({
                         "resource_type": job.resource_type,
-                        "backup_id": job.backup_id,
+                        "backup_id": backup_id,
+                        "target_time": job.target_time,
                         "failure_reason": reason.as_str(),
                         "error_summary": reason.restore_summary(true),
                     });
@@ -605,6 +609,21 @@ impl Restores {
         }
         Ok(())
     }
+}
+
+/// The backup a restore rewinds to: the row's, or for a restore to an instant the base backup the
+/// worker chose (recorded on the row; null when none was restorable).
+async fn chosen_backup(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job: &Job,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    if job.target_time.is_none() {
+        return Ok(Some(job.backup_id));
+    }
+    sqlx::query_scalar("SELECT backup_id FROM resource_restores WHERE id = $1")
+        .bind(job.lease.id)
+        .fetch_one(&mut **tx)
+        .await
 }
 
 /// A succeeded restore's internal_detail: what the target could not take as it was (DESIGN §6:
