@@ -871,3 +871,79 @@ async fn a_resource_leaving_pitr_gets_its_slot_dropped(pool: PgPool) -> Result<(
     assert_eq!(slots(url.clone()).await?, 1);
     Ok(())
 }
+
+#[sqlx::test(migrations = "./migrations")]
+async fn encrypted_wal_and_base_backups_restore_to_an_instant(
+    pool: PgPool,
+) -> Result<(), TestError> {
+    use base64::Engine;
+    use std::os::unix::fs::PermissionsExt;
+    let tenant = PgServer::start().await?;
+    let (url, repl) = pitr_tenant(&tenant).await?;
+    let resource = pitr_resource(&pool, "team", &url, &repl).await?;
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("master.key");
+    std::fs::write(
+        &key,
+        base64::engine::general_purpose::STANDARD.encode([7u8; 32]),
+    )?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    let store: std::sync::Arc<dyn backup_worker::storage::ObjectStore> = std::sync::Arc::new(
+        backup_worker::storage::LocalStore::new(dir.path().join("store")).await?,
+    );
+    let config = backup_worker_testkit::test_config(&[(
+        "ENCRYPTION_KEY_FILE",
+        key.to_str().ok_or("path")?,
+    )])?;
+    let deps = backup_worker_testkit::test_deps(pool.clone(), store, config)?;
+    let wal = Wal::new(deps.clone(), true);
+    wal.pass(&pass_ctx()).await?;
+    Scheduler::new(
+        pool.clone(),
+        deps.plans.clone(),
+        deps.metrics.clone(),
+        std::time::Duration::from_secs(60),
+    )
+    .tick_now()
+    .await?;
+    Backups::new(deps.clone()).pass(&pass_ctx()).await?;
+    insert(&url, 1, 40).await?;
+    let t: chrono::DateTime<chrono::Utc> = {
+        let mut c = sqlx::PgConnection::connect(&url).await?;
+        sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut c)
+            .await?
+    };
+    {
+        let mut c = sqlx::PgConnection::connect(&url).await?;
+        c.execute("TRUNCATE orders").await?;
+    }
+    wal.pass(&pass_ctx()).await?;
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT object_key FROM wal_segments WHERE resource_id = $1
+         UNION ALL SELECT object_key FROM resource_backups WHERE resource_id = $1 AND format = 'base'",
+    )
+    .bind(resource)
+    .fetch_all(&pool)
+    .await?;
+    assert!(
+        keys.len() >= 2 && keys.iter().all(|k| k.ends_with(".gz.age")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.ends_with(".base.tar.gz.age")),
+        "{keys:?}"
+    );
+    let restore: Uuid = sqlx::query_scalar(
+        "INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2) RETURNING id",
+    )
+    .bind(resource)
+    .bind(t)
+    .fetch_one(&pool)
+    .await?;
+    Restores::new(deps.clone()).pass(&pass_ctx()).await?;
+    let row = job_row(&pool, "resource_restores", restore).await?;
+    assert_eq!(row.status, "succeeded", "{row:?}");
+    assert_eq!(ids(&url).await?, (1..=40).collect::<Vec<_>>());
+    Ok(())
+}
