@@ -74,3 +74,22 @@ pub fn run_worker(only: &str, db_url: &str, store: &Path) -> Result<Run, TestErr
         ],
     )
 }
+
+/// A fresh, migrated database `name` on `DATABASE_URL`'s server (dropped first if it exists).
+pub async fn fresh_database(name: &str) -> Result<sqlx::PgPool, TestError> {
+    use sqlx::{ConnectOptions, Executor};
+    let admin: sqlx::postgres::PgConnectOptions = std::env::var("DATABASE_URL")
+        .map_err(|_| "DATABASE_URL is not set")?
+        .parse()?;
+    let mut conn = admin.connect().await?;
+    conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await?;
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(admin.database(name))
+        .await?;
+    backup_worker::db::migrate(&pool).await?;
+    Ok(pool)
+}
