@@ -136,6 +136,14 @@ pub async fn status(pool: &PgPool) -> Result<String, CommandError> {
          UNION ALL
          SELECT 'copies', status, count(*) FROM backup_copies GROUP BY status
          UNION ALL
+         SELECT 'wal streams', CASE WHEN status = 'streaming'
+                                         AND (leased_by IS NULL OR lease_expires_at < now())
+                                    THEN 'stopped' ELSE status END, count(*)
+           FROM wal_streams WHERE slot_dropped_at IS NULL GROUP BY 2
+         UNION ALL
+         SELECT 'wal gaps (7 days)', 'detected', count(*) FROM wal_gaps
+          WHERE detected_at > now() - interval '7 days' HAVING count(*) > 0
+         UNION ALL
          SELECT 'propagations',
                 CASE WHEN applied_at IS NOT NULL THEN 'applied'
                      WHEN failed_at IS NOT NULL AND last_error LIKE 'superseded by %' THEN 'superseded'

@@ -74,56 +74,118 @@ async fn insert(url: &str, from: i32, to: i32) -> Result<(), TestError> {
     Ok(())
 }
 
+/// A PITR tenant as the loops leave it after its first `--once` passes: its stream started (the
+/// slot created, the row released), the scheduler's base backup taken.
+struct Pitr {
+    tenant: PgServer,
+    url: String,
+    resource: Uuid,
+    deps: backup_worker::deps::Deps,
+    wal: std::sync::Arc<Wal>,
+    scheduler: Scheduler,
+    store: tempfile::TempDir,
+}
+
+impl Pitr {
+    async fn with_base(
+        pool: &PgPool,
+        tier: &str,
+        overrides: &[(&str, &str)],
+    ) -> Result<Self, TestError> {
+        let tenant = PgServer::start().await?;
+        let (url, repl) = pitr_tenant(&tenant).await?;
+        let resource = pitr_resource(pool, tier, &url, &repl).await?;
+        let store = tempfile::tempdir()?;
+        let store_url = format!("file://{}", store.path().display());
+        let mut env = vec![("STORAGE_URL", store_url.as_str())];
+        env.extend_from_slice(overrides);
+        let objects: std::sync::Arc<dyn backup_worker::storage::ObjectStore> = std::sync::Arc::new(
+            backup_worker::storage::LocalStore::new(store.path().to_path_buf()).await?,
+        );
+        let deps = backup_worker_testkit::test_deps(
+            pool.clone(),
+            objects,
+            backup_worker_testkit::test_config(&env)?,
+        )?;
+        let wal = Wal::new(deps.clone(), true);
+        let scheduler = Scheduler::new(
+            pool.clone(),
+            deps.plans.clone(),
+            deps.metrics.clone(),
+            std::time::Duration::from_secs(60),
+        );
+        wal.pass(&pass_ctx()).await?;
+        let (status, slot): (String, String) =
+            sqlx::query_as("SELECT status, slot_name FROM wal_streams WHERE resource_id = $1")
+                .bind(resource)
+                .fetch_one(pool)
+                .await?;
+        assert_eq!(status, "stopped", "a --once pass releases its stream");
+        assert_eq!(slot, format!("backup_worker_{}", resource.simple()));
+        let report = scheduler.tick_now().await?;
+        assert_eq!(report.base_backups, 1, "{report:?}");
+        Backups::new(deps.clone()).pass(&pass_ctx()).await?;
+        let (bstatus, key, detail): (String, Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT status, object_key, internal_detail FROM resource_backups
+              WHERE resource_id = $1 AND format = 'base'",
+        )
+        .bind(resource)
+        .fetch_one(pool)
+        .await?;
+        assert_eq!(bstatus, "succeeded", "{detail:?}");
+        assert!(key.unwrap_or_default().contains(".base.tar.gz"));
+        Ok(Self {
+            tenant,
+            url,
+            resource,
+            deps,
+            wal,
+            scheduler,
+            store,
+        })
+    }
+}
+
+/// A restore of `resource` to `t` through one restores pass; its row.
+async fn restore_to(
+    deps: &backup_worker::deps::Deps,
+    resource: Uuid,
+    t: chrono::DateTime<chrono::Utc>,
+) -> Result<backup_worker_testkit::jobs::JobRow, TestError> {
+    let id: Uuid = sqlx::query_scalar(
+        "INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2) RETURNING id",
+    )
+    .bind(resource)
+    .bind(t)
+    .fetch_one(&deps.pool)
+    .await?;
+    Restores::new(deps.clone()).pass(&pass_ctx()).await?;
+    job_row(&deps.pool, "resource_restores", id).await
+}
+
+/// The tenant server's clock now.
+async fn now_on(url: &str) -> Result<chrono::DateTime<chrono::Utc>, TestError> {
+    let mut c = sqlx::PgConnection::connect(url).await?;
+    Ok(sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&mut c)
+        .await?)
+}
+
 #[sqlx::test(migrations = "./migrations")]
 async fn a_restore_to_an_instant_brings_back_exactly_its_rows(
     pool: PgPool,
 ) -> Result<(), TestError> {
-    let tenant = PgServer::start().await?;
-    let (url, repl) = pitr_tenant(&tenant).await?;
-    let resource = pitr_resource(&pool, "growth", &url, &repl).await?;
-    let (_store, deps) = local_deps(&pool).await?;
-    let wal = Wal::new(deps.clone(), true);
-    let scheduler = Scheduler::new(
-        pool.clone(),
-        deps.plans.clone(),
-        deps.metrics.clone(),
-        std::time::Duration::from_secs(60),
-    );
-
-    // The stream starts (slot created), the scheduler asks for a base backup, the backups loop takes it.
-    wal.pass(&pass_ctx()).await?;
-    let (status, slot): (String, String) =
-        sqlx::query_as("SELECT status, slot_name FROM wal_streams WHERE resource_id = $1")
-            .bind(resource)
-            .fetch_one(&pool)
-            .await?;
-    assert_eq!(status, "stopped", "a --once pass releases its stream");
-    assert_eq!(slot, format!("backup_worker_{}", resource.simple()));
-    let report = scheduler.tick_now().await?;
-    assert_eq!(report.base_backups, 1, "{report:?}");
-    Backups::new(deps.clone()).pass(&pass_ctx()).await?;
-    let (format, bstatus, key, detail): (String, String, Option<String>, Option<String>) =
-        sqlx::query_as(
-            "SELECT format, status, object_key, internal_detail FROM resource_backups
-          WHERE resource_id = $1 AND format = 'base'",
-        )
-        .bind(resource)
-        .fetch_one(&pool)
-        .await?;
-    assert_eq!(
-        (format.as_str(), bstatus.as_str()),
-        ("base", "succeeded"),
-        "{detail:?}"
-    );
-    assert!(key.unwrap().ends_with(".base.tar.gz"));
-
+    let Pitr {
+        url,
+        resource,
+        deps,
+        wal,
+        store: _store,
+        tenant: _tenant,
+        ..
+    } = Pitr::with_base(&pool, "growth", &[]).await?;
     insert(&url, 1, 100).await?;
-    let t: chrono::DateTime<chrono::Utc> = {
-        let mut c = sqlx::PgConnection::connect(&url).await?;
-        sqlx::query_scalar("SELECT clock_timestamp()")
-            .fetch_one(&mut c)
-            .await?
-    };
+    let t = now_on(&url).await?;
     insert(&url, 101, 150).await?;
     {
         let mut c = sqlx::PgConnection::connect(&url).await?;
@@ -137,15 +199,7 @@ async fn a_restore_to_an_instant_brings_back_exactly_its_rows(
             .await?;
     assert!(stored >= 1);
 
-    let restore: Uuid = sqlx::query_scalar(
-        "INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2) RETURNING id",
-    )
-    .bind(resource)
-    .bind(t)
-    .fetch_one(&pool)
-    .await?;
-    Restores::new(deps.clone()).pass(&pass_ctx()).await?;
-    let row = job_row(&pool, "resource_restores", restore).await?;
+    let row = restore_to(&deps, resource, t).await?;
     assert_eq!(row.status, "succeeded", "{row:?}");
     assert_eq!(
         ids(&url).await?,
@@ -154,7 +208,7 @@ async fn a_restore_to_an_instant_brings_back_exactly_its_rows(
     );
     let chosen: Option<Uuid> =
         sqlx::query_scalar("SELECT backup_id FROM resource_restores WHERE id = $1")
-            .bind(restore)
+            .bind(row.id)
             .fetch_one(&pool)
             .await?;
     assert!(chosen.is_some(), "the base backup chosen is recorded");
@@ -415,42 +469,20 @@ async fn the_private_server_is_gone_after_its_worker_is_killed_mid_replay(
 ) -> Result<(), TestError> {
     use backup_worker_testkit::wait_until;
     use std::time::Duration;
-    let tenant = PgServer::start().await?;
-    let (url, repl) = pitr_tenant(&tenant).await?;
-    let resource = pitr_resource(&pool, "growth", &url, &repl).await?;
-    let store = tempfile::tempdir()?;
+    let Pitr {
+        tenant,
+        url,
+        resource,
+        wal,
+        store,
+        ..
+    } = Pitr::with_base(&pool, "growth", &[]).await?;
     let store_url = format!("file://{}", store.path().display());
-    let deps = {
-        let s: std::sync::Arc<dyn backup_worker::storage::ObjectStore> = std::sync::Arc::new(
-            backup_worker::storage::LocalStore::new(store.path().to_path_buf()).await?,
-        );
-        backup_worker_testkit::test_deps(
-            pool.clone(),
-            s,
-            backup_worker_testkit::test_config(&[("STORAGE_URL", &store_url)])?,
-        )?
-    };
-    let wal = Wal::new(deps.clone(), true);
-    wal.pass(&pass_ctx()).await?;
-    Scheduler::new(
-        pool.clone(),
-        deps.plans.clone(),
-        deps.metrics.clone(),
-        Duration::from_secs(60),
-    )
-    .tick_now()
-    .await?;
-    Backups::new(deps.clone()).pass(&pass_ctx()).await?;
     // Many segments to replay: the replay lasts long enough to be caught.
     for i in 1..=12 {
         write_and_switch(&tenant, &url, i).await?;
     }
-    let t: chrono::DateTime<chrono::Utc> = {
-        let mut c = sqlx::PgConnection::connect(&url).await?;
-        sqlx::query_scalar("SELECT clock_timestamp()")
-            .fetch_one(&mut c)
-            .await?
-    };
+    let t = now_on(&url).await?;
     insert(&url, 1000, 1000).await?;
     wal.pass(&pass_ctx()).await?;
     sqlx::query("INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2)")
@@ -656,32 +688,21 @@ async fn a_quiet_database_meets_its_rpo_through_partial_segments(
 async fn a_promoted_tenant_keeps_streaming_on_its_new_timeline(
     pool: PgPool,
 ) -> Result<(), TestError> {
-    let mut tenant = PgServer::start().await?;
-    let (url, repl) = pitr_tenant(&tenant).await?;
-    let resource = pitr_resource(&pool, "growth", &url, &repl).await?;
-    let (_store, deps) = local_deps(&pool).await?;
-    let wal = Wal::new(deps.clone(), true);
-    wal.pass(&pass_ctx()).await?;
-    Scheduler::new(
-        pool.clone(),
-        deps.plans.clone(),
-        deps.metrics.clone(),
-        std::time::Duration::from_secs(60),
-    )
-    .tick_now()
-    .await?;
-    Backups::new(deps.clone()).pass(&pass_ctx()).await?;
+    let Pitr {
+        mut tenant,
+        url,
+        resource,
+        deps,
+        wal,
+        store: _store,
+        ..
+    } = Pitr::with_base(&pool, "growth", &[]).await?;
     insert(&url, 1, 10).await?;
     wal.pass(&pass_ctx()).await?;
 
     tenant.promote_to_new_timeline().await?;
     insert(&url, 11, 20).await?;
-    let t: chrono::DateTime<chrono::Utc> = {
-        let mut c = sqlx::PgConnection::connect(&url).await?;
-        sqlx::query_scalar("SELECT clock_timestamp()")
-            .fetch_one(&mut c)
-            .await?
-    };
+    let t = now_on(&url).await?;
     insert(&url, 21, 30).await?;
     wal.pass(&pass_ctx()).await?;
     let timelines: Vec<(i32, Option<i64>)> = sqlx::query_as(
@@ -706,15 +727,7 @@ async fn a_promoted_tenant_keeps_streaming_on_its_new_timeline(
     assert_eq!(tl, Some(2));
 
     // A restore across the switch: the base backup of timeline 1, WAL of both.
-    let restore: Uuid = sqlx::query_scalar(
-        "INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2) RETURNING id",
-    )
-    .bind(resource)
-    .bind(t)
-    .fetch_one(&pool)
-    .await?;
-    Restores::new(deps.clone()).pass(&pass_ctx()).await?;
-    let row = job_row(&pool, "resource_restores", restore).await?;
+    let row = restore_to(&deps, resource, t).await?;
     assert_eq!(row.status, "succeeded", "{row:?}");
     assert_eq!(ids(&url).await?, (1..=20).collect::<Vec<_>>());
     Ok(())
@@ -724,27 +737,18 @@ async fn a_promoted_tenant_keeps_streaming_on_its_new_timeline(
 async fn a_slot_the_server_invalidated_is_a_gap_recorded_and_refused(
     pool: PgPool,
 ) -> Result<(), TestError> {
-    let tenant = PgServer::start().await?;
-    let (url, repl) = pitr_tenant(&tenant).await?;
-    let resource = pitr_resource(&pool, "growth", &url, &repl).await?;
-    let (_store, deps) = local_deps(&pool).await?;
-    let wal = Wal::new(deps.clone(), true);
-    let scheduler = Scheduler::new(
-        pool.clone(),
-        deps.plans.clone(),
-        deps.metrics.clone(),
-        std::time::Duration::from_secs(60),
-    );
-    wal.pass(&pass_ctx()).await?;
-    scheduler.tick_now().await?;
-    Backups::new(deps.clone()).pass(&pass_ctx()).await?;
+    let Pitr {
+        tenant,
+        url,
+        resource,
+        deps,
+        wal,
+        scheduler,
+        store: _store,
+        ..
+    } = Pitr::with_base(&pool, "growth", &[]).await?;
     insert(&url, 1, 10).await?;
-    let before_gap: chrono::DateTime<chrono::Utc> = {
-        let mut c = sqlx::PgConnection::connect(&url).await?;
-        sqlx::query_scalar("SELECT clock_timestamp()")
-            .fetch_one(&mut c)
-            .await?
-    };
+    let before_gap = now_on(&url).await?;
     wal.pass(&pass_ctx()).await?;
 
     // Nobody streams; the server may keep 1 MB for slots: switching segments and a checkpoint
@@ -791,15 +795,7 @@ async fn a_slot_the_server_invalidated_is_a_gap_recorded_and_refused(
     assert_eq!(report.base_backups, 1, "a fresh base backup after the gap");
 
     // A target inside the gap is refused before anything is touched, naming what is restorable.
-    let restore: Uuid = sqlx::query_scalar(
-        "INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2) RETURNING id",
-    )
-    .bind(resource)
-    .bind(in_gap)
-    .fetch_one(&pool)
-    .await?;
-    Restores::new(deps.clone()).pass(&pass_ctx()).await?;
-    let row = job_row(&pool, "resource_restores", restore).await?;
+    let row = restore_to(&deps, resource, in_gap).await?;
     assert_eq!(row.status, "failed");
     assert_eq!(row.failure_reason.as_deref(), Some("config"));
     let detail = row.internal_detail.unwrap_or_default();
@@ -878,9 +874,6 @@ async fn encrypted_wal_and_base_backups_restore_to_an_instant(
 ) -> Result<(), TestError> {
     use base64::Engine;
     use std::os::unix::fs::PermissionsExt;
-    let tenant = PgServer::start().await?;
-    let (url, repl) = pitr_tenant(&tenant).await?;
-    let resource = pitr_resource(&pool, "team", &url, &repl).await?;
     let dir = tempfile::tempdir()?;
     let key = dir.path().join("master.key");
     std::fs::write(
@@ -888,32 +881,20 @@ async fn encrypted_wal_and_base_backups_restore_to_an_instant(
         base64::engine::general_purpose::STANDARD.encode([7u8; 32]),
     )?;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
-    let store: std::sync::Arc<dyn backup_worker::storage::ObjectStore> = std::sync::Arc::new(
-        backup_worker::storage::LocalStore::new(dir.path().join("store")).await?,
-    );
-    let config = backup_worker_testkit::test_config(&[(
-        "ENCRYPTION_KEY_FILE",
-        key.to_str().ok_or("path")?,
-    )])?;
-    let deps = backup_worker_testkit::test_deps(pool.clone(), store, config)?;
-    let wal = Wal::new(deps.clone(), true);
-    wal.pass(&pass_ctx()).await?;
-    Scheduler::new(
-        pool.clone(),
-        deps.plans.clone(),
-        deps.metrics.clone(),
-        std::time::Duration::from_secs(60),
+    let pitr = Pitr::with_base(
+        &pool,
+        "team",
+        &[("ENCRYPTION_KEY_FILE", key.to_str().ok_or("path")?)],
     )
-    .tick_now()
     .await?;
-    Backups::new(deps.clone()).pass(&pass_ctx()).await?;
+    let (url, resource, wal, deps) = (
+        pitr.url.clone(),
+        pitr.resource,
+        pitr.wal.clone(),
+        pitr.deps.clone(),
+    );
     insert(&url, 1, 40).await?;
-    let t: chrono::DateTime<chrono::Utc> = {
-        let mut c = sqlx::PgConnection::connect(&url).await?;
-        sqlx::query_scalar("SELECT clock_timestamp()")
-            .fetch_one(&mut c)
-            .await?
-    };
+    let t = now_on(&url).await?;
     {
         let mut c = sqlx::PgConnection::connect(&url).await?;
         c.execute("TRUNCATE orders").await?;
@@ -934,15 +915,7 @@ async fn encrypted_wal_and_base_backups_restore_to_an_instant(
         keys.iter().any(|k| k.ends_with(".base.tar.gz.age")),
         "{keys:?}"
     );
-    let restore: Uuid = sqlx::query_scalar(
-        "INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2) RETURNING id",
-    )
-    .bind(resource)
-    .bind(t)
-    .fetch_one(&pool)
-    .await?;
-    Restores::new(deps.clone()).pass(&pass_ctx()).await?;
-    let row = job_row(&pool, "resource_restores", restore).await?;
+    let row = restore_to(&deps, resource, t).await?;
     assert_eq!(row.status, "succeeded", "{row:?}");
     assert_eq!(ids(&url).await?, (1..=40).collect::<Vec<_>>());
     Ok(())

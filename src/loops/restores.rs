@@ -302,9 +302,25 @@ impl Restores {
             source_url: &job.backup_connection_url,
             temp: temp.path(),
         };
-        // At most once per row: from here a lapsed lease means "outcome unknown", not "run it
-        // again". Without the mark written there is no rewind (the row is not ours, or the
-        // database cannot say so): the job stops and the recovery gives the row back.
+        Ok((
+            self.rewind(job, lost, resource_type, &target, &backup)
+                .await?,
+            source,
+        ))
+    }
+
+    /// The destructive step, at most once per row: from the mark on, a lapsed lease means
+    /// "outcome unknown", not "run it again". Without the mark written there is no rewind (the
+    /// row is not ours, or the database cannot say so): the job stops and the recovery gives the
+    /// row back.
+    async fn rewind(
+        &self,
+        job: &Job,
+        lost: &CancellationToken,
+        resource_type: ResourceType,
+        target: &RestoreTarget<'_>,
+        backup: &engines::BackupFile,
+    ) -> Result<RestoreReport, Halt> {
         let marked = jobs::record(
             &job.lease,
             self.deps.config.lease,
@@ -316,10 +332,7 @@ impl Restores {
         if marked != Ok(true) {
             return Err(Halt::LeaseLost);
         }
-        Ok((
-            engines::restore(resource_type, &target, &backup).await?,
-            source,
-        ))
+        Ok(engines::restore(resource_type, target, backup).await?)
     }
 
     /// A restore to an instant (DESIGN §14): the newest base backup whose WAL chain reaches the
@@ -463,19 +476,9 @@ impl Restores {
             source_url: &job.connection_url,
             temp: temp.path(),
         };
-        let marked = jobs::record(
-            &job.lease,
-            self.deps.config.lease,
-            lost,
-            "marking the restore's rewind as begun",
-            || jobs::mark_applying(self.pool(), &job.lease),
-        )
-        .await;
-        if marked != Ok(true) {
-            return Err(Halt::LeaseLost);
-        }
         Ok((
-            engines::restore(resource_type, &target_spec, &dump).await?,
+            self.rewind(job, lost, resource_type, &target_spec, &dump)
+                .await?,
             source,
         ))
     }
