@@ -920,3 +920,108 @@ async fn encrypted_wal_and_base_backups_restore_to_an_instant(
     assert_eq!(ids(&url).await?, (1..=40).collect::<Vec<_>>());
     Ok(())
 }
+
+#[sqlx::test(migrations = "./migrations")]
+async fn base_backups_are_verified_even_when_dumps_are_newer(
+    pool: PgPool,
+) -> Result<(), TestError> {
+    let Pitr {
+        resource,
+        deps,
+        wal,
+        tenant: _tenant,
+        store: _store,
+        ..
+    } = Pitr::with_base(&pool, "growth", &[]).await?;
+    // Its chain stored past its end; the hour's dump is now the newest backup.
+    wal.pass(&pass_ctx()).await?;
+    backup_worker_testkit::back_up(&deps, resource).await?;
+    let verifier = backup_worker::loops::verifier::Verifier::new(deps.clone());
+    for _ in 0..2 {
+        verifier.pass(&pass_ctx()).await?;
+    }
+    let verified: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT b.format, v.status || coalesce(' ' || v.failure_reason, ''), v.detail->>'level'
+           FROM backup_verifications v
+           JOIN resource_backups b ON b.id = v.backup_id
+          WHERE v.resource_id = $1 ORDER BY b.format",
+    )
+    .bind(resource)
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        verified,
+        vec![
+            ("base".into(), "verified".into(), Some("replay".into())),
+            (
+                "logical".into(),
+                "verified".into(),
+                Some("integrity".into())
+            ),
+        ]
+    );
+    Ok(())
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn wal_older_than_the_oldest_retained_base_backup_is_deleted(
+    pool: PgPool,
+) -> Result<(), TestError> {
+    let Pitr {
+        tenant,
+        url,
+        resource,
+        deps,
+        wal,
+        scheduler,
+        store: _store,
+    } = Pitr::with_base(&pool, "growth", &[]).await?;
+    for i in 1..=3 {
+        write_and_switch(&tenant, &url, i).await?;
+    }
+    wal.pass(&pass_ctx()).await?;
+    // A second base backup (the day after); the first expires by retention.
+    sqlx::query("UPDATE wal_streams SET base_wanted_at = now() WHERE resource_id = $1")
+        .bind(resource)
+        .execute(&pool)
+        .await?;
+    assert_eq!(scheduler.tick_now().await?.base_backups, 1);
+    Backups::new(deps.clone()).pass(&pass_ctx()).await?;
+    let (second_start,): (i64,) = sqlx::query_as(
+        "SELECT ((start_lsn - '0/0'::pg_lsn) / (SELECT segment_bytes FROM wal_streams WHERE resource_id = $1))::bigint
+           FROM resource_backups WHERE resource_id = $1 AND format = 'base' ORDER BY finished_at DESC LIMIT 1",
+    )
+    .bind(resource)
+    .fetch_one(&pool)
+    .await?;
+    let before = complete_segments(&pool, resource).await?;
+    assert!(
+        before.iter().any(|&s| s < second_start),
+        "{before:?} {second_start}"
+    );
+    sqlx::query(
+        "UPDATE resource_backups SET status = 'expired'
+          WHERE id = (SELECT id FROM resource_backups WHERE resource_id = $1 AND format = 'base'
+                       ORDER BY finished_at LIMIT 1)",
+    )
+    .bind(resource)
+    .execute(&pool)
+    .await?;
+    let expired = wal.expire_wal().await?;
+    let after = complete_segments(&pool, resource).await?;
+    assert!(expired > 0);
+    assert!(
+        after.iter().all(|&s| s >= second_start),
+        "{after:?} {second_start}"
+    );
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pending_object_deletions WHERE reason = 'wal retention'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(
+        queued as u64, expired,
+        "their objects go through the pending deletions"
+    );
+    Ok(())
+}

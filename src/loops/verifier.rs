@@ -230,8 +230,31 @@ impl Verifier {
         .bind(SUPPORTED_RESOURCE_TYPES)
         .execute(&mut *tx)
         .await?;
+        // Base backups (DESIGN §14) are rarely a PITR resource's newest backup (the hour's dumps
+        // are): the newest of each resource is due on its own once VERIFY_EVERY has passed since
+        // a base backup of the resource was last verified, when no verification is open.
+        let bases = sqlx::query(&format!(
+            "WITH newest AS (
+                SELECT DISTINCT ON (b.resource_id) b.id, b.resource_id
+                  FROM resource_backups b
+                 WHERE b.format = 'base' AND b.status = 'succeeded'
+                 ORDER BY b.resource_id, b.finished_at DESC
+             )
+             INSERT INTO backup_verifications (backup_id, resource_id, team_rank)
+             SELECT n.id, n.resource_id, 1 FROM newest n
+              WHERE NOT EXISTS (
+                    SELECT 1 FROM backup_verifications v JOIN resource_backups vb ON vb.id = v.backup_id
+                     WHERE v.resource_id = n.resource_id AND vb.format = 'base'
+                       AND (v.status IN ('pending', 'running')
+                            OR v.finished_at > now() - make_interval(secs => $1)))
+              LIMIT {ENQUEUE_BATCH}
+             ON CONFLICT (resource_id) WHERE status IN ('pending', 'running') DO NOTHING"
+        ))
+        .bind(self.deps.config.verify_every.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(done.rows_affected())
+        Ok(done.rows_affected() + bases.rows_affected())
     }
 
     /// `backup_worker_unverified_backups`: resources whose newest succeeded backup failed
@@ -611,6 +634,18 @@ impl Verifier {
                     "restore",
                 )
             })?;
+        // A chain that does not reach the base backup's end yet (the stream lags, or is down)
+        // says nothing of the backup: the verification waits, the backup is not blamed.
+        if !history.windows().iter().any(|w| w.base_id == job.backup_id) {
+            return Err(failed(
+                fail(
+                    FailureReason::Config,
+                    "the base backup's WAL chain is not stored up to its end yet (the resource's \
+                     WAL stream lags or is down): nothing to replay it to",
+                ),
+                "restore",
+            ));
+        }
         let conn = crate::engines::postgres::parse(&job.connection_url)
             .map_err(|p| failed(fail(FailureReason::Config, p.0), "restore"))?;
         let env = |k: &str| {

@@ -224,6 +224,10 @@ pub fn classify(stderr: &str) -> FailureReason {
     if lower.contains("fatal:") && lower.contains("role \"") && lower.contains("does not exist") {
         return FailureReason::Auth;
     }
+    // A base backup of a cluster with tablespaces of its own cannot be one tar stream (§14).
+    if lower.contains("can only write single tablespace to stdout") {
+        return FailureReason::Config;
+    }
     crate::classify::classify(stderr, &DIALECT)
 }
 
@@ -879,6 +883,16 @@ mod tests {
             .await
             .unwrap());
         assert!(!String::from_utf8(out).unwrap().contains("GRANT x;"));
+    }
+
+    #[test]
+    fn a_cluster_with_tablespaces_cannot_be_based_up_to_stdout() {
+        assert_eq!(
+            classify(
+                "pg_basebackup: error: can only write single tablespace to stdout, database has 2"
+            ),
+            FailureReason::Config
+        );
     }
 
     #[test]
