@@ -64,11 +64,13 @@ pub async fn enqueue_base_backups(
         "WITH {ELIGIBLE_CTE},
          due AS (
             SELECT e.resource_id FROM eligible e
-              JOIN wal_streams w ON w.resource_id = e.resource_id
+              -- no stream row yet (a first `--once` run: the wal pass comes next and creates the
+              -- slot before the backups pass takes this row): the daily rule alone
+              LEFT JOIN wal_streams w ON w.resource_id = e.resource_id
              WHERE NOT EXISTS (SELECT 1 FROM resource_backups b
                                 WHERE b.resource_id = e.resource_id AND b.format = 'base'
-                                  AND (b.created_at > now() - interval '1430 minutes'
-                                       AND b.created_at >= w.base_wanted_at))
+                                  AND b.created_at > now() - interval '1430 minutes'
+                                  AND b.created_at >= coalesce(w.base_wanted_at, '-infinity'))
                AND NOT EXISTS (SELECT 1 FROM resource_backups b
                                 WHERE b.resource_id = e.resource_id AND b.format = 'base'
                                   AND b.status IN ('pending', 'running'))

@@ -1025,3 +1025,74 @@ async fn wal_older_than_the_oldest_retained_base_backup_is_deleted(
     );
     Ok(())
 }
+
+#[sqlx::test(migrations = "./migrations")]
+async fn run_once_as_the_platform_runs_it_streams_backs_up_and_restores_to_an_instant(
+    pool: PgPool,
+) -> Result<(), TestError> {
+    let tenant = PgServer::start().await?;
+    let (url, repl) = pitr_tenant(&tenant).await?;
+    let resource = pitr_resource(&pool, "growth", &url, &repl).await?;
+    let store = tempfile::tempdir()?;
+    let once = || {
+        let (db, store) = (
+            backup_worker_testkit::database_url(&pool),
+            store.path().to_path_buf(),
+        );
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_backup-worker"))
+                .args(["run", "--once"])
+                .env("DATABASE_URL", db)
+                .env("STORAGE_URL", format!("file://{}", store.display()))
+                .output()
+                .await?;
+            if !out.status.success() {
+                return Err::<(), TestError>(
+                    String::from_utf8_lossy(&out.stderr).into_owned().into(),
+                );
+            }
+            Ok(())
+        }
+    };
+    // The first run: the stream's slot, the day's base backup and the hour's dump.
+    once().await?;
+    let formats: Vec<(String, String)> = sqlx::query_as(
+        "SELECT format, status FROM resource_backups WHERE resource_id = $1 ORDER BY format",
+    )
+    .bind(resource)
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        formats,
+        vec![
+            ("base".into(), "succeeded".into()),
+            ("logical".into(), "succeeded".into())
+        ]
+    );
+    insert(&url, 1, 25).await?;
+    let t = now_on(&url).await?;
+    {
+        let mut c = sqlx::PgConnection::connect(&url).await?;
+        c.execute("DROP TABLE orders").await?;
+    }
+    once().await?;
+    sqlx::query("INSERT INTO resource_restores (resource_id, target_time) VALUES ($1, $2)")
+        .bind(resource)
+        .bind(t)
+        .execute(&pool)
+        .await?;
+    once().await?;
+    let (status, detail): (String, Option<String>) = sqlx::query_as(
+        "SELECT status, internal_detail FROM resource_restores WHERE resource_id = $1",
+    )
+    .bind(resource)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(status, "succeeded", "{detail:?}");
+    assert_eq!(
+        ids(&url).await?,
+        (1..=25).collect::<Vec<_>>(),
+        "the dropped table is back as it was at T"
+    );
+    Ok(())
+}
