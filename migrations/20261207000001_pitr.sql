@@ -3,6 +3,11 @@
 
 -- A role with REPLICATION on the tenant's server (a secret, like connection_url).
 ALTER TABLE resources ADD COLUMN replication_url text;
+-- The wal loop asks every few seconds which resources may stream: an index of the few that can,
+-- not a scan of the fleet.
+CREATE INDEX resources_pitr_candidates_idx ON resources (team_id, id)
+    WHERE replication_url IS NOT NULL AND status = 'active'
+      AND resource_type IN ('postgres', 'vector');
 
 -- `logical`: pg_dump custom format (every engine's backups so far); `base`: pg_basebackup tar of
 -- the tenant's cluster, the start of a WAL chain. start_lsn/timeline/pg_major describe a base.

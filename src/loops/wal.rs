@@ -43,6 +43,9 @@ const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
 /// How often the fleet-wide gauges and the WAL retention run per replica.
 const GAUGES_EVERY: Duration = Duration::from_secs(15);
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
+/// How long a daemon pass lasts: new streams are claimed (and a lapsed holder's taken over) at
+/// most this long after they become claimable.
+const PASS_HOLD: Duration = Duration::from_secs(5);
 
 /// A claimed stream.
 #[derive(Debug, Clone)]
@@ -389,7 +392,8 @@ impl Loop for Arc<Wal> {
     }
 
     fn interval(&self) -> Duration {
-        Duration::from_secs(5)
+        // A pass holds PASS_HOLD itself (see `pass`).
+        Duration::from_millis(100)
     }
 
     async fn pass(&self, ctx: &PassContext) -> Result<(), LoopError> {
@@ -440,23 +444,22 @@ impl Loop for Arc<Wal> {
                 Err(e) => tracing::warn!(error = %e, "WAL retention failed"),
             }
         }
+        if self.due(&self.last_gauges, GAUGES_EVERY) {
+            self.refresh_gauges().await?;
+        }
         if self.once {
             self.wait_all().await;
         } else {
-            // Shutdown: stop the streams (each stores what it has and releases its row) before
-            // the supervisor's grace runs out.
-            let stop = self.stop.clone();
-            let shutdown = ctx.shutdown.clone();
-            let this = Arc::clone(self);
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = shutdown.cancelled() => { stop.cancel(); this.wait_all().await; }
-                    _ = stop.cancelled() => {}
+            // The pass holds until the next one is due, watching for shutdown: the supervisor's
+            // drain then waits for every stream to store what it has and release its row (the
+            // shutdown grace bounds it; past it `abort` stops them at once).
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => {
+                    self.stop.cancel();
+                    self.wait_all().await;
                 }
-            });
-        }
-        if self.due(&self.last_gauges, GAUGES_EVERY) {
-            self.refresh_gauges().await?;
+                _ = tokio::time::sleep(PASS_HOLD) => {}
+            }
         }
         ctx.heartbeat.progress();
         Ok(())
