@@ -275,6 +275,25 @@ mod tests {
     }
 
     #[test]
+    fn pitr_rpo_seconds_per_tier_and_validated() {
+        let p = plans();
+        for (tier, secs) in [
+            ("growth", 60),
+            ("team", 60),
+            ("pro", 300),
+            ("hobby", 0),
+            ("free", 0),
+        ] {
+            assert_eq!(p.resolve(tier).0.pitr_rpo_seconds, secs, "{tier}");
+        }
+        assert!(p.resolve("team_yearly").0.pitr());
+        assert!(!p.default_plan().pitr(), "absent means no PITR");
+        let bad = EMBEDDED_PLANS.replace("pitr_rpo_seconds: 300", "pitr_rpo_seconds: 5");
+        let err = Plans::from_yaml(&bad, "t").unwrap_err().to_string();
+        assert!(err.contains("tiers.pro.pitr_rpo_seconds"), "{err}");
+    }
+
+    #[test]
     fn embedded_file_has_every_tier_of_the_contract() {
         let p = plans();
         for tier in [
