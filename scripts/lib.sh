@@ -32,6 +32,9 @@ ensure_tools() {
   need_cmd pg_restore postgresql-client
   need_cmd pg_isready postgresql-client
   need_cmd psql postgresql-client
+  # WAL streams and base backups (tests/pitr.rs): the client package's replication tools.
+  need_cmd pg_receivewal postgresql-client
+  need_cmd pg_basebackup postgresql-client
   need_cmd redis-server redis-server
   need_cmd redis-cli redis-tools
   # The tests start private Postgres servers (initdb) to exercise password authentication.
