@@ -243,7 +243,8 @@ pub fn spawn(
         .process_group(0)
         .kill_on_drop(true);
     // A worker killed with -9 runs no drop: its tools die with it rather than hold a replication
-    // slot, a lock or a pipe for the next holder of their row.
+    // slot, a lock or a pipe for the next holder of their row. (The signal follows the spawning
+    // thread: tools are spawned from the runtime's worker threads, which live as long as it.)
     // SAFETY: pre_exec runs between fork and exec; prctl is async-signal-safe.
     unsafe {
         command.pre_exec(|| {

@@ -422,22 +422,16 @@ impl Restores {
             identity,
         )
         .await?;
-        let user = crate::engines::postgres::parse(&job.connection_url)
-            .ok()
-            .and_then(|c| {
-                c.env
-                    .iter()
-                    .find(|(k, _)| k == "PGUSER")
-                    .map(|(_, v)| v.clone())
-            })
-            .unwrap_or_else(|| "postgres".into());
-        let database = crate::engines::postgres::parse(&job.connection_url)
-            .map_err(|p| engines::fail(FailureReason::Config, p.0))?
-            .env
-            .iter()
-            .find(|(k, _)| k == "PGDATABASE")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
+        let conn = crate::engines::postgres::parse(&job.connection_url)
+            .map_err(|p| engines::fail(FailureReason::Config, p.0))?;
+        let env = |k: &str| {
+            conn.env
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+        };
+        let user = env("PGUSER").unwrap_or_else(|| "postgres".into());
+        let database = env("PGDATABASE").unwrap_or_default();
         let wal = std::sync::Arc::new(crate::pitr::StoreWal::new(
             self.deps.store.clone(),
             &history,

@@ -12,7 +12,7 @@
 //! after the newest stored complete segment — `pg_receivewal` then asks the slot for the next
 //! one, which the permanent slot still holds. WAL the server already dropped is a gap.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -29,7 +29,7 @@ use super::{Loop, LoopError, LoopName, PassContext};
 use crate::deps::Deps;
 use crate::domain::FailureReason;
 use crate::engines::postgres::wal::{
-    self as walfmt, classify_stream, segment_name, written_len, StreamFailure, WalFile,
+    self as walfmt, classify_stream, segment_name, StreamFailure, WalFile, WrittenCheck,
 };
 use crate::gzip::Deflate;
 use crate::pipeline::{gzip_to_upload, StreamCheck};
@@ -151,22 +151,26 @@ impl Wal {
                        e.pitr_rpo_seconds",
             crate::pitr::ELIGIBLE_CTE
         );
-        let rows: Vec<(Uuid, Uuid, String, String, String, i32)> = sqlx::query_as_with(&sql, {
-            let a = self.deps.plans.sql_arrays();
-            let mut args = sqlx::postgres::PgArguments::default();
-            use sqlx::Arguments;
-            let _ = args.add(a.tiers);
-            let _ = args.add(a.pitr_rpo_seconds);
-            let _ = args.add(a.retention_days);
-            let _ = args.add(a.default.pitr_rpo_seconds as i32);
-            let _ = args.add(a.default.backup_retention_days as i32);
-            let _ = args.add(n as i64);
-            let _ = args.add(&self.deps.config.worker_id);
-            let _ = args.add(self.deps.config.lease.as_secs_f64());
-            args
-        })
-        .fetch_all(self.pool())
-        .await?;
+        let rows = self
+            .plan_binds(sqlx::query(&sql))
+            .bind(n as i64)
+            .bind(&self.deps.config.worker_id)
+            .bind(self.deps.config.lease.as_secs_f64())
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .map(|r| {
+                use sqlx::Row;
+                Ok((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    r.try_get(3)?,
+                    r.try_get(4)?,
+                    r.try_get(5)?,
+                ))
+            })
+            .collect::<Result<Vec<(Uuid, Uuid, String, String, String, i32)>, sqlx::Error>>()?;
         Ok(rows
             .into_iter()
             .map(|(resource_id, team_id, slot, repl, conn, rpo)| Claimed {
@@ -473,13 +477,12 @@ struct Stream {
     /// Shutdown, or the resource left PITR.
     stop: CancellationToken,
     segment_bytes: u64,
-    /// Names already stored (the seed among them) with the raw bytes stored of partials.
-    stored: HashMap<String, u64>,
+    /// Names already stored (the seed among them).
+    stored: HashSet<String>,
     last_partial: Option<Instant>,
     partial_mtime: Option<SystemTime>,
     /// End LSN of everything stored so far.
     stored_end: u64,
-    timeline: u32,
     recipient: Option<(Uuid, age::x25519::Recipient)>,
 }
 
@@ -490,11 +493,10 @@ impl Stream {
             c,
             stop,
             segment_bytes: 16 * 1024 * 1024,
-            stored: HashMap::new(),
+            stored: HashSet::new(),
             last_partial: None,
             partial_mtime: None,
             stored_end: 0,
-            timeline: 0,
             recipient: None,
         }
     }
@@ -768,15 +770,14 @@ impl Stream {
         .await
         .map_err(|e| e.to_string())?;
         for t in histories {
-            self.stored.insert(format!("{t:08X}.history"), 0);
+            self.stored.insert(format!("{t:08X}.history"));
         }
         let Some((tli, segno)) = newest else {
             return Ok(());
         };
         let name = segment_name(tli as u32, segno as u64, self.segment_bytes);
         self.stored_end = self.stored_end.max((segno as u64 + 1) * self.segment_bytes);
-        self.timeline = self.timeline.max(tli as u32);
-        if self.stored.contains_key(&name) {
+        if self.stored.contains(&name) {
             return Ok(());
         }
         let has_newer = std::fs::read_dir(dir)
@@ -788,7 +789,7 @@ impl Stream {
             let f = std::fs::File::create(dir.join(&name)).map_err(|e| e.to_string())?;
             f.set_len(self.segment_bytes).map_err(|e| e.to_string())?;
         }
-        self.stored.insert(name, 0);
+        self.stored.insert(name);
         Ok(())
     }
 
@@ -822,15 +823,15 @@ impl Stream {
         for (file, path, name) in &files {
             match *file {
                 WalFile::History { timeline } => {
-                    if !self.stored.contains_key(name) {
+                    if !self.stored.contains(name) {
                         self.store(path, name, timeline, None, false).await?;
-                        self.stored.insert(name.clone(), 0);
+                        self.stored.insert(name.clone());
                     }
                 }
                 WalFile::Segment { timeline, segno } => {
-                    if !self.stored.contains_key(name) {
+                    if !self.stored.contains(name) {
                         self.store(path, name, timeline, Some(segno), false).await?;
-                        self.stored.insert(name.clone(), 0);
+                        self.stored.insert(name.clone());
                         self.partial_mtime = None;
                     }
                     if Some(name) != newest_complete.as_ref() {
@@ -903,19 +904,7 @@ impl Stream {
             }
             None => None,
         };
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|e| format!("reading {name}: {e}"))?;
         let seg_start = segno.map_or(0, |s| s * self.segment_bytes);
-        let written = if segno.is_some() {
-            written_len(&bytes, seg_start) as u64
-        } else {
-            bytes.len() as u64
-        };
-        if segno.is_some() && !partial && written == 0 {
-            // The seed (or a file of another segment size): nothing of ours to store.
-            return Ok(());
-        }
         if partial {
             let complete: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM wal_segments WHERE resource_id = $1 AND timeline = $2
@@ -927,10 +916,20 @@ impl Stream {
             .fetch_one(self.pool())
             .await
             .map_err(|e| e.to_string())?;
-            if complete || written == 0 {
+            if complete {
                 return Ok(());
             }
         }
+        // Streamed from the file (16 MiB a segment: never held whole); the check counts the
+        // pages that hold WAL as they pass.
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("reading {name}: {e}"))?;
+        let pages = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let check: Box<dyn StreamCheck> = match segno {
+            Some(_) => Box::new(WrittenCheck::new(seg_start, pages.clone())),
+            None => Box::new(Pass),
+        };
         let metadata = Metadata::from([
             ("resource-id".to_owned(), self.c.resource_id.to_string()),
             ("wal-file".to_owned(), name.to_owned()),
@@ -941,8 +940,8 @@ impl Stream {
             .await
             .map_err(|e| e.to_string())?;
         let streamed = gzip_to_upload(
-            &bytes[..],
-            Box::new(Pass),
+            file,
+            check,
             upload.as_mut(),
             Deflate::for_gzip_level(cfg.gzip_level),
             encrypt,
@@ -955,6 +954,15 @@ impl Stream {
                 return Err(e.to_string());
             }
         };
+        let written = match segno {
+            Some(_) => pages.load(std::sync::atomic::Ordering::Relaxed),
+            None => streamed.raw_bytes,
+        };
+        if segno.is_some() && written == 0 {
+            // Nothing of ours in it yet (a partial just created, a file of another segment size).
+            let _ = upload.abort().await;
+            return Ok(());
+        }
         upload
             .commit(Metadata::from([(
                 "sha256".to_owned(),
@@ -1044,7 +1052,6 @@ impl Stream {
             .wal_bytes
             .inc_by(written.saturating_sub(before));
         self.stored_end = self.stored_end.max(end);
-        self.timeline = self.timeline.max(timeline);
         tracing::debug!(resource_id = %self.c.resource_id, file = %name, partial, bytes = written, "WAL stored");
         Ok(())
     }

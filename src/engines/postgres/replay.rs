@@ -63,6 +63,8 @@ pub struct PrivateServer {
     user: String,
     /// The replay stopped at the end of the WAL rather than at a target (see [`TARGET_NOT_REACHED`]).
     pub reached_end: bool,
+    /// Declared after `dir`: deregistered once the directory is gone.
+    _live: Live,
 }
 
 /// The OS user the server runs as: ourselves, or `postgres` when we are root (Postgres refuses
@@ -124,7 +126,32 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// Removes private-server directories whose worker is gone (killed before its drop ran).
+/// Directories of this process's servers that are running: a directory of ours not in it was
+/// left by a dropped job whose removal raced its dying postmaster.
+static LIVE: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A directory in [`LIVE`] from its creation until dropped (with its server, or on a failed start).
+struct Live(PathBuf);
+
+impl Live {
+    fn register(dir: &Path) -> Self {
+        live().push(dir.to_path_buf());
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        live().retain(|d| *d != self.0);
+    }
+}
+
+/// Removes private-server directories whose worker is gone (killed before its drop ran), and this
+/// worker's own that no running server holds.
 pub fn sweep() {
     let tmp = std::env::temp_dir();
     let Ok(entries) = std::fs::read_dir(&tmp) else {
@@ -138,10 +165,16 @@ pub fn sweep() {
         let owner = std::fs::read_to_string(e.path().join("owner"))
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
+        let ours = owner == i32::try_from(std::process::id()).ok();
         let alive = owner
             .and_then(rustix::process::Pid::from_raw)
             .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok());
-        if owner.is_some() && !alive {
+        let stale = if ours {
+            !live().contains(&e.path())
+        } else {
+            owner.is_some() && !alive
+        };
+        if stale {
             match std::fs::remove_dir_all(e.path()) {
                 Ok(()) => {
                     tracing::info!(dir = %e.path().display(), "removed a dead worker's private Postgres directory")
@@ -243,6 +276,7 @@ impl PrivateServer {
             .map_err(io("creating the private server's directory"))?;
         std::fs::write(dir.path().join("owner"), std::process::id().to_string())
             .map_err(io("writing the private server's owner file"))?;
+        let registered = Live::register(dir.path());
         let data = dir.path().join("data");
         let spool = dir.path().join("spool");
         for d in ["want", "ready", "missing"] {
@@ -264,6 +298,7 @@ impl PrivateServer {
             dir: Some(dir),
             user: replay.user.clone(),
             reached_end: false,
+            _live: registered,
         };
         match server.run_until_promoted(&postgres, &data, owner).await {
             Ok(()) => {}
@@ -496,7 +531,8 @@ impl PrivateServer {
 impl Drop for PrivateServer {
     fn drop(&mut self) {
         // A dropped job (timeout, shutdown): SIGKILL the postmaster (kill_on_drop); its backends
-        // exit on postmaster death. The directory goes with the TempDir.
+        // exit on postmaster death. The directory goes with the TempDir; what a dying backend
+        // writes meanwhile is left to the sweeper (the directory is no longer live).
         self.spool.abort();
     }
 }

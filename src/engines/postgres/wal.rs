@@ -6,10 +6,13 @@
 //! files. The loop (`loops::wal`) stores what appears.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use uuid::Uuid;
 
 use super::{parse_replication, tool_env, ConfigProblem, ToolCommand};
+use crate::pipeline::StreamCheck;
 use crate::secret::Secret;
 
 /// WAL page size (XLOG_BLCKSZ): every build the platform runs uses the default.
@@ -90,23 +93,67 @@ pub fn parse_lsn(text: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
-/// How many bytes at the start of a segment file hold WAL pages: a page counts when its header
-/// names its own address (`xlp_pageaddr`), which zero-filled pages never do. Whole pages, so the
-/// end is rounded up to the page holding the last record.
-pub fn written_len(bytes: &[u8], segment_start: u64) -> usize {
-    let mut len = 0;
-    for (i, page) in bytes.chunks(WAL_PAGE).enumerate() {
-        if page.len() < 16 {
-            break;
+/// Counts, as a segment file streams past, how many of its leading bytes hold WAL pages: a page
+/// counts when its header names its own address (`xlp_pageaddr`), which the zero-filled rest of
+/// a growing `.partial` never does. Whole pages, so the end is rounded up to the page holding the
+/// last record. Reads nothing twice and holds no more than a page header.
+pub struct WrittenCheck {
+    segment_start: u64,
+    offset: u64,
+    header: Vec<u8>,
+    ended: bool,
+    written: Arc<AtomicU64>,
+}
+
+impl WrittenCheck {
+    /// The count lands in `written` as the stream passes.
+    pub fn new(segment_start: u64, written: Arc<AtomicU64>) -> Self {
+        Self {
+            segment_start,
+            offset: 0,
+            header: Vec::with_capacity(16),
+            ended: false,
+            written,
         }
-        let mut addr = [0u8; 8];
-        addr.copy_from_slice(&page[8..16]);
-        if u64::from_le_bytes(addr) != segment_start + (i * WAL_PAGE) as u64 {
-            break;
-        }
-        len = (i + 1) * WAL_PAGE;
     }
-    len
+}
+
+impl StreamCheck for WrittenCheck {
+    fn update(&mut self, mut bytes: &[u8]) {
+        let page = WAL_PAGE as u64;
+        while !bytes.is_empty() && !self.ended {
+            let in_page = (self.offset % page) as usize;
+            let take = if in_page < 16 {
+                16 - in_page
+            } else {
+                WAL_PAGE - in_page
+            }
+            .min(bytes.len());
+            if in_page < 16 {
+                self.header.extend_from_slice(&bytes[..take]);
+            }
+            self.offset += take as u64;
+            bytes = &bytes[take..];
+            if self.header.len() == 16 {
+                let index = (self.offset - 16) / page;
+                let mut addr = [0u8; 8];
+                addr.copy_from_slice(&self.header[8..16]);
+                self.header.clear();
+                if u64::from_le_bytes(addr) != self.segment_start + index * page {
+                    self.ended = true;
+                } else {
+                    self.written.store((index + 1) * page, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn finish(self: Box<Self>) -> Result<String, String> {
+        Ok(format!(
+            "{} bytes of WAL",
+            self.written.load(Ordering::Relaxed)
+        ))
+    }
 }
 
 fn replication_tool(
@@ -261,6 +308,15 @@ mod tests {
         );
     }
 
+    fn written(bytes: &[u8], start: u64, chunk: usize) -> u64 {
+        let n = Arc::new(AtomicU64::new(0));
+        let mut check = WrittenCheck::new(start, n.clone());
+        for c in bytes.chunks(chunk) {
+            check.update(c);
+        }
+        n.load(Ordering::Relaxed)
+    }
+
     #[test]
     fn written_length_stops_at_the_first_page_that_is_not_its_own() {
         let start = 5 * SEG;
@@ -269,9 +325,22 @@ mod tests {
             let at = i as usize * WAL_PAGE;
             seg[at + 8..at + 16].copy_from_slice(&(start + i * WAL_PAGE as u64).to_le_bytes());
         }
-        assert_eq!(written_len(&seg, start), 2 * WAL_PAGE);
-        assert_eq!(written_len(&seg, start + SEG), 0, "another segment's pages");
-        assert_eq!(written_len(&vec![0u8; 3 * WAL_PAGE], start), 0);
+        // A later page that looks like ours after a foreign one does not count.
+        seg[3 * WAL_PAGE + 8..3 * WAL_PAGE + 16]
+            .copy_from_slice(&(start + 3 * WAL_PAGE as u64).to_le_bytes());
+        for chunk in [1, 7, 13, 4096, 1 << 20] {
+            assert_eq!(
+                written(&seg, start, chunk),
+                2 * WAL_PAGE as u64,
+                "chunks of {chunk}"
+            );
+        }
+        assert_eq!(
+            written(&seg, start + SEG, 4096),
+            0,
+            "another segment's pages"
+        );
+        assert_eq!(written(&vec![0u8; 3 * WAL_PAGE], start, 4096), 0);
     }
 
     #[test]
